@@ -1,0 +1,107 @@
+"""The only module that spells TransformerLens hook names; scoped recording of activations.
+
+Graph nodes are named by hook names. Where one hook point fires several times in a forward pass
+(``ln1`` under ``use_split_qkv_input`` fires for the q, k and v inputs), the node names carry the
+firing as a suffix: ``blocks.0.ln1.hook_scale:q``. Internal nodes with no hook are named in the same
+style (``blocks.0.ln1.centered:q``, ``logits``, ``metric``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from transformer_lens import HookedTransformer
+
+_TEMPLATES = {
+    "embed": "hook_embed",
+    "pos_embed": "hook_pos_embed",
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "q_input": "blocks.{L}.hook_q_input",
+    "k_input": "blocks.{L}.hook_k_input",
+    "v_input": "blocks.{L}.hook_v_input",
+    "ln1_centered": "blocks.{L}.ln1.centered",
+    "ln1_scale": "blocks.{L}.ln1.hook_scale",
+    "ln1_normalized": "blocks.{L}.ln1.hook_normalized",
+    "q": "blocks.{L}.attn.hook_q",
+    "k": "blocks.{L}.attn.hook_k",
+    "v": "blocks.{L}.attn.hook_v",
+    "rot_q": "blocks.{L}.attn.hook_rot_q",
+    "rot_k": "blocks.{L}.attn.hook_rot_k",
+    "attn_scores": "blocks.{L}.attn.hook_attn_scores",
+    "pattern": "blocks.{L}.attn.hook_pattern",
+    "z": "blocks.{L}.attn.hook_z",
+    "attn_out": "blocks.{L}.hook_attn_out",
+    "resid_mid": "blocks.{L}.hook_resid_mid",
+    "mlp_in": "blocks.{L}.hook_mlp_in",
+    "ln2_centered": "blocks.{L}.ln2.centered",
+    "ln2_scale": "blocks.{L}.ln2.hook_scale",
+    "ln2_normalized": "blocks.{L}.ln2.hook_normalized",
+    "mlp_pre": "blocks.{L}.mlp.hook_pre",
+    "mlp_pre_linear": "blocks.{L}.mlp.hook_pre_linear",
+    "mlp_post": "blocks.{L}.mlp.hook_post",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "resid_post": "blocks.{L}.hook_resid_post",
+    "ln_final_centered": "ln_final.centered",
+    "ln_final_scale": "ln_final.hook_scale",
+    "ln_final_normalized": "ln_final.hook_normalized",
+    "logits": "logits",
+    "metric": "metric",
+}
+
+# hook points that fire once per q/k/v input under use_split_qkv_input, in firing order
+SPLIT_FIRINGS = ("q", "k", "v")
+
+
+def name(kind: str, layer: int | None = None, copy: str | None = None) -> str:
+    """The node name for ``kind`` in ``layer``, with a firing suffix (``q``/``k``/``v``) if given."""
+    text = _TEMPLATES[kind].format(L=layer)
+    return f"{text}:{copy}" if copy else text
+
+
+def hook_of(node: str) -> str:
+    """The TransformerLens hook point of a node name (drops the firing suffix)."""
+    return node.split(":")[0]
+
+
+def is_hook_point(node: str) -> bool:
+    return ".hook_" in node or node.startswith("hook_")
+
+
+def split_name(node: str) -> str:
+    """The ``:q``/``:k``/``:v`` suffix of a node, or ``""``."""
+    return node.split(":")[1] if ":" in node else ""
+
+
+@contextmanager
+def recording(model: HookedTransformer, *, keep_grad: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record every firing of every hook point inside the block: ``{hook name: [tensor, ...]}``.
+
+    With ``keep_grad``, recorded tensors retain their gradients (for autograd references). The
+    hooks are removed on leaving the block, also when it raised.
+    """
+    store: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def record(tensor: torch.Tensor, hook) -> None:
+        if keep_grad and tensor.requires_grad:
+            tensor.retain_grad()
+        store[hook.name].append(tensor if keep_grad else tensor.detach())
+
+    with model.hooks(fwd_hooks=[(lambda _: True, record)], reset_hooks_end=True):
+        yield store
+
+
+def node_firings(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Recorded tensors by node name: repeated firings get their ``:q``/``:k``/``:v`` suffix."""
+    out: dict[str, torch.Tensor] = {}
+    for hook, tensors in store.items():
+        if len(tensors) == 1:
+            out[hook] = tensors[0]
+        elif len(tensors) == len(SPLIT_FIRINGS):
+            for copy, tensor in zip(SPLIT_FIRINGS, tensors):
+                out[f"{hook}:{copy}"] = tensor
+        else:
+            raise RuntimeError(f"hook {hook} fired {len(tensors)} times in one forward pass")
+    return out

@@ -1,0 +1,415 @@
+"""Semirings as data (after torch-struct): what the one backward recursion adds and multiplies.
+
+A semiring value for a node of shape ``[*shape]`` is a tensor ``[S, *shape]``; ``S`` is the
+semiring's ``size`` (1 for scalars, 2 for pairs, k for the k best). Edges carry real local
+derivatives ``w``; ``convert(w)`` turns them into semiring values, and an edge of weight 0 is
+no edge: it converts to the semiring's zero.
+
+Every semiring offers the operations the recursion needs and nothing else:
+
+- ``plus(a, b)``, ``times(a, b)``, ``sum(a, dim)`` (⊕ over a dim of the node shape);
+- ``matmul(x, w)``: ``out[n, i, k] = ⊕_j x[n, i, j] ⊗ convert(w[n, j, k])`` for
+  ``x: [S, N, I, J]`` and a real ``w: [N or 1, J, K]``; this one product carries every linear
+  map, per-row Jacobian and bilinear edge;
+- ``op_matmul`` / ``op_sum``: the same with an ordinary sum in place of ⊕, for
+  ``granularity="op"`` (Du et al.'s implementation: ⊕ acts only between ops).
+
+Values as stored:
+
+- ``Real``: Σ Π w (the gradient). ``Abs``: Σ Π |w|. ``Log``: log Σ Π |w| (zero = -inf).
+- ``Max``: max Π |w| (zero = 0). ``KMax(k)``: the k largest Π |w|, descending (missing = 0).
+- ``SignedMax``: (max, min) of the signed Π w (no path = (-inf, +inf)).
+- ``Entropy``: the expectation semiring ⟨Z, R⟩ = ⟨Σ p̃, Σ p̃ log p̃⟩ over paths with
+  p̃ = Π |w|, held as (log Z, R / Z) so that deep graphs neither overflow nor underflow:
+  ⊗ adds both parts, ⊕ is log-add-exp with a Z-weighted mean. The entropy of the path
+  distribution is H = log Z − R / Z.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# elements of the broadcast product materialised at once by the max-times kernels
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _abs(w: torch.Tensor) -> torch.Tensor:
+    return w.abs()
+
+
+def _xlogx(a: torch.Tensor) -> torch.Tensor:
+    """|w| log |w| with 0 log 0 = 0."""
+    return torch.where(a > 0, a * torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.zeros_like(a))
+
+
+def _safe_log(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a > 0, torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.full_like(a, -math.inf))
+
+
+def _chunks(x: torch.Tensor, w: torch.Tensor, per_row: int):
+    """Yield (x_chunk, w_chunk, slice) over N (per-row weights) or over I (shared weights).
+
+    ``x: [S, N, I, J]``, ``w: [N|1, J, K]``; ``per_row`` = elements per (n, i) row of the product.
+    """
+    S, N, I, J = x.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, per_row * S))
+    if w.shape[0] == 1 or N == 1:
+        for i0 in range(0, I, step):
+            yield x[:, :, i0 : i0 + step], w, (slice(None), slice(None), slice(i0, i0 + step))
+    else:
+        rows = max(1, step // max(1, I))
+        for n0 in range(0, N, rows):
+            yield x[:, n0 : n0 + rows], w[n0 : n0 + rows], (slice(None), slice(n0, n0 + rows), slice(None))
+
+
+class Semiring:
+    """Base: the interface. Subclasses define every method; the recursion calls only these."""
+
+    name = "semiring"
+    size = 1
+
+    def zero(self, shape, *, dtype, device) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def one(self, shape, *, dtype, device) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def convert(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def plus(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def times(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def sum(self, a: torch.Tensor, dim: int) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def op_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, w)
+
+    def op_sum(self, a: torch.Tensor, dim: int) -> torch.Tensor:
+        return self.sum(a, dim)
+
+    def is_zero(self, a: torch.Tensor) -> torch.Tensor:
+        """``[*shape]`` bool: where the value is the semiring's zero (no path)."""
+        return (a == self.zero(a.shape[1:], dtype=a.dtype, device=a.device)).all(0)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class RealSemiring(Semiring):
+    """(+, ×) on signed weights: the gradient."""
+
+    name = "Real"
+
+    def zero(self, shape, *, dtype, device):
+        return torch.zeros((1, *shape), dtype=dtype, device=device)
+
+    def one(self, shape, *, dtype, device):
+        return torch.ones((1, *shape), dtype=dtype, device=device)
+
+    def convert(self, w):
+        return w[None]
+
+    def plus(self, a, b):
+        return a + b
+
+    def times(self, a, b):
+        return a * b
+
+    def sum(self, a, dim):
+        return a.sum(dim + 1)
+
+    def matmul(self, x, w):
+        return x @ w
+
+
+class AbsSemiring(RealSemiring):
+    """(+, ×) on |w|: the total gradient flow Σ Π |w|."""
+
+    name = "Abs"
+
+    def convert(self, w):
+        return w.abs()[None]
+
+    def matmul(self, x, w):
+        return x @ _abs(w)
+
+
+class LogSemiring(Semiring):
+    """(log-add-exp, +) on log |w|: log Σ Π |w| without underflow."""
+
+    name = "Log"
+
+    def zero(self, shape, *, dtype, device):
+        return torch.full((1, *shape), -math.inf, dtype=dtype, device=device)
+
+    def one(self, shape, *, dtype, device):
+        return torch.zeros((1, *shape), dtype=dtype, device=device)
+
+    def convert(self, w):
+        return _safe_log(w.abs())[None]
+
+    def plus(self, a, b):
+        return torch.logaddexp(a, b)
+
+    def times(self, a, b):
+        return a + b
+
+    def sum(self, a, dim):
+        return torch.logsumexp(a, dim + 1)
+
+    def matmul(self, x, w):
+        # shift each row of x by its max, then one BLAS product with |w|
+        shift = x.amax(dim=-1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        return _safe_log(torch.exp(x - shift) @ _abs(w)) + shift
+
+
+class MaxSemiring(Semiring):
+    """(max, ×) on |w|: the weight of the best path (Viterbi)."""
+
+    name = "Max"
+
+    def zero(self, shape, *, dtype, device):
+        return torch.zeros((1, *shape), dtype=dtype, device=device)
+
+    def one(self, shape, *, dtype, device):
+        return torch.ones((1, *shape), dtype=dtype, device=device)
+
+    def convert(self, w):
+        return w.abs()[None]
+
+    def plus(self, a, b):
+        return torch.maximum(a, b)
+
+    def times(self, a, b):
+        return a * b
+
+    def sum(self, a, dim):
+        return a.amax(dim + 1)
+
+    def matmul(self, x, w):
+        S, N, I, J = x.shape
+        aw = _abs(w)
+        out = x.new_empty((S, max(N, w.shape[0]) if I else N, I, w.shape[-1]))
+        for xc, wc, where in _chunks(x, aw, J * w.shape[-1]):
+            # [S, n, i, J, 1] * [n, 1, J, K] -> max over J
+            out[where] = (xc[..., None] * wc[:, None]).amax(dim=-2)
+        return out
+
+    def op_matmul(self, x, w):
+        return x @ _abs(w)
+
+    def op_sum(self, a, dim):
+        return a.sum(dim + 1)
+
+
+class SignedMaxSemiring(Semiring):
+    """Pairs (max, min) of signed path products, so two negative edges can make the best path."""
+
+    name = "SignedMax"
+    size = 2
+
+    def zero(self, shape, *, dtype, device):
+        z = torch.empty((2, *shape), dtype=dtype, device=device)
+        z[0], z[1] = -math.inf, math.inf
+        return z
+
+    def one(self, shape, *, dtype, device):
+        return torch.ones((2, *shape), dtype=dtype, device=device)
+
+    def convert(self, w):
+        out = torch.stack([w, w])
+        out[0][w == 0], out[1][w == 0] = -math.inf, math.inf
+        return out
+
+    def plus(self, a, b):
+        return torch.stack([torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1])])
+
+    def times(self, a, b):
+        empty = (a[0] == -math.inf) | (b[0] == -math.inf)
+        a0, a1, b0, b1 = (torch.where(empty, torch.zeros_like(t), t) for t in (a[0], a[1], b[0], b[1]))
+        products = torch.stack([a0 * b0, a0 * b1, a1 * b0, a1 * b1])
+        hi = torch.where(empty, -math.inf, products.amax(0))
+        lo = torch.where(empty, math.inf, products.amin(0))
+        return torch.stack([hi, lo])
+
+    def sum(self, a, dim):
+        return torch.stack([a[0].amax(dim), a[1].amin(dim)])
+
+    def matmul(self, x, w):
+        S, N, I, J = x.shape
+        out = x.new_empty((2, max(N, w.shape[0]), I, w.shape[-1]))
+        for xc, wc, where in _chunks(x, w, 2 * J * w.shape[-1]):
+            valid = (xc[0] != -math.inf)[..., None] & (wc != 0)[:, None]  # [n, i, J, K]
+            hi_x = torch.where(xc[0] == -math.inf, 0, xc[0])[..., None]
+            lo_x = torch.where(xc[1] == math.inf, 0, xc[1])[..., None]
+            a, b = hi_x * wc[:, None], lo_x * wc[:, None]
+            out[0][where[1:]] = torch.where(valid, torch.maximum(a, b), -math.inf).amax(dim=-2)
+            out[1][where[1:]] = torch.where(valid, torch.minimum(a, b), math.inf).amin(dim=-2)
+        return out
+
+    def op_matmul(self, x, w):
+        empty = x[0] == -math.inf
+        hi = torch.where(empty, 0, x[0])
+        lo = torch.where(empty, 0, x[1])
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        out = torch.stack([hi @ wp + lo @ wn, lo @ wp + hi @ wn])
+        reached = ((~empty).to(w.dtype) @ (w != 0).to(w.dtype)) > 0
+        out[0] = torch.where(reached, out[0], -math.inf)
+        out[1] = torch.where(reached, out[1], math.inf)
+        return out
+
+    def op_sum(self, a, dim):
+        empty = a[0] == -math.inf
+        total = torch.where(empty, 0, a).sum(dim + 1)
+        reached = (~empty).any(dim)
+        return torch.stack([torch.where(reached, total[0], -math.inf), torch.where(reached, total[1], math.inf)])
+
+    def is_zero(self, a):
+        return a[0] == -math.inf
+
+
+class KMaxSemiring(Semiring):
+    """The k largest path products Π |w|, descending; fewer than k paths leave zeros."""
+
+    size = 1
+
+    def __init__(self, k: int):
+        from gradgraph.errors import GradGraphError
+
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise GradGraphError(f"KMax needs k >= 1 (the number of best paths kept), got {k!r}")
+        self.k = self.size = k
+        self.name = f"KMax({k})"
+
+    def zero(self, shape, *, dtype, device):
+        return torch.zeros((self.k, *shape), dtype=dtype, device=device)
+
+    def one(self, shape, *, dtype, device):
+        z = self.zero(shape, dtype=dtype, device=device)
+        z[0] = 1
+        return z
+
+    def convert(self, w):
+        out = torch.zeros((self.k, *w.shape), dtype=w.dtype, device=w.device)
+        out[0] = w.abs()
+        return out
+
+    def _top(self, candidates: torch.Tensor, dim: int) -> torch.Tensor:
+        """Top k along ``dim`` of candidates, moved to the front."""
+        n = candidates.shape[dim]
+        if n < self.k:
+            pad = list(candidates.shape)
+            pad[dim] = self.k - n
+            candidates = torch.cat([candidates, candidates.new_zeros(pad)], dim)
+        return candidates.topk(self.k, dim=dim).values.movedim(dim, 0)
+
+    def plus(self, a, b):
+        return self._top(torch.cat([a, b], 0), 0)
+
+    def times(self, a, b):
+        # all k*k products, keep the k best: [k, 1, ...] * [1, k, ...]
+        products = (a[:, None] * b[None]).flatten(0, 1)
+        return self._top(products, 0)
+
+    def sum(self, a, dim):
+        moved = a.movedim(dim + 1, 1)  # [k, n, *rest]
+        return self._top(moved.flatten(0, 1), 0)
+
+    def matmul(self, x, w):
+        k, N, I, J = x.shape
+        aw = _abs(w)
+        K = w.shape[-1]
+        out = x.new_empty((k, max(N, w.shape[0]), I, K))
+        for xc, wc, where in _chunks(x, aw, k * J * K):
+            # [k, n, i, J, 1] * [n, 1, J, K] -> [n, i, k*J, K] -> top k over the k*J candidates
+            products = (xc[..., None] * wc[:, None]).permute(1, 2, 0, 3, 4).flatten(2, 3)
+            out[where] = self._top(products, 2)
+        return out
+
+    def op_matmul(self, x, w):
+        return x @ _abs(w)
+
+    def op_sum(self, a, dim):
+        return a.sum(dim + 1)
+
+
+class EntropySemiring(Semiring):
+    """Expectation semiring ⟨Z, R⟩ held as (log Z, R/Z); entropy H = log Z − R/Z."""
+
+    name = "Entropy"
+    size = 2
+
+    def zero(self, shape, *, dtype, device):
+        z = torch.zeros((2, *shape), dtype=dtype, device=device)
+        z[0] = -math.inf
+        return z
+
+    def one(self, shape, *, dtype, device):
+        return torch.zeros((2, *shape), dtype=dtype, device=device)
+
+    def convert(self, w):
+        log_w = _safe_log(w.abs())
+        return torch.stack([log_w, torch.where(torch.isfinite(log_w), log_w, 0)])
+
+    def plus(self, a, b):
+        log_z = torch.logaddexp(a[0], b[0])
+        wa = torch.where(torch.isfinite(a[0]), torch.exp(a[0] - log_z), 0)
+        wb = torch.where(torch.isfinite(b[0]), torch.exp(b[0] - log_z), 0)
+        mean = torch.where(torch.isfinite(log_z), wa * a[1] + wb * b[1], 0)
+        return torch.stack([log_z, mean])
+
+    def times(self, a, b):
+        log_z = a[0] + b[0]
+        return torch.stack([log_z, torch.where(torch.isfinite(log_z), a[1] + b[1], 0)])
+
+    def sum(self, a, dim):
+        log_z = torch.logsumexp(a[0], dim)
+        finite = torch.isfinite(log_z)
+        weights = torch.exp(a[0] - torch.where(finite, log_z, 0).unsqueeze(dim))
+        weights = torch.where(torch.isfinite(a[0]), weights, 0)
+        mean = torch.where(finite, (weights * a[1]).sum(dim), 0)
+        return torch.stack([log_z, mean])
+
+    def matmul(self, x, w):
+        # Z_i = Σ_j |w_ij| Z_j ;  R_i = Σ_j |w_ij| R_j + (|w| log|w|)_ij Z_j, with Z_j = e^{lz_j - m}
+        aw = _abs(w)
+        shift = x[0].amax(dim=-1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        z = torch.exp(x[0] - shift)  # [N, I, J], zero where no path
+        r = z * x[1]
+        z_out = z @ aw
+        r_out = r @ aw + z @ _xlogx(aw)
+        reached = z_out > 0
+        log_z = torch.where(reached, _safe_log(z_out) + shift, -math.inf)
+        mean = torch.where(reached, r_out / torch.where(reached, z_out, 1), 0)
+        return torch.stack([log_z, mean])
+
+    def is_zero(self, a):
+        return a[0] == -math.inf
+
+
+Real = RealSemiring()
+Abs = AbsSemiring()
+Log = LogSemiring()
+Max = MaxSemiring()
+SignedMax = SignedMaxSemiring()
+Entropy = EntropySemiring()
+
+
+def KMax(k: int) -> KMaxSemiring:
+    """The semiring of the k best path weights."""
+    return KMaxSemiring(k)
+
+
+__all__ = ["Real", "Abs", "Log", "Max", "SignedMax", "KMax", "Entropy", "Semiring"]
