@@ -35,13 +35,17 @@ def _check(graph: GradGraph, semiring: Semiring, granularity: str) -> bool:
     return granularity == "op"
 
 
-def backprop(graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "neuron") -> dict[str, torch.Tensor]:
+def backprop(
+    graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "neuron", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """``{node: [S, *shape]}``: ⊕ over paths node → metric of ⊗ edge weights.
 
     For ``Real`` (S = 1), ``values[name][0]`` is the gradient of the metric at that node.
+    ``dtype`` defaults to the model's; sums over all paths (``Abs``) of a deep model can overflow
+    float32, which raises ``GradGraphError`` (use ``dtype=torch.float64``, ``Log`` or ``Entropy``).
     """
     op = _check(graph, semiring, granularity)
-    dtype, device = graph.metric_value.dtype, graph.metric_value.device
+    dtype, device = dtype or graph.metric_value.dtype, graph.metric_value.device
     values: dict[str, torch.Tensor] = {"metric": semiring.one(graph.shapes["metric"], dtype=dtype, device=device)}
     outgoing: dict[str, list] = {}
     for edge in graph.edges:
@@ -52,15 +56,18 @@ def backprop(graph: GradGraph, semiring: Semiring = Real, *, granularity: str = 
         total = None
         for edge in outgoing.get(node, []):
             contribution = edge.backward(semiring, values[edge.tgt], op)
-            total = contribution if total is None else _combine(semiring, total, contribution, op, edge)
+            total = contribution if total is None else semiring.plus(total, contribution)
         values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
+        _check_range(semiring, values[node], node, dtype)
     return values
 
 
-def forward(graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "neuron") -> dict[str, torch.Tensor]:
+def forward(
+    graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "neuron", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """``{node: [S, *shape]}``: ⊕ over paths input → node of ⊗ edge weights (inputs carry one)."""
     op = _check(graph, semiring, granularity)
-    dtype, device = graph.metric_value.dtype, graph.metric_value.device
+    dtype, device = dtype or graph.metric_value.dtype, graph.metric_value.device
     incoming: dict[str, list] = {}
     for edge in graph.edges:
         incoming.setdefault(edge.tgt, []).append(edge)
@@ -76,18 +83,25 @@ def forward(graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "
         total = None
         for edge in incoming.get(node, []):
             contribution = edge.forward(semiring, values[edge.src], op)
-            total = contribution if total is None else _combine(semiring, total, contribution, op, edge)
+            total = contribution if total is None else semiring.plus(total, contribution)
         values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
+        _check_range(semiring, values[node], node, dtype)
     return values
 
 
-def _combine(semiring: Semiring, a: torch.Tensor, b: torch.Tensor, op: bool, edge) -> torch.Tensor:
-    """⊕ of two edge blocks' contributions at a node (different ops: ⊕ in both granularities)."""
-    return semiring.plus(a, b)
+def _check_range(semiring: Semiring, value: torch.Tensor, node: str, dtype: torch.dtype) -> None:
+    """Overflow is reported, never propagated: a NaN or a value past the dtype's range raises."""
+    if semiring.overflowed(value):
+        raise GradGraphError(
+            f"{semiring.name} values overflowed {dtype} at {node} (the path sums of a deep model grow "
+            f"geometrically); pass dtype=torch.float64, or use the Log or Entropy semiring, which hold logs"
+        )
 
 
-def flow(graph: GradGraph, semiring: Semiring, *, granularity: str = "neuron") -> dict[str, torch.Tensor]:
+def flow(
+    graph: GradGraph, semiring: Semiring, *, granularity: str = "neuron", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """``forward ⊗ backward`` at every node: the ⊕ over all input → metric paths through it."""
-    fwd = forward(graph, semiring, granularity=granularity)
-    bwd = backprop(graph, semiring, granularity=granularity)
+    fwd = forward(graph, semiring, granularity=granularity, dtype=dtype)
+    bwd = backprop(graph, semiring, granularity=granularity, dtype=dtype)
     return {node: semiring.times(fwd[node], bwd[node]) for node in graph.order}

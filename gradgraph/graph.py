@@ -51,6 +51,10 @@ class Identity:
         flat = torch.arange(_numel(shapes[self.src]))
         return flat, flat, torch.ones(flat.shape, dtype=torch.float64)
 
+    def out_edges(self, shapes: dict, flat: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets (flat indices) and weights of the scalar edges leaving source element ``flat``."""
+        return torch.tensor([flat]), torch.ones(1, dtype=torch.float64)
+
 
 @dataclass
 class Broadcast:
@@ -73,6 +77,14 @@ class Broadcast:
         src_idx = src_flat.unsqueeze(self.dim).expand(shapes[self.tgt]).reshape(-1)
         tgt_idx = torch.arange(_numel(shapes[self.tgt]))
         return src_idx, tgt_idx, torch.ones(tgt_idx.shape, dtype=torch.float64)
+
+    def out_edges(self, shapes, flat):
+        idx = torch.unravel_index(torch.tensor(flat), shapes[self.src])
+        tgt_flat = torch.arange(_numel(shapes[self.tgt])).view(shapes[self.tgt])
+        lead = tuple(int(i) for i in idx[: self.dim])
+        rest = tuple(int(i) for i in idx[self.dim :])
+        targets = tgt_flat[lead + (slice(None),) + rest]
+        return targets.reshape(-1), torch.ones(self.n, dtype=torch.float64)
 
 
 @dataclass
@@ -110,6 +122,19 @@ class Diag:
             weights.append(weight.reshape(-1).cpu().double()[keep])
         return torch.cat(srcs), torch.cat(tgts), torch.cat(weights)
 
+    def out_edges(self, shapes, flat):
+        shape = shapes[self.tgt]
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
+        targets, weights = [], []
+        for weight, perm in self.parts:
+            last = idx[-1] if perm is None else int(torch.argsort(perm)[idx[-1]])
+            at = idx[:-1] + (last,)
+            w = float(weight[at])
+            if w != 0:
+                targets.append(int(torch.tensor(at).dot(torch.tensor(_strides(shape)))))
+                weights.append(w)
+        return torch.tensor(targets, dtype=torch.long), torch.tensor(weights, dtype=torch.float64)
+
 
 @dataclass
 class Matmul:
@@ -142,24 +167,51 @@ class Matmul:
         mm = sr.op_matmul if op else sr.matmul
         v = self._masked(sr, self._to(self.tgt_pattern, value))  # [S, N, I, K]
         if self.node_left:  # src[n, i, j] = ⊕_k v[n, i, k] ⊗ W[n, j, k]
-            weight = self.weight.transpose(-1, -2)
+            weight = self.weight.to(value.dtype).transpose(-1, -2)
             if self.weight.shape[0] == 1:  # prune target columns no path reaches (e.g. logits)
                 live = ~sr.is_zero(v).all(dim=(0, 1))
                 if live.sum() < 0.5 * live.numel():
                     v, weight = v[..., live], weight[:, live]
             out = mm(v, weight)
         else:  # src[n, j, k] = ⊕_i W[n, i, j] ⊗ v[n, i, k]
-            out = mm(v.transpose(-1, -2), self.weight).transpose(-1, -2)
+            out = mm(v.transpose(-1, -2), self.weight.to(value.dtype)).transpose(-1, -2)
         return self._from(self.src_pattern, out)
 
     def forward(self, sr, value, op):
         mm = sr.op_matmul if op else sr.matmul
         x = self._to(self.src_pattern, value)
+        weight = self.weight.to(value.dtype)
         if self.node_left:
-            out = mm(x, self.weight)
+            out = mm(x, weight)
         else:
-            out = mm(x.transpose(-1, -2), self.weight.transpose(-1, -2)).transpose(-1, -2)
+            out = mm(x.transpose(-1, -2), weight.transpose(-1, -2)).transpose(-1, -2)
         return self._from(self.tgt_pattern, self._masked(sr, out))
+
+    def _canonical(self, shapes: dict, which: str) -> torch.Tensor:
+        """Flat node indices laid out canonically ([n, i, j] for src, [n, i, k] for tgt), cached."""
+        cache = self.__dict__.setdefault("_canon_cache", {})
+        if which not in cache:
+            name, pattern = (self.src, self.src_pattern) if which == "src" else (self.tgt, self.tgt_pattern)
+            cache[which] = self._to(pattern, torch.arange(_numel(shapes[name])).view(1, *shapes[name]))[0]
+            cache[which + "_inverse"] = torch.argsort(cache[which].reshape(-1))
+        return cache[which]
+
+    def out_edges(self, shapes, flat):
+        src_c = self._canonical(shapes, "src")
+        tgt_c = self._canonical(shapes, "tgt")
+        pos = int(self.__dict__["_canon_cache"]["src_inverse"][flat])
+        n, a, b = (int(i) for i in torch.unravel_index(torch.tensor(pos), src_c.shape))
+        wn = self.weight[0 if self.weight.shape[0] == 1 else n].detach().cpu().double()
+        if self.node_left:  # src (n, i=a, j=b) -> tgt (n, a, k), weight W[n, b, k]
+            weights, targets = wn[b], tgt_c[n, a]
+            mask = None if self.tgt_mask is None else self.tgt_mask[n, a].cpu()
+        else:  # src (n, j=a, k=b) -> tgt (n, i, b), weight W[n, i, a]
+            weights, targets = wn[:, a], tgt_c[n, :, b]
+            mask = None if self.tgt_mask is None else self.tgt_mask[n, :, b].cpu()
+        keep = weights != 0
+        if mask is not None:
+            keep = keep & mask
+        return targets[keep], weights[keep]
 
     def scalar_edges(self, shapes):
         src_flat = self._to(self.src_pattern, torch.arange(_numel(shapes[self.src])).view(1, *shapes[self.src]))[0]
@@ -186,6 +238,14 @@ class Matmul:
 
 
 Edge = Identity | Broadcast | Diag | Matmul
+
+
+def _strides(shape) -> list[int]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
 
 
 def _used(axes: dict, pattern: str) -> dict:

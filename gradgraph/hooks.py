@@ -79,12 +79,15 @@ def split_name(node: str) -> str:
 def recording(model: HookedTransformer, *, keep_grad: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record every firing of every hook point inside the block: ``{hook name: [tensor, ...]}``.
 
-    With ``keep_grad``, recorded tensors retain their gradients (for autograd references). The
+    With ``keep_grad``, recorded tensors retain their gradients (for autograd references; with
+    frozen weights, the embeddings become the leaves that gradients flow to). The
     hooks are removed on leaving the block, also when it raised.
     """
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def record(tensor: torch.Tensor, hook) -> None:
+        if keep_grad and not tensor.requires_grad and tensor.grad_fn is None:
+            tensor.requires_grad_(True)  # an input (frozen weights): gradients start here
         if keep_grad and tensor.requires_grad:
             tensor.retain_grad()
         store[hook.name].append(tensor if keep_grad else tensor.detach())

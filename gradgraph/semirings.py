@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from gradgraph import kernels
+
 # elements of the broadcast product materialised at once by the max-times kernels
 CHUNK_ELEMENTS = 1 << 24
 
@@ -97,6 +99,10 @@ class Semiring:
     def op_sum(self, a: torch.Tensor, dim: int) -> torch.Tensor:
         return self.sum(a, dim)
 
+    def overflowed(self, a: torch.Tensor) -> bool:
+        """True if ``a`` holds NaN or a value out of the dtype's range (default: any non-finite)."""
+        return not bool(torch.isfinite(a).all())
+
     def is_zero(self, a: torch.Tensor) -> torch.Tensor:
         """``[*shape]`` bool: where the value is the semiring's zero (no path)."""
         return (a == self.zero(a.shape[1:], dtype=a.dtype, device=a.device)).all(0)
@@ -158,6 +164,9 @@ class LogSemiring(Semiring):
     def convert(self, w):
         return _safe_log(w.abs())[None]
 
+    def overflowed(self, a):
+        return bool(torch.isnan(a).any() or (a == math.inf).any())
+
     def plus(self, a, b):
         return torch.logaddexp(a, b)
 
@@ -198,9 +207,11 @@ class MaxSemiring(Semiring):
         return a.amax(dim + 1)
 
     def matmul(self, x, w):
-        S, N, I, J = x.shape
         aw = _abs(w)
-        out = x.new_empty((S, max(N, w.shape[0]) if I else N, I, w.shape[-1]))
+        if kernels.available(x, w):
+            return kernels.max_times(x[0], aw)[None]
+        S, N, I, J = x.shape
+        out = x.new_empty((S, max(N, w.shape[0]), I, w.shape[-1]))
         for xc, wc, where in _chunks(x, aw, J * w.shape[-1]):
             # [S, n, i, J, 1] * [n, 1, J, K] -> max over J
             out[where] = (xc[..., None] * wc[:, None]).amax(dim=-2)
@@ -232,6 +243,9 @@ class SignedMaxSemiring(Semiring):
         out[0][w == 0], out[1][w == 0] = -math.inf, math.inf
         return out
 
+    def overflowed(self, a):
+        return bool(torch.isnan(a).any() or (a[0] == math.inf).any() or (a[1] == -math.inf).any())
+
     def plus(self, a, b):
         return torch.stack([torch.maximum(a[0], b[0]), torch.minimum(a[1], b[1])])
 
@@ -247,6 +261,8 @@ class SignedMaxSemiring(Semiring):
         return torch.stack([a[0].amax(dim), a[1].amin(dim)])
 
     def matmul(self, x, w):
+        if kernels.available(x, w):
+            return torch.stack(kernels.signed_max_times(x[0], x[1], w))
         S, N, I, J = x.shape
         out = x.new_empty((2, max(N, w.shape[0]), I, w.shape[-1]))
         for xc, wc, where in _chunks(x, w, 2 * J * w.shape[-1]):
@@ -327,8 +343,10 @@ class KMaxSemiring(Semiring):
         return self._top(moved.flatten(0, 1), 0)
 
     def matmul(self, x, w):
-        k, N, I, J = x.shape
         aw = _abs(w)
+        if kernels.available(x, w):
+            return kernels.kmax_times(x, aw)
+        k, N, I, J = x.shape
         K = w.shape[-1]
         out = x.new_empty((k, max(N, w.shape[0]), I, K))
         for xc, wc, where in _chunks(x, aw, k * J * K):
@@ -361,6 +379,9 @@ class EntropySemiring(Semiring):
     def convert(self, w):
         log_w = _safe_log(w.abs())
         return torch.stack([log_w, torch.where(torch.isfinite(log_w), log_w, 0)])
+
+    def overflowed(self, a):
+        return bool(torch.isnan(a).any() or (a[0] == math.inf).any() or not torch.isfinite(a[1]).all())
 
     def plus(self, a, b):
         log_z = torch.logaddexp(a[0], b[0])
