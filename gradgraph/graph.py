@@ -167,12 +167,7 @@ class Matmul:
         mm = sr.op_matmul if op else sr.matmul
         v = self._masked(sr, self._to(self.tgt_pattern, value))  # [S, N, I, K]
         if self.node_left:  # src[n, i, j] = ⊕_k v[n, i, k] ⊗ W[n, j, k]
-            weight = self.weight.to(value.dtype).transpose(-1, -2)
-            if self.weight.shape[0] == 1:  # prune target columns no path reaches (e.g. logits)
-                live = ~sr.is_zero(v).all(dim=(0, 1))
-                if live.sum() < 0.5 * live.numel():
-                    v, weight = v[..., live], weight[:, live]
-            out = mm(v, weight)
+            out = mm(v, self.weight.to(value.dtype).transpose(-1, -2))
         else:  # src[n, j, k] = ⊕_i W[n, i, j] ⊗ v[n, i, k]
             out = mm(v.transpose(-1, -2), self.weight.to(value.dtype)).transpose(-1, -2)
         return self._from(self.src_pattern, out)

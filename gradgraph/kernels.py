@@ -61,14 +61,17 @@ if HAVE_NUMBA:
             i = t % I
             wn = w[0] if shared else w[n]
             best = np.zeros((K, top), dtype=out.dtype)  # per column, descending
+            floor = np.zeros(K, dtype=out.dtype)  # best[:, top - 1], kept contiguous for the fast test
             for j in range(J):
-                if x[0, n, i, j] == 0.0:
+                a = x[0, n, i, j]
+                if a == 0.0:
                     continue
+                wj = wn[j]
                 for k in range(K):
-                    c = wn[j, k]
-                    if c == 0.0:
+                    if a * wj[k] <= floor[k]:  # the common case: not even the best product enters
                         continue
                     b = best[k]
+                    c = wj[k]
                     for m in range(top):  # x[:, n, i, j] is descending: stop at the first loser
                         v = x[m, n, i, j] * c
                         if v <= b[top - 1]:
@@ -78,6 +81,7 @@ if HAVE_NUMBA:
                             b[pos] = b[pos - 1]
                             pos -= 1
                         b[pos] = v
+                    floor[k] = b[top - 1]
             for k in range(K):
                 for m in range(top):
                     out[m, n, i, k] = best[k, m]

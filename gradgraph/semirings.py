@@ -43,11 +43,21 @@ def _abs(w: torch.Tensor) -> torch.Tensor:
 
 def _xlogx(a: torch.Tensor) -> torch.Tensor:
     """|w| log |w| with 0 log 0 = 0."""
-    return torch.where(a > 0, a * torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.zeros_like(a))
+    return torch.special.xlogy(a, a)
 
 
 def _safe_log(a: torch.Tensor) -> torch.Tensor:
-    return torch.where(a > 0, torch.log(torch.where(a > 0, a, torch.ones_like(a))), torch.full_like(a, -math.inf))
+    """log a for a >= 0, with log 0 = -inf."""
+    return torch.log(a)
+
+
+def _nonzero(z: torch.Tensor) -> torch.Tensor:
+    """A denominator: z where z > 0; where z = 0 (no path) its numerator is 0 too."""
+    return z.clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def _finite_or_zero(shift: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(shift, nan=0.0, neginf=0.0, posinf=0.0)
 
 
 def _chunks(x: torch.Tensor, w: torch.Tensor, per_row: int):
@@ -178,8 +188,7 @@ class LogSemiring(Semiring):
 
     def matmul(self, x, w):
         # shift each row of x by its max, then one BLAS product with |w|
-        shift = x.amax(dim=-1, keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        shift = _finite_or_zero(x.amax(dim=-1, keepdim=True))
         return _safe_log(torch.exp(x - shift) @ _abs(w)) + shift
 
 
@@ -384,37 +393,30 @@ class EntropySemiring(Semiring):
         return bool(torch.isnan(a).any() or (a[0] == math.inf).any() or not torch.isfinite(a[1]).all())
 
     def plus(self, a, b):
-        log_z = torch.logaddexp(a[0], b[0])
-        wa = torch.where(torch.isfinite(a[0]), torch.exp(a[0] - log_z), 0)
-        wb = torch.where(torch.isfinite(b[0]), torch.exp(b[0] - log_z), 0)
-        mean = torch.where(torch.isfinite(log_z), wa * a[1] + wb * b[1], 0)
-        return torch.stack([log_z, mean])
+        shift = _finite_or_zero(torch.maximum(a[0], b[0]))
+        za, zb = torch.exp(a[0] - shift), torch.exp(b[0] - shift)  # 0 where no path
+        z = za + zb
+        return torch.stack([torch.log(z) + shift, (za * a[1] + zb * b[1]) / _nonzero(z)])
 
     def times(self, a, b):
         log_z = a[0] + b[0]
-        return torch.stack([log_z, torch.where(torch.isfinite(log_z), a[1] + b[1], 0)])
+        return torch.stack([log_z, torch.where(log_z == -math.inf, 0, a[1] + b[1])])
 
     def sum(self, a, dim):
-        log_z = torch.logsumexp(a[0], dim)
-        finite = torch.isfinite(log_z)
-        weights = torch.exp(a[0] - torch.where(finite, log_z, 0).unsqueeze(dim))
-        weights = torch.where(torch.isfinite(a[0]), weights, 0)
-        mean = torch.where(finite, (weights * a[1]).sum(dim), 0)
-        return torch.stack([log_z, mean])
+        shift = _finite_or_zero(a[0].amax(dim, keepdim=True))
+        z = torch.exp(a[0] - shift)
+        total = z.sum(dim)
+        return torch.stack([torch.log(total) + shift.squeeze(dim), (z * a[1]).sum(dim) / _nonzero(total)])
 
     def matmul(self, x, w):
         # Z_i = Σ_j |w_ij| Z_j ;  R_i = Σ_j |w_ij| R_j + (|w| log|w|)_ij Z_j, with Z_j = e^{lz_j - m}
         aw = _abs(w)
-        shift = x[0].amax(dim=-1, keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        shift = _finite_or_zero(x[0].amax(dim=-1, keepdim=True))
         z = torch.exp(x[0] - shift)  # [N, I, J], zero where no path
-        r = z * x[1]
-        z_out = z @ aw
-        r_out = r @ aw + z @ _xlogx(aw)
-        reached = z_out > 0
-        log_z = torch.where(reached, _safe_log(z_out) + shift, -math.inf)
-        mean = torch.where(reached, r_out / torch.where(reached, z_out, 1), 0)
-        return torch.stack([log_z, mean])
+        both = torch.stack([z, z * x[1]]) @ aw  # (Z, Σ|w| R) in one product
+        z_out = both[0]
+        r_out = both[1] + z @ _xlogx(aw)
+        return torch.stack([torch.log(z_out) + shift, r_out / _nonzero(z_out)])
 
     def is_zero(self, a):
         return a[0] == -math.inf
