@@ -10,6 +10,7 @@ then for each semiring the time of build_graph + backprop and its peak memory, a
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import threading
@@ -84,6 +85,42 @@ def timed(fn, repeats: int, device: str) -> tuple[float, int]:
     return statistics.median(times), peak
 
 
+SEMIRINGS = {sr.name: sr for sr in (Real, Abs, Log, Entropy, Max, SignedMax, KMax(5))}
+
+
+def setup(device: str, batch: int):
+    if device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model = load_model("smollm2-135m", device=device)
+    model.requires_grad_(False)  # gradients at activations only, as the graph computes them
+    candidates = [i for i in sva_items(model.tokenizer) if 11 <= i.n_tokens <= 13]
+    items = candidates[:: max(1, len(candidates) // batch)][:batch]
+    tokens, mask = to_tokens(model, [i.prefix for i in items])
+    metric = logit_diff(torch.tensor([i.good_id for i in items]), torch.tensor([i.bad_id for i in items]))
+    return model, tokens, mask, metric
+
+
+def measure(name: str, device: str, batch: int, repeats: int) -> tuple[float, int]:
+    """Time and peak memory of one job, in a fresh process (so earlier jobs leave no high-water mark)."""
+    model, tokens, mask, metric = setup(device, batch)
+    if name == "torch":
+
+        def run():
+            with hooks.recording(model, keep_grad=True):
+                logits = model(tokens)
+            metric(logits, mask).sum().backward()
+
+    else:
+        sr = SEMIRINGS[name]
+        # Σ Π |w| over all paths of 30 layers passes float32's range (~e^88): Abs runs in float64
+        dtype = torch.float64 if sr is Abs else None
+
+        def run():
+            backprop(build_graph(model, tokens, metric, attention_mask=mask), sr, dtype=dtype)
+
+    return timed(run, repeats, device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,38 +128,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="semiring names to run (default: all)")
     args = parser.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-    model = load_model("smollm2-135m", device=args.device)
-    candidates = [i for i in sva_items(model.tokenizer) if 11 <= i.n_tokens <= 13]
-    items = candidates[:: max(1, len(candidates) // args.batch)][: args.batch]
-    tokens, mask = to_tokens(model, [i.prefix for i in items])
-    metric = logit_diff(torch.tensor([i.good_id for i in items]), torch.tensor([i.bad_id for i in items]))
+    _, tokens, mask, _ = setup(args.device, args.batch)
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {tokens.shape[0]} x {tokens.shape[1]} tokens "
-          f"({int(mask.sum())} real)")
-
-    model.requires_grad_(False)  # gradients at activations only, as the graph computes them
-
-    def torch_reference():
-        with hooks.recording(model, keep_grad=True):
-            logits = model(tokens)
-        metric(logits, mask).sum().backward()
-
-    base_time, base_mem = timed(torch_reference, args.repeats, args.device)
+          f"({int(mask.sum())} real); each row measured in a fresh process, median of {args.repeats}")
+    pool = multiprocessing.get_context("spawn")
+    names = ["torch"] + [n for n in SEMIRINGS if not args.only or n in args.only]
+    base_time = base_mem = None
     print(f"\n{'':<12} {'time (s)':>9} {'x torch':>8} {'target':>7} {'peak MB':>9} {'x torch':>8}")
-    print(f"{'torch':<12} {base_time:>9.3f} {1:>8.2f} {'':>7} {base_mem / 2**20:>9.0f} {1:>8.2f}")
-    semirings = [Real, Abs, Log, Entropy, Max, SignedMax, KMax(5)]
-    for sr in semirings:
-        if args.only and sr.name not in args.only:
-            continue
-        # Σ Π |w| over all paths of 30 layers passes float32's range (~e^88): Abs runs in float64
-        dtype = torch.float64 if sr is Abs else None
-        run = lambda: backprop(build_graph(model, tokens, metric, attention_mask=mask), sr, dtype=dtype)  # noqa: E731
-        seconds, memory = timed(run, args.repeats, args.device)
-        target = TARGETS.get(sr.name)
-        label = sr.name + (" (f64)" if dtype else "")
+    for name in names:
+        with pool.Pool(1) as worker:
+            seconds, memory = worker.apply(measure, (name, args.device, args.batch, args.repeats))
+        if name == "torch":
+            base_time, base_mem = seconds, memory
+        target = TARGETS.get(name)
+        label = name + (" (f64)" if name == "Abs" else "")
         print(f"{label:<12} {seconds:>9.3f} {seconds / base_time:>8.2f} {('<= %dx' % target) if target else '':>7} "
-              f"{memory / 2**20:>9.0f} {memory / base_mem:>8.2f}")
+              f"{memory / 2**20:>9.0f} {memory / base_mem:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ pre-norm model, following TransformerLens' own computation with ``use_split_qkv_
     layer's ``hook_resid_pre`` = this ``hook_resid_post`` (Identity).
 
 Inputs are ``hook_embed`` (and ``hook_pos_embed``), added into ``blocks.0.hook_resid_pre``. After
-the last layer: ``ln_final`` as in 2, ``logits`` = y W_U (only the vocabulary columns the metric
-depends on), and ``metric``: one op from the logits with weights ∂metric/∂logits (by autograd).
+the last layer: ``ln_final`` as in 2, ``unembed.hook_in`` = y ⊙ w + b (identity when the weight is
+folded), the logits ``unembed.hook_out`` = x W_U + b_U (only the vocabulary columns the metric
+depends on: no other logit lies on a path to it), and ``metric``: one op from the logits with
+weights ∂metric/∂logits (by autograd).
 """
 
 from __future__ import annotations
@@ -312,13 +314,15 @@ def _assemble(model, token_ids, mask, acts, grad_logits, metric_value) -> GradGr
     yf = norm("ln_final", resid, None, None, "b p")
     live = (grad_logits != 0).any(dim=0).any(dim=0)  # [vocab]
     logit_ids = live.nonzero()[:, 0]
-    W_U = model.W_U.detach()
     wf = norm_weight(model.ln_final)
-    if wf is not None:
-        W_U = wf[:, None] * W_U
-    logits_value = (stored[yf] @ W_U[:, logit_ids]) + model.b_U.detach()[logit_ids]
-    logits = node(hooks.name("logits"), logits_value)
-    edges.append(Matmul(yf, logits, W_U[:, logit_ids][None], True, "b p d -> 1 (b p) d", "b p v -> 1 (b p) v",
+    unembed_in = node(hooks.name("unembed_in"), act(hooks.name("unembed_in")))
+    if wf is None:
+        edges.append(Identity(yf, unembed_in))
+    else:  # y * w + b
+        edges.append(Diag(yf, unembed_in, [(wf.expand(stored[yf].shape).contiguous(), None)]))
+    W_U = model.W_U.detach()[:, logit_ids]
+    logits = node(hooks.name("logits"), act(hooks.name("logits"))[..., logit_ids])
+    edges.append(Matmul(unembed_in, logits, W_U[None], True, "b p d -> 1 (b p) d", "b p v -> 1 (b p) v",
                         dict(b=B, p=P)))
     metric = node(hooks.name("metric"), metric_value)
     g = grad_logits[..., logit_ids]  # [B, P, V']

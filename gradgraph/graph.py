@@ -26,10 +26,12 @@ import einops
 import networkx as nx
 import torch
 
+from gradgraph import hooks
 from gradgraph.errors import GradGraphError
 from gradgraph.semirings import Semiring
 
 NETWORKX_EDGE_LIMIT = 200_000
+LOGITS = hooks.name("logits")
 
 
 def _op_plus(sr: Semiring, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -261,8 +263,8 @@ class GradGraph:
 
     ``sources`` are the input embedding nodes; ``source_mask`` says which of their elements are
     real tokens (padding carries nothing); the one sink is ``"metric"`` of shape ``[batch]``.
-    ``logit_ids`` are the vocabulary ids kept in the ``"logits"`` node: only logits the metric
-    depends on are nodes, since no other logit lies on a path to it.
+    ``logit_ids`` are the vocabulary ids kept in the logits node ``unembed.hook_out`` (its last
+    dim): only logits the metric depends on are nodes, since no other logit lies on a path to it.
     """
 
     shapes: dict[str, tuple[int, ...]]
@@ -302,9 +304,9 @@ class GradGraph:
         return total
 
     def index(self, node: str, flat: int) -> tuple[int, ...]:
-        """The element index tuple of a flat index in ``node`` (``logits`` maps to vocab ids)."""
+        """The element index tuple of a flat index in ``node`` (the logits' last index is the vocab id)."""
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.shapes[node]))
-        if node == "logits":
+        if node == LOGITS:
             idx = idx[:-1] + (int(self.logit_ids[idx[-1]]),)
         return idx
 

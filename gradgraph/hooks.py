@@ -3,7 +3,7 @@
 Graph nodes are named by hook names. Where one hook point fires several times in a forward pass
 (``ln1`` under ``use_split_qkv_input`` fires for the q, k and v inputs), the node names carry the
 firing as a suffix: ``blocks.0.ln1.hook_scale:q``. Internal nodes with no hook are named in the same
-style (``blocks.0.ln1.centered:q``, ``logits``, ``metric``).
+style (``blocks.0.ln1.centered:q``, ``metric``). The logits are ``unembed.hook_out``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ _TEMPLATES = {
     "ln_final_centered": "ln_final.centered",
     "ln_final_scale": "ln_final.hook_scale",
     "ln_final_normalized": "ln_final.hook_normalized",
-    "logits": "logits",
+    "unembed_in": "unembed.hook_in",
+    "logits": "unembed.hook_out",
     "metric": "metric",
 }
 

@@ -14,6 +14,8 @@ import networkx as nx
 import pytest
 import torch
 
+from gradgraph import hooks
+
 from gradgraph import tiny_model
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import build_graph
@@ -199,7 +201,7 @@ def zero_value(sr_name: str) -> list[float]:
 def tensor_index(g, node) -> tuple[str, tuple[int, ...]]:
     """(node name, index into backprop's tensor) of a networkx node; logits map vocab ids to columns."""
     name, idx = node
-    if name == "logits":
+    if name == hooks.name("logits"):
         (col,) = (g.logit_ids == idx[-1]).nonzero()[:, 0].tolist()
         idx = idx[:-1] + (col,)
     return name, idx
