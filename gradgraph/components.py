@@ -1,0 +1,197 @@
+"""Component views: node values -> heads, their q/k/v pathways, MLPs, embeddings, per position.
+
+Labels follow TransformerLens: ``L3H7@5`` (head 7's output at position 5), ``L3H7.q@5`` (its query
+input), ``L3H6-8.k@5`` (the key input of the key/value head serving query heads 6-8 under
+grouped-query attention; ``L3H7.k@5`` without grouping), ``MLP5@5``, ``embed@2``.
+
+A component's value is the ⊕ of its node elements' values (a sum for ``Real``/``Abs`` flows, a
+max for ``Max``): head output = ``hook_z[b, p, h, :]``, q/k/v pathway = ``hook_{q,k,v}_input[b, p,
+head, :]``, MLP = ``hook_mlp_out[b, p, :]``, embed = ``hook_embed[b, p, :]`` (+ positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradgraph import hooks
+from gradgraph.backprop import backprop
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+from gradgraph.semirings import Abs, Max, Real, Semiring
+
+BRANCHES = ("q", "k", "v", "skip")
+AGGREGATIONS = ("oplus", "bucket_sum", "sum")
+
+
+def head_group(graph: GradGraph, kv_head: int) -> range:
+    """The query heads served by key/value head ``kv_head``."""
+    per = graph.n_heads // graph.n_key_value_heads
+    return range(kv_head * per, (kv_head + 1) * per)
+
+
+def label(kind: str, layer: int | None, head: int | None, position: int, graph: GradGraph | None = None) -> str:
+    """``L3H7@5``, ``L3H7.q@5``, ``L3H6-8.k@5``, ``MLP5@5``, ``embed@2``."""
+    if kind == "embed":
+        return f"embed@{position}"
+    if kind == "mlp":
+        return f"MLP{layer}@{position}"
+    if kind == "out":
+        return f"L{layer}H{head}@{position}"
+    if kind == "q" or graph is None or graph.n_key_value_heads == graph.n_heads:
+        return f"L{layer}H{head}.{kind}@{position}"
+    group = head_group(graph, head)
+    return f"L{layer}H{group.start}-{group.stop - 1}.{kind}@{position}"
+
+
+def _reduce(semiring: Semiring, value: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """⊕ over ``dims`` of a node's values (S dim first), returning [S, ...]."""
+    for dim in sorted(dims, reverse=True):
+        value = semiring.sum(value, dim)
+    return value
+
+
+def component_values(graph: GradGraph, values: dict[str, torch.Tensor], semiring: Semiring = Abs) -> list[dict]:
+    """Tidy rows ``{component, kind, layer, head, position, batch, value}`` from node values.
+
+    ``values`` are ``[S, *shape]`` tensors (``backprop``/``forward``/``flow`` output) of a size-1
+    semiring; each row's value is the ⊕ over that component's elements.
+    """
+    if semiring.size != 1:
+        raise GradGraphError(f"component_values needs a scalar semiring (Real, Abs, Log, Max), got {semiring.name}")
+    rows = []
+
+    def emit(kind, layer, head, tensor):  # tensor [batch, pos, (copies)]
+        tensor = tensor.detach().double().cpu()
+        for b in range(tensor.shape[0]):
+            for p in range(tensor.shape[1]):
+                if not graph.source_mask[b, p]:
+                    continue
+                if tensor.ndim == 2:
+                    rows.append(dict(component=label(kind, layer, head, p, graph), kind=kind, layer=layer, head=head,
+                                     position=p, batch=b, value=float(tensor[b, p])))
+                else:
+                    for h in range(tensor.shape[2]):
+                        rows.append(dict(component=label(kind, layer, h, p, graph), kind=kind, layer=layer, head=h,
+                                         position=p, batch=b, value=float(tensor[b, p, h])))
+
+    embed = _reduce(semiring, values[graph.sources[0]], (2,))
+    for source in graph.sources[1:]:
+        embed = semiring.plus(embed, _reduce(semiring, values[source], (2,)))
+    emit("embed", None, None, embed[0])
+    for layer in range(graph.n_layers):
+        for kind in ("q", "k", "v"):
+            emit(kind, layer, None, _reduce(semiring, values[hooks.name(f"{kind}_input", layer)], (3,))[0])
+        emit("out", layer, None, _reduce(semiring, values[hooks.name("z", layer)], (3,))[0])
+        emit("mlp", layer, None, _reduce(semiring, values[hooks.name("mlp_out", layer)], (2,))[0])
+    return rows
+
+
+@dataclass
+class BranchShares:
+    """Per layer, how the top-path (or flow) value at a position's attention input splits into the
+    query, key, value and skip branches (Du et al. 2023, §6), averaged over the batch.
+
+    ``value[l]`` is ``[4]`` (q, k, v, skip); ``share[l] = value[l] / value[l].sum()``;
+    ``head_value[branch]`` is ``[n_layers, copies]`` (query heads for q, key/value heads for k, v).
+    """
+
+    value: torch.Tensor  # [n_layers, 4]
+    head_value: dict[str, torch.Tensor]
+    agg: str
+    semiring: str
+
+    @property
+    def share(self) -> torch.Tensor:
+        total = self.value.sum(-1, keepdim=True)
+        return torch.where(total > 0, self.value / torch.where(total > 0, total, 1), 0)
+
+    def rows(self) -> list[dict]:
+        out = []
+        share = self.share
+        for layer in range(self.value.shape[0]):
+            for i, branch in enumerate(BRANCHES):
+                out.append(dict(layer=layer, branch=branch, head="all", value=float(self.value[layer, i]),
+                                share=float(share[layer, i])))
+            for branch, per_head in self.head_value.items():
+                total = float(self.value[layer].sum())
+                for h in range(per_head.shape[1]):
+                    out.append(dict(layer=layer, branch=branch, head=h, value=float(per_head[layer, h]),
+                                    share=float(per_head[layer, h]) / total if total > 0 else 0.0))
+        return out
+
+
+def _positions(graph: GradGraph, position: int | torch.Tensor) -> torch.Tensor:
+    lengths = graph.attention_mask.sum(-1).cpu()
+    pos = torch.as_tensor(position, dtype=torch.long).cpu().expand(graph.batch_size)
+    pos = torch.where(pos < 0, lengths + pos, pos)
+    bad = (pos < 0) | (pos >= lengths)
+    if bad.any():
+        b = int(bad.nonzero()[0])
+        raise GradGraphError(
+            f"position {int(torch.as_tensor(position).flatten()[0 if torch.as_tensor(position).ndim == 0 else b])} "
+            f"is outside prompt {b}, which has {int(lengths[b])} tokens"
+        )
+    return pos
+
+
+def branch_shares(
+    graph: GradGraph,
+    position: int | torch.Tensor,
+    *,
+    semiring: Semiring = Max,
+    agg: str = "oplus",
+    values: dict[str, torch.Tensor] | None = None,
+) -> BranchShares:
+    """q / k / v / skip shares of the value at each layer's attention input at ``position``.
+
+    ``position``: an int (negative counts back from each prompt's last token) or a ``[batch]``
+    tensor (e.g. each item's subject position). The branch values at residual unit i are the
+    backward values of the q-input copies (one per query head), the k and v inputs (one per
+    key/value head) and the skip (``hook_resid_mid``), all reached by weight-1 edges.
+
+    - ``agg="oplus"``: the single ⊕-maximum over units and branches goes to its branch (and head);
+    - ``agg="bucket_sum"``: each unit's maximum goes to its branch, summed over units;
+    - ``agg="sum"`` (for ``Abs`` flows): every branch keeps the sum of its values.
+
+    ``values`` may pass precomputed ``backprop(graph, semiring)`` output.
+    """
+    if agg not in AGGREGATIONS:
+        raise GradGraphError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if semiring not in (Max, Abs, Real) or (agg != "sum" and semiring is not Max):
+        raise GradGraphError(
+            f"branch_shares takes semiring=Max with agg 'oplus' or 'bucket_sum', or Abs with agg 'sum'; "
+            f"got {semiring.name} with {agg!r}"
+        )
+    pos = _positions(graph, position)
+    if values is None:
+        values = backprop(graph, semiring, dtype=torch.float64 if semiring is Abs else None)
+    batch = torch.arange(graph.batch_size)
+    n_layers, H, G = graph.n_layers, graph.n_heads, graph.n_key_value_heads
+    total = torch.zeros(n_layers, 4, dtype=torch.float64)
+    heads = {"q": torch.zeros(n_layers, H, dtype=torch.float64), "k": torch.zeros(n_layers, G, dtype=torch.float64),
+             "v": torch.zeros(n_layers, G, dtype=torch.float64)}
+    for layer in range(n_layers):
+        # candidates [batch, copies, d]: q heads, k heads, v heads, skip
+        parts = [values[hooks.name(f"{c}_input", layer)][0][batch, pos].abs() for c in ("q", "k", "v")]
+        skip = values[hooks.name("resid_mid", layer)][0][batch, pos].abs()[:, None]
+        stacked = torch.cat(parts + [skip], dim=1).double().cpu()  # [batch, H + 2G + 1, d]
+        branch_of = torch.tensor([0] * H + [1] * G + [2] * G + [3])
+        for b in range(graph.batch_size):
+            cand = stacked[b]  # [copies, d]
+            if agg == "sum":
+                per_copy = cand.sum(-1)
+            elif agg == "bucket_sum":
+                best, winner = cand.max(0)  # per unit
+                per_copy = torch.zeros(cand.shape[0], dtype=torch.float64).index_add_(0, winner, best)
+            else:
+                flat = int(cand.argmax())
+                per_copy = torch.zeros(cand.shape[0], dtype=torch.float64)
+                per_copy[flat // cand.shape[1]] = cand.reshape(-1)[flat]
+            total[layer] += torch.zeros(4, dtype=torch.float64).index_add_(0, branch_of, per_copy)
+            heads["q"][layer] += per_copy[:H]
+            heads["k"][layer] += per_copy[H : H + G]
+            heads["v"][layer] += per_copy[H + G : H + 2 * G]
+    n = graph.batch_size
+    return BranchShares(total / n, {k: v / n for k, v in heads.items()}, agg, semiring.name)
