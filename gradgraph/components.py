@@ -195,3 +195,45 @@ def branch_shares(
             heads["v"][layer] += per_copy[H + G : H + 2 * G]
     n = graph.batch_size
     return BranchShares(total / n, {k: v / n for k, v in heads.items()}, agg, semiring.name)
+
+
+_PATH_KINDS = {"q_input": "q", "k_input": "k", "v_input": "v", "z": "out", "mlp_out": "mlp"}
+
+
+def component_path(graph: GradGraph, nodes) -> tuple[str, ...]:
+    """Collapse a scalar path (``Path.nodes``) into its sequence of component labels, e.g.
+    ``("embed@1", "L2H4.v@1", "L9H0@6", "MLP12@6", "metric")``."""
+    kinds = {hooks.name(kind, layer): (short, layer) for layer in range(graph.n_layers)
+             for kind, short in _PATH_KINDS.items()}
+    out: list[str] = []
+    for name, index in nodes:
+        if name in graph.sources:
+            step = label("embed", None, None, index[1])
+        elif name == "metric":
+            step = "metric"
+        elif name in kinds:
+            kind, layer = kinds[name]
+            head = index[2] if kind in ("q", "k", "v", "out") else None
+            step = label(kind, layer, head, index[1], graph)
+        else:
+            continue
+        if not out or out[-1] != step:
+            out.append(step)
+    return tuple(out)
+
+
+def top_component_paths(graph: GradGraph, paths, k: int = 5) -> list[list[tuple[tuple[str, ...], float, int]]]:
+    """Per batch item, the ``k`` best distinct component-level paths among scalar ``paths``
+    (``top_paths`` output): ``(labels, best scalar path weight, scalar paths collapsed into it)``."""
+    out = []
+    for item_paths in paths:
+        seen: dict[tuple[str, ...], list] = {}
+        for path in item_paths:
+            key = component_path(graph, path.nodes)
+            if key in seen:
+                seen[key][1] += 1
+            else:
+                seen[key] = [path.weight, 1]
+        ranked = sorted(seen.items(), key=lambda kv: -abs(kv[1][0]))[:k]
+        out.append([(key, weight, count) for key, (weight, count) in ranked])
+    return out

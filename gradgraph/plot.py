@@ -49,3 +49,107 @@ def sva_accuracy(table: list[dict], path: str | Path, *, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def head_heatmap(values, path: str | Path, *, title: str, label: str) -> Path:
+    """Heatmap of a per-head quantity: rows = layers, columns = heads (``values``: [layers, heads])."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * data.shape[1] + 2), max(4, 0.22 * data.shape[0] + 1.5)))
+    image = ax.imshow(data, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(data.shape[1]))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=label)
+    return _save(fig, path)
+
+
+def branch_shares_plot(panels: dict[str, "object"], path: str | Path, *, title: str) -> Path:
+    """Stacked q/k/v/skip shares per layer, one panel per entry (``BranchShares`` objects)."""
+    colors = {"q": "#4C72B0", "k": "#DD8452", "v": "#55A868", "skip": "#BBBBBB"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (name, shares) in zip(axes[0], panels.items()):
+        share = shares.share.numpy()
+        bottom = 0
+        layers = range(share.shape[0])
+        for i, branch in enumerate(("q", "k", "v", "skip")):
+            ax.bar(layers, share[:, i], bottom=bottom, color=colors[branch], label=branch, width=0.85)
+            bottom = bottom + share[:, i]
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("layer")
+    axes[0][0].set_ylabel("share of top-path value")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def entropy_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
+    """Mean path entropy against number of attractors, one line per condition (rows: tidy table)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for condition in CONDITION_NAMES:
+        mine = sorted((r for r in rows if r["condition"] == condition), key=lambda r: r["n_attractors"])
+        if mine:
+            ax.errorbar([r["n_attractors"] for r in mine], [r["mean"] for r in mine],
+                        yerr=[r["sem"] for r in mine], marker="o", capsize=3, label=CONDITION_NAMES[condition])
+    ax.set_xlabel("number of attractors")
+    ax.set_ylabel("path entropy (nats)")
+    ax.set_xticks([0, 1, 2])
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def method_scatter(panels: dict[str, tuple], path: str | Path, *, title: str) -> Path:
+    """One scatter per method: score (x) against the intervention effect (y), with Spearman ρ."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
+    for ax, (name, (x, y, rho, ylabel)) in zip(axes[0], panels.items()):
+        ax.scatter(x, y, s=9, alpha=0.6)
+        ax.set_title(f"{name}\nSpearman ρ = {rho:+.2f}", fontsize=9)
+        ax.set_xlabel("score")
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def circuit_plot(paths: list[tuple[tuple[str, ...], float, int]], tokens: list[str], path: str | Path, *, title: str) -> Path:
+    """Draw component-level paths: x = layer (embed left, metric right), y = token position."""
+    import re
+
+    def place(step: str) -> tuple[float, float]:
+        if step == "metric":
+            return n_layers + 1.0, len(tokens) - 1
+        position = int(step.split("@")[1])
+        if step.startswith("embed"):
+            return -1.0, position
+        layer = int(re.match(r"(?:L|MLP)(\d+)", step).group(1))
+        offset = {"q": -0.3, "k": -0.2, "v": -0.1}.get(step.split("@")[0].split(".")[-1], 0.0)
+        return layer + (0.35 if step.startswith("MLP") else offset), position
+
+    layers = [int(m) for p, _, _ in paths for s in p for m in re.findall(r"^(?:L|MLP)(\d+)", s)]
+    n_layers = max(layers + [0]) + 1
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(tokens) + 1.8))
+    weights = [abs(w) for _, w, _ in paths] or [1.0]
+    for rank, (steps, weight, _) in enumerate(paths):
+        points = [place(s) for s in steps]
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, "-o", lw=1 + 3 * abs(weight) / max(weights), alpha=0.75, label=f"#{rank + 1} {weight:+.3g}")
+        for (x, y), step in zip(points, steps):
+            if step not in ("metric",) and not step.startswith("embed"):
+                ax.annotate(step.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+    ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens], fontsize=7)
+    ax.set_xlabel("layer (left: embeddings, right: metric)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.2)
+    return _save(fig, path)

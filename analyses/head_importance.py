@@ -1,0 +1,11 @@
+"""Head ranking by every method for your prompts (same as `gradgraph heads`).
+
+    .venv/bin/python analyses/head_importance.py --prompts prompts.txt --good " are" --bad " is"
+"""
+
+import sys
+
+from gradgraph.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["heads", *sys.argv[1:]]))

@@ -1,0 +1,44 @@
+"""`gradgraph heads` and `gradgraph sva`: clear errors for bad inputs, no partial results."""
+
+import pytest
+
+from gradgraph import GradGraphError
+from gradgraph.cli import main
+from gradgraph.head_importance import read_prompts
+
+
+def test_empty_line_in_prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("The keys to the cabinet\n\nThe key to the cabinets\n")
+    with pytest.raises(GradGraphError, match=r"empty line\(s\) \[2\]"):
+        read_prompts(path)
+    path.write_text("The keys to the cabinet\nThe key\n\n")  # trailing newlines are fine
+    assert read_prompts(path) == ["The keys to the cabinet", "The key"]
+
+
+def test_heads_errors_exit_cleanly(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The keys to the cabinet\n\nThe key\n")
+    out = tmp_path / "out"
+    assert main(["heads", "--prompts", str(prompts), "--good", " are", "--bad", " is", "--out", str(out)]) == 2
+    assert "empty line" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.real
+def test_heads_two_token_verb_and_bad_position(tmp_path, capsys, smol_model):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The keys to the cabinet\n")
+    out = tmp_path / "out"
+    args = ["heads", "--prompts", str(prompts), "--out", str(out), "--figures", str(tmp_path / "f")]
+    assert main(args + ["--good", " antidisestablishmentarianism", "--bad", " is"]) == 2
+    assert "not one" in capsys.readouterr().err
+    assert main(args + ["--good", " are", "--bad", " is", "--position", "9"]) == 2
+    assert "outside prompt 0, which has 6 tokens" in capsys.readouterr().err
+    assert not (out / "heads.csv").exists()
+
+
+def test_sva_limit_zero_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["sva", "--limit", "0"])
+    assert "positive integer" in capsys.readouterr().err
