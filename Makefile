@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/gradgraph sva-eval
+	HF_HUB_OFFLINE=1 $(VENV)/bin/gradgraph sva
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sva", help="the SVA study: accuracy, q/k/v/skip shares, head rankings, entropy, paths")
     p.add_argument("--model", default="smollm2-135m", help="embedded name, TransformerLens name or HF folder")
     p.add_argument("--limit", type=_positive, default=96, help="items for the gradient analyses (default 96)")
-    p.add_argument("--intervention-items", type=_positive, default=24,
-                   help="items for mean ablation and patching (default 24)")
+    p.add_argument("--intervention-items", type=_positive, default=16,
+                   help="items for mean ablation and patching (default 16)")
     p.add_argument("--out", default="results/sva", help="folder for tables and the report")
     p.add_argument("--figures", default="figures", help="folder for the figures")
     p.add_argument("--seed", type=int, default=0)

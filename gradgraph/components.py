@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gradgraph import hooks
-from gradgraph.backprop import backprop
+from gradgraph.backprop import backprop, forward
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.semirings import Abs, Max, Real, Semiring
@@ -237,3 +237,135 @@ def top_component_paths(graph: GradGraph, paths, k: int = 5) -> list[list[tuple[
         ranked = sorted(seen.items(), key=lambda kv: -abs(kv[1][0]))[:k]
         out.append([(key, weight, count) for key, (weight, count) in ranked])
     return out
+
+
+def component_graph(
+    graph: GradGraph,
+    semiring: Semiring = Abs,
+    *,
+    batch: int = 0,
+    min_share: float = 1e-3,
+):
+    """Components as nodes, the semiring flow between them as edge weights (one batch item).
+
+    Nodes: ``embed@p``, readers ``L3H7.q@p`` / ``L3H6-8.k@p`` / ``.v@p``, head outputs ``L3H7@p``,
+    ``MLP5@p`` and ``metric``. Edges: a writer (embeddings, a head through its slice of W_O, an MLP)
+    to a later reader at the same position through the residual stream (Σ_i write_i ⊗ read_i,
+    the residual being identity); a reader to its head's output (q at the query position; k and v
+    at each key position, through the score and the pattern); the final residual to ``metric``.
+    With ``Abs`` an edge's weight is the total |gradient| flow of the input→metric paths that take
+    it, and flow is conserved at every component. Edges below ``min_share`` of the metric's total
+    (Abs) or best path (Max) are left out; node attribute ``flow`` is the flow through the node.
+    """
+    import networkx as nx
+
+    if semiring not in (Abs, Max):
+        raise GradGraphError(f"component_graph takes semiring Abs or Max, got {semiring.name}")
+    if not 0 <= batch < graph.batch_size:
+        raise GradGraphError(f"batch {batch} is outside the graph's batch of {graph.batch_size}")
+    dtype = torch.float64
+    fwd = forward(graph, semiring, dtype=dtype)
+    bwd = backprop(graph, semiring, dtype=dtype)
+    sr = semiring
+    b = batch
+    n_pos = int(graph.attention_mask[b].sum())
+    H, G = graph.n_heads, graph.n_key_value_heads
+    R = H // G
+
+    def reduce_last(x):  # ⊕ over the last dim of a [..., d] tensor of values (S dim dropped)
+        return sr.sum(x[None], x.ndim - 1)[0]
+
+    def matmul_edge(src: str, tgt: str):
+        return next(e for e in graph.edges if e.src == src and e.tgt == tgt)
+
+    writers: list[tuple[str, int, torch.Tensor]] = []  # (label prefix, layer, [pos, d] write values)
+    readers: list[tuple[str, int, torch.Tensor]] = []  # (label prefix, layer, [pos, d] read values)
+    emb = None
+    for source in graph.sources:
+        value = fwd[source][:, b, :n_pos]
+        emb = value if emb is None else sr.plus(emb, value)
+    writers.append(("embed", -1, emb[0]))
+    node_flow: dict[str, float] = {}
+    edges: dict[tuple[str, str], float] = {}
+    for layer in range(graph.n_layers):
+        for kind, copies in (("q", H), ("k", G), ("v", G)):
+            node = hooks.name(f"{kind}_input", layer)
+            for c in range(copies):
+                readers.append((f"{kind}:{c}", layer, bwd[node][0, b, :n_pos, c]))
+        z = hooks.name("z", layer)
+        w_o = matmul_edge(z, hooks.name("attn_out", layer)).weight[0].to(dtype)  # [(h e), d]
+        d_head = w_o.shape[0] // H
+        for h in range(H):
+            f_z = fwd[z][:, b, :n_pos, h]  # [1, pos, e]
+            writers.append((f"out:{h}", layer, sr.matmul(f_z[:, None], w_o[None, h * d_head : (h + 1) * d_head])[0, 0]))
+        readers.append(("mlp", layer, bwd[hooks.name("mlp_in", layer)][0, b, :n_pos]))
+        writers.append(("mlp", layer, fwd[hooks.name("mlp_out", layer)][0, b, :n_pos]))
+        # ---- readers -> head outputs, inside the layer
+        scores = hooks.name("attn_scores", layer)
+        q_name = hooks.name("rot_q", layer) if hooks.name("rot_q", layer) in graph.shapes else hooks.name("q", layer)
+        k_name = hooks.name("rot_k", layer) if hooks.name("rot_k", layer) in graph.shapes else hooks.name("k", layer)
+        w_k = matmul_edge(k_name, scores).weight.to(dtype)  # [(b g), (r q), e]: rq / scale
+        pattern = graph.activations[hooks.name("pattern", layer)].to(dtype)  # [b, h, q, k]
+        q_input = hooks.name("q_input", layer)
+        through_q = reduce_last(sr.times(fwd[q_input], bwd[q_input])[0, b, :n_pos])  # [pos, h]
+        v_name = hooks.name("v", layer)
+        for h in range(H):
+            g = h // R
+            r = h % R
+            head = label("out", layer, h, 0, graph).split("@")[0]
+            for q in range(n_pos):
+                edges[(label("q", layer, h, q, graph), f"{head}@{q}")] = float(through_q[q, h])
+            wk = w_k[b * G + g].view(R, -1, w_k.shape[-1])[r, :n_pos]  # [q, e]
+            f_k = fwd[k_name][:, b, :n_pos, g]  # [1, k, e]
+            k_side = reduce_last(sr.times(f_k[:, None, :, :], sr.convert(wk)[:, :, None, :])[0])  # [q, k]
+            via_k = sr.times(k_side[None], bwd[scores][:, b, h, :n_pos, :n_pos])[0]  # [q, k]
+            f_v = fwd[v_name][:, b, :n_pos, g]  # [1, k, e]
+            b_z = bwd[z][:, b, :n_pos, h]  # [1, q, e]
+            v_side = reduce_last(sr.times(f_v[:, None, :, :], b_z[:, :, None, :])[0])  # [q, k]
+            via_v = sr.times(sr.convert(pattern[b, h, :n_pos, :n_pos])[0][None], v_side[None])[0]
+            for q in range(n_pos):
+                for k in range(q + 1):
+                    edges[(label("k", layer, g, k, graph), f"{head}@{q}")] = float(via_k[q, k])
+                    edges[(label("v", layer, g, k, graph), f"{head}@{q}")] = float(via_v[q, k])
+    final = bwd[hooks.name("resid_post", graph.n_layers - 1)][0, b, :n_pos]
+    readers.append(("metric", graph.n_layers, final))
+    # ---- writers -> readers through the residual stream (same position, later in the model)
+    write = torch.stack([w for _, _, w in writers], 1)  # [pos, n_writers, d]
+    read = torch.stack([r for _, _, r in readers], 1)  # [pos, n_readers, d]
+    flows = sr.matmul(write[None], read.transpose(-1, -2))[0] if sr is Max else write @ read.transpose(-1, -2)
+    for wi, (wname, wlayer, _) in enumerate(writers):
+        for ri, (rname, rlayer, _) in enumerate(readers):
+            # a head writes into its layer's residual after attention: its own layer's MLP reads it
+            later = rlayer > wlayer or (rname == "mlp" and wname.startswith("out") and rlayer == wlayer)
+            if not later:
+                continue
+            for p in range(n_pos):
+                edges[(_name(wname, wlayer, p, graph), _name(rname, rlayer, p, graph))] = float(flows[p, wi, ri])
+    total = float(bwd[graph.sources[0]][0, b, :n_pos].sum() if sr is Abs else bwd[graph.sources[0]][0, b, :n_pos].max())
+    for source in graph.sources[1:]:
+        value = bwd[source][0, b, :n_pos]
+        total = total + float(value.sum()) if sr is Abs else max(total, float(value.max()))
+    out = nx.DiGraph(semiring=sr.name, total=total, batch=batch)
+    for (u, v), w in edges.items():
+        if w > min_share * total:
+            out.add_edge(u, v, weight=w)
+    for (u, v), w in edges.items():  # node flow: Abs sums, Max takes the best edge
+        for node in (u, v):
+            if node in out:
+                node_flow.setdefault(node, 0.0)
+        if u in out:
+            node_flow[u] = node_flow[u] + w if sr is Abs else max(node_flow[u], w)
+    nx.set_node_attributes(out, node_flow, "flow")
+    return out
+
+
+def _name(kind: str, layer: int, position: int, graph: GradGraph) -> str:
+    """Component label of a writer/reader key (``"out:3"``, ``"k:1"``, ``"mlp"``, ``"embed"``, ``"metric"``)."""
+    if kind == "metric":
+        return "metric"
+    if kind == "embed":
+        return label("embed", None, None, position)
+    if kind == "mlp":
+        return label("mlp", layer, None, position)
+    what, copy = kind.split(":")
+    return label(what, layer, int(copy), position, graph)

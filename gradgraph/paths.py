@@ -56,15 +56,25 @@ def path_entropy(graph: GradGraph) -> torch.Tensor:
     return log_z - mean
 
 
-def top_paths(graph: GradGraph, k: int = 1) -> list[list[Path]]:
+def top_paths(graph: GradGraph, k: int = 1, *, level: str = "scalar", search: int | None = None) -> list[list]:
     """The ``k`` highest-weighted (by Π|w|) input → metric paths, for each batch item.
 
     Best-first search guided by the exact ``Max`` values of every node (A* with an exact
     heuristic): the i-th complete path popped is the i-th best, so the search expands only
     prefixes of paths that can still rank in the top k.
+
+    ``level="component"`` collapses the best ``search`` (default 8k) scalar paths into component
+    sequences (``embed@1 → L2H4.v@1 → L9H0@6 → MLP12@6 → metric``) and returns the k best
+    distinct ones as ``(labels, best weight, scalar paths collapsed into it)``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise GradGraphError(f"top_paths needs k >= 1 paths, got {k!r}")
+    if level not in ("scalar", "component"):
+        raise GradGraphError(f"level must be 'scalar' or 'component', got {level!r}")
+    if level == "component":
+        from gradgraph.components import top_component_paths
+
+        return top_component_paths(graph, top_paths(graph, search or 8 * k), k=k)
     best = backprop(graph, Max)
     outgoing: dict[str, list] = {}
     for edge in graph.edges:

@@ -39,7 +39,7 @@ from gradgraph.prompts import to_tokens
 class StudyConfig:
     model: str = "smollm2-135m"
     limit: int = 96  # items for the gradient analyses (spread over conditions)
-    intervention_items: int = 24  # items for ablation and patching (slow: a forward per component)
+    intervention_items: int = 16  # items for ablation and patching (slow: a forward per component)
     batch_size: int = 8
     examples: int = 3  # sentences whose top component paths are reported
     top_k: int = 40  # scalar top paths searched per example sentence

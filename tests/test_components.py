@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model, top_paths
-from gradgraph.components import branch_shares, component_path, component_values, label, top_component_paths
+from gradgraph.components import (
+    branch_shares,
+    component_graph,
+    component_path,
+    component_values,
+    label,
+    top_component_paths,
+)
 from gradgraph.metrics import logit_diff
 from gradgraph.paths import gradient_flow
 from gradgraph.semirings import Abs, Max, Real
@@ -96,3 +103,42 @@ def test_gradient_flow_through_heads_is_bounded_by_total(graph):
     for layer in range(graph.n_layers):
         z = flow[hooks.name("z", layer)]
         assert (z.sum(dim=(1, 2, 3)) <= total * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_component_graph_conserves_the_scalar_graphs_flow(arch):
+    """Abs flows between components: the metric receives the scalar graph's total flow, the
+    embeddings send it, and every component passes on exactly what it receives."""
+    kw = dict(n_heads=4, n_key_value_heads=2) if arch == "llama" else {}
+    model = tiny_model(arch, dtype=torch.float64, n_layers=2, seed=8, **kw)
+    tokens = torch.tensor([[3, 4, 5, 6], [8, 9, 10, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    g = build_graph(model, tokens, logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4])), attention_mask=mask)
+    flow = gradient_flow(g)
+    for b in range(2):
+        cg = component_graph(g, Abs, batch=b, min_share=0)
+        total = flow["metric"][b].item()
+        assert cg.graph["total"] == pytest.approx(total, rel=1e-12)
+        assert sum(d["weight"] for *_, d in cg.in_edges("metric", data=True)) == pytest.approx(total, rel=1e-10)
+        for node in cg.nodes:
+            if node == "metric" or node.startswith("embed"):
+                continue
+            into = sum(d["weight"] for *_, d in cg.in_edges(node, data=True))
+            out = sum(d["weight"] for *_, d in cg.out_edges(node, data=True))
+            assert into == pytest.approx(out, rel=1e-9, abs=1e-12 * total), node
+        # a head's output flow equals the scalar flow through its hook_z elements
+        last = int(mask[b].sum()) - 1  # in the last layer only the metric's position reaches it
+        head = flow[hooks.name("z", 1)][b, last, 1].sum().item()
+        assert cg.nodes[f"L1H1@{last}"]["flow"] == pytest.approx(head, rel=1e-9)
+        assert f"L1H1@{last - 1}" not in cg
+    pruned = component_graph(g, Abs, batch=0, min_share=0.05)
+    assert 0 < pruned.number_of_edges() < cg.number_of_edges()
+    with pytest.raises(GradGraphError, match="outside the graph's batch"):
+        component_graph(g, Abs, batch=2)
+
+
+def test_component_level_top_paths(graph):
+    paths = top_paths(graph, k=2, level="component")
+    assert len(paths) == 2 and all(len(p) <= 2 for p in paths)
+    labels, weight, count = paths[0][0]
+    assert labels[0].startswith("embed@") and labels[-1] == "metric" and count >= 1
