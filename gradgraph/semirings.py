@@ -28,6 +28,7 @@ Values as stored:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -76,32 +77,39 @@ def _chunks(x: torch.Tensor, w: torch.Tensor, per_row: int):
             yield x[:, n0 : n0 + rows], w[n0 : n0 + rows], (slice(None), slice(n0, n0 + rows), slice(None))
 
 
-class Semiring:
+class Semiring(ABC):
     """Base: the interface. Subclasses define every method; the recursion calls only these."""
 
     name = "semiring"
     size = 1
 
+    @abstractmethod
     def zero(self, shape, *, dtype, device) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
+    @abstractmethod
     def one(self, shape, *, dtype, device) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
+    @abstractmethod
     def convert(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
+    @abstractmethod
     def plus(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
+    @abstractmethod
     def times(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
+    @abstractmethod
     def sum(self, a: torch.Tensor, dim: int) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
+    @abstractmethod
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - interface
+        ...
 
     def op_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, w)

@@ -17,13 +17,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import networkx as nx
 import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from gradgraph import hooks, plot
 from gradgraph.build import build_graph
-from gradgraph.components import BranchShares, branch_shares, top_component_paths
+from gradgraph.components import BranchShares, branch_shares, component_graph, top_component_paths
 from gradgraph.data import SVAItem, sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
@@ -33,6 +34,7 @@ from gradgraph.metrics import logit_diff
 from gradgraph.models import load_model
 from gradgraph.paths import path_entropy, top_paths
 from gradgraph.prompts import to_tokens
+from gradgraph.semirings import Abs
 
 
 @dataclass
@@ -42,7 +44,7 @@ class StudyConfig:
     intervention_items: int = 16  # items for ablation and patching (slow: a forward per component)
     batch_size: int = 8
     examples: int = 3  # sentences whose top component paths are reported
-    top_k: int = 40  # scalar top paths searched per example sentence
+    top_k: int = 20  # scalar top paths searched per example sentence
     out: str = "results/sva"
     figures: str = "figures"
     seed: int = 0
@@ -96,7 +98,7 @@ def run_sva_study(config: StudyConfig) -> dict:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     shares: dict[str, list] = defaultdict(list)
     flow_scores, max_scores, attr_scores, entropies, per_item = [], [], [], [], []
-    examples = []
+    examples, component_files = [], []
     wanted = {hooks.name(kind, layer) for layer in range(n_layers) for kind in ("z", "mlp_out")}
     for batch in tqdm(_batches(chosen, config.batch_size), desc="gradient graphs", unit="batch"):
         tokens, mask = to_tokens(model, [i.prefix for i in batch])
@@ -117,6 +119,11 @@ def run_sva_study(config: StudyConfig) -> dict:
         for item, h in zip(batch, entropy.tolist()):
             per_item.append(dict(prefix=item.prefix, condition=item.condition, n_attractors=item.n_attractors,
                                  subject_number=item.subject_number, path_entropy=h))
+        if not component_files:  # the component graph of the first sentence, for reports and tools
+            cg = component_graph(graph, Abs, batch=0, min_share=0.005)
+            nx.write_graphml(cg, out / "component_graph.graphml")
+            (out / "component_graph.json").write_text(json.dumps(nx.node_link_data(cg, edges="links"), indent=1))
+            component_files.append(batch[0].prefix)
         if len(examples) < config.examples:
             paths = top_paths(graph, k=config.top_k)
             comp = top_component_paths(graph, paths, k=5)
