@@ -23,7 +23,9 @@ gives the q / k / v / skip shares of ``branch_shares`` and each branch's own top
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 
 import torch
@@ -164,9 +166,17 @@ def accuracy(model: HookedTransformer, tokens: torch.Tensor, targets: torch.Tens
     return float((last_logits(model, tokens).argmax(-1) == targets).float().mean())
 
 
+def unseen(tokens: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: which rows of ``tokens`` are not rows of ``seen`` (held-out data without
+    the sequences that also occur in the training set)."""
+    known = {tuple(row) for row in seen.tolist()}
+    return torch.tensor([tuple(row) not in known for row in tokens.tolist()], dtype=torch.bool)
+
+
 def float64_copy(model: HookedTransformer) -> HookedTransformer:
     """A float64 copy of ``model`` (for the graph analysis; the original is untouched)."""
-    out = copy.deepcopy(model).to(torch.float64)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the dtype change
+        out = copy.deepcopy(model).to(torch.float64)
     out.cfg.dtype = torch.float64
     return out.eval()
 
@@ -185,13 +195,17 @@ def head_flow(graph: GradGraph, flow: dict[str, torch.Tensor] | None = None, *, 
 
 
 @torch.no_grad()
-def attention_to(model: HookedTransformer, tokens: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """``[n_layers, n_heads]``: mean attention from the last position to ``key_pos[b]``."""
+def attention_to(
+    model: HookedTransformer, tokens: torch.Tensor, key_pos: torch.Tensor, query_pos: int | torch.Tensor = -1
+) -> torch.Tensor:
+    """``[n_layers, n_heads]``: mean attention from ``query_pos[b]`` (default the last position)
+    to ``key_pos[b]``."""
     names = [hooks.name("pattern", layer) for layer in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     rows = torch.arange(tokens.shape[0])
+    query = torch.as_tensor(query_pos).expand(tokens.shape[0]) % tokens.shape[1]
     return torch.stack(
-        [cache[hooks.name("pattern", layer)][rows, :, -1, key_pos].mean(0) for layer in range(model.cfg.n_layers)]
+        [cache[name][rows, :, query, key_pos].mean(0) for name in names]
     ).cpu()
 
 
@@ -292,12 +306,15 @@ def run_first_token(
     """Train a one-layer model on ``first_token_repeated`` and measure its q/k/v/skip branches.
 
     Returns ``model``, ``losses``, ``seconds`` (training), ``train_accuracy``, ``test_accuracy``
+    (on the held-out sequences that do not occur in the training set, ``n_test_unseen`` of them)
     and ``branches`` (``branch_table`` rows at the first and last positions, on ``graph_batch``
     held-out sequences).
     """
     config = dict(config or (MIRROR_CONFIG if reverse else FIRST_TOKEN_CONFIG))
     x, y = first_token_repeated(n_train, seq_len=seq_len, vocab=vocab, seed=2 * seed + 1, reverse=reverse)
     xt, yt = first_token_repeated(n_test, seq_len=seq_len, vocab=vocab, seed=2 * seed + 2, reverse=reverse)
+    keep = unseen(xt, x)
+    xt, yt = xt[keep], yt[keep]
     no, _ = answer_ids(vocab)
     model = new_model(config, n_ctx=seq_len, d_vocab=vocab + 2, seed=seed)
     start = time.perf_counter()
@@ -307,7 +324,7 @@ def run_first_token(
     return dict(
         model=model, losses=losses, seconds=seconds, config=config,
         train_accuracy=accuracy(model, x, no + y), test_accuracy=accuracy(model, xt, no + yt),
-        branches=branch_table(graph, {"first": 0, "last": -1}),
+        n_test_unseen=int(keep.sum()), branches=branch_table(graph, {"first": 0, "last": -1}),
     )
 
 
@@ -350,6 +367,7 @@ def run_induction(
     seconds = time.perf_counter() - start
     xe, ye, se = xt[:n_eval], yt[:n_eval], src[:n_eval]
     attention = attention_to(model, xe, se)
+    previous_token = attention_to(model, xe, se - 1, se)  # from the answer's position to the one before
     drop_last = ablation_drop(model, xe, ye, last_only=True)
     drop_all = ablation_drop(model, xe, ye, last_only=False)
     graph = induction_graph(model, xe[:graph_batch], ye[:graph_batch])
@@ -362,7 +380,9 @@ def run_induction(
         model=model, losses=losses, seconds=seconds, config=config,
         accuracy_before_pruning=accuracy_before_pruning,
         train_accuracy=accuracy(model, x, y), test_accuracy=accuracy(model, xt, yt),
-        attention=attention, ablation_drop=drop_last, ablation_drop_all_positions=drop_all,
+        attention=attention, previous_token_attention=previous_token,
+        previous_token_head=ranking(previous_token[:1])[0],  # the layer-0 head the induction head needs
+        ablation_drop=drop_last, ablation_drop_all_positions=drop_all,
         flow=flow, flow_last_position=flow_last,
         flow_ranking=ranking(flow), flow_last_position_ranking=ranking(flow_last),
         top=top, agree=len(set(top.values())) == 1,
