@@ -143,6 +143,7 @@ def branch_shares(
     semiring: Semiring = Max,
     agg: str = "oplus",
     values: dict[str, torch.Tensor] | None = None,
+    include: torch.Tensor | None = None,
 ) -> BranchShares:
     """q / k / v / skip shares of the value at each layer's attention input at ``position``.
 
@@ -155,7 +156,8 @@ def branch_shares(
     - ``agg="bucket_sum"``: each unit's maximum goes to its branch, summed over units;
     - ``agg="sum"`` (for ``Abs`` flows): every branch keeps the sum of its values.
 
-    ``values`` may pass precomputed ``backprop(graph, semiring)`` output.
+    ``values`` may pass precomputed ``backprop(graph, semiring)`` output; ``include`` ([batch]
+    bool) restricts the average to some items.
     """
     if agg not in AGGREGATIONS:
         raise GradGraphError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
@@ -179,6 +181,8 @@ def branch_shares(
         stacked = torch.cat(parts + [skip], dim=1).double().cpu()  # [batch, H + 2G + 1, d]
         branch_of = torch.tensor([0] * H + [1] * G + [2] * G + [3])
         for b in range(graph.batch_size):
+            if include is not None and not include[b]:
+                continue
             cand = stacked[b]  # [copies, d]
             if agg == "sum":
                 per_copy = cand.sum(-1)
@@ -193,7 +197,7 @@ def branch_shares(
             heads["q"][layer] += per_copy[:H]
             heads["k"][layer] += per_copy[H : H + G]
             heads["v"][layer] += per_copy[H + G : H + 2 * G]
-    n = graph.batch_size
+    n = graph.batch_size if include is None else max(1, int(include.sum()))
     return BranchShares(total / n, {k: v / n for k, v in heads.items()}, agg, semiring.name)
 
 

@@ -56,7 +56,9 @@ def path_entropy(graph: GradGraph) -> torch.Tensor:
     return log_z - mean
 
 
-def top_paths(graph: GradGraph, k: int = 1, *, level: str = "scalar", search: int | None = None) -> list[list]:
+def top_paths(
+    graph: GradGraph, k: int = 1, *, level: str = "scalar", search: int | None = None, items: list[int] | None = None
+) -> list[list]:
     """The ``k`` highest-weighted (by Π|w|) input → metric paths, for each batch item.
 
     Best-first search guided by the exact ``Max`` values of every node (A* with an exact
@@ -65,7 +67,8 @@ def top_paths(graph: GradGraph, k: int = 1, *, level: str = "scalar", search: in
 
     ``level="component"`` collapses the best ``search`` (default 8k) scalar paths into component
     sequences (``embed@1 → L2H4.v@1 → L9H0@6 → MLP12@6 → metric``) and returns the k best
-    distinct ones as ``(labels, best weight, scalar paths collapsed into it)``.
+    distinct ones as ``(labels, best weight, scalar paths collapsed into it)``. ``items`` limits
+    the search to some batch items (the others get empty lists).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise GradGraphError(f"top_paths needs k >= 1 paths, got {k!r}")
@@ -74,16 +77,14 @@ def top_paths(graph: GradGraph, k: int = 1, *, level: str = "scalar", search: in
     if level == "component":
         from gradgraph.components import top_component_paths
 
-        return top_component_paths(graph, top_paths(graph, search or 8 * k), k=k)
+        return top_component_paths(graph, top_paths(graph, search or 8 * k, items=items), k=k)
     best = backprop(graph, Max)
     outgoing: dict[str, list] = {}
     for edge in graph.edges:
         outgoing.setdefault(edge.src, []).append(edge)
     flat_best = {node: value[0].reshape(-1).double() for node, value in best.items()}
-    results = []
-    for b in range(graph.batch_size):
-        results.append(_search(graph, outgoing, flat_best, b, k))
-    return results
+    chosen = range(graph.batch_size) if items is None else set(items)
+    return [_search(graph, outgoing, flat_best, b, k) if b in chosen else [] for b in range(graph.batch_size)]
 
 
 def _search(graph: GradGraph, outgoing: dict, flat_best: dict, batch: int, k: int) -> list[Path]:

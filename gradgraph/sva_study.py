@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from gradgraph import hooks, plot
 from gradgraph.build import build_graph
-from gradgraph.components import BranchShares, branch_shares, component_graph, top_component_paths
+from gradgraph.components import BranchShares, branch_shares, component_graph
 from gradgraph.data import SVAItem, sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
@@ -44,7 +44,7 @@ class StudyConfig:
     intervention_items: int = 16  # items for ablation and patching (slow: a forward per component)
     batch_size: int = 8
     examples: int = 3  # sentences whose top component paths are reported
-    top_k: int = 20  # scalar top paths searched per example sentence
+    top_k: int = 100  # scalar top paths searched per example sentence (collapsed into component paths)
     out: str = "results/sva"
     figures: str = "figures"
     seed: int = 0
@@ -107,8 +107,12 @@ def run_sva_study(config: StudyConfig) -> dict:
         scores = graph_scores(model, graph, wanted)
         best_bwd = scores["max_values"]
         subject = torch.tensor([i.subject_pos for i in batch])
+        # as in Du et al., the subject is a token other than the one the verb is predicted at
+        apart = torch.tensor([i.subject_pos < i.n_tokens - 1 for i in batch])
         for agg in ("oplus", "bucket_sum"):
-            shares[f"subject/{agg}"].append((branch_shares(graph, subject, agg=agg, values=best_bwd), len(batch)))
+            if apart.any():
+                shares[f"subject/{agg}"].append(
+                    (branch_shares(graph, subject, agg=agg, values=best_bwd, include=apart), int(apart.sum())))
             shares[f"last/{agg}"].append((branch_shares(graph, -1, agg=agg, values=best_bwd), len(batch)))
         flow_scores.append(scores["flow_share"])
         max_scores.append(scores["top_path"])
@@ -124,10 +128,11 @@ def run_sva_study(config: StudyConfig) -> dict:
             nx.write_graphml(cg, out / "component_graph.graphml")
             (out / "component_graph.json").write_text(json.dumps(nx.node_link_data(cg, edges="links"), indent=1))
             component_files.append(batch[0].prefix)
-        if len(examples) < config.examples:
-            paths = top_paths(graph, k=config.top_k)
-            comp = top_component_paths(graph, paths, k=5)
-            for b, item in enumerate(batch[: config.examples - len(examples)]):
+        wanted_examples = [b for b, i in enumerate(batch) if i.n_attractors > 0][: config.examples - len(examples)]
+        if wanted_examples:
+            comp = top_paths(graph, k=5, level="component", search=config.top_k, items=wanted_examples)
+            for b in wanted_examples:
+                item = batch[b]
                 words = [model.tokenizer.decode([t]) for t in tokens[b, : item.n_tokens].tolist()]
                 examples.append(dict(prefix=item.prefix, good=item.good, bad=item.bad, tokens=words,
                                      paths=[dict(components=list(c), weight=w, scalar_paths=n) for c, w, n in comp[b]]))
@@ -252,7 +257,8 @@ def report(summary: dict, shares: dict[str, BranchShares]) -> str:
         if row["condition"] != "all":
             lines.append(f"  - {row['condition']}, {row['n_attractors']} attractor(s): {row['accuracy']:.3f} "
                          f"(mean logit difference {row['mean_logit_diff']:+.2f})")
-    lines += ["", f"## Top-path branches at the subject token ({summary['items_analysed']} items, Max semiring)", ""]
+    lines += ["", "## Top-path branches at the subject token (Max semiring; items whose subject is not the last "
+              "token, i.e. all but the simple condition)", ""]
     lines.append("| layer | agg | q | k | v | skip |")
     lines.append("|---|---|---|---|---|---|")
     for agg, rows in summary["subject_last_layers"].items():
@@ -268,7 +274,9 @@ def report(summary: dict, shares: dict[str, BranchShares]) -> str:
     lines += ["", "| method | ground truth | Spearman ρ (heads) |", "|---|---|---|"]
     for c in summary["correlations"]:
         lines.append(f"| {c['method']} | {c['ground_truth']} | {c['spearman_heads']:+.3f} |")
-    lines += ["", "## Path entropy", "", "| condition | attractors | n | mean (nats) | s.e.m. |", "|---|---|---|---|---|"]
+    lines += ["", "## Path entropy", "",
+              "Entropy grows with the number of paths, hence with sentence length: compare attractor counts "
+              "within a condition.", "", "| condition | attractors | n | mean (nats) | s.e.m. |", "|---|---|---|---|---|"]
     for r in summary["entropy"]:
         lines.append(f"| {r['condition']} | {r['n_attractors']} | {r['n']} | {r['mean']:.2f} | {r['sem']:.2f} |")
     lines += ["", "## Top component paths", ""]
