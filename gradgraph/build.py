@@ -35,6 +35,7 @@ weights ∂metric/∂logits (by autograd).
 
 from __future__ import annotations
 
+import einops
 import torch
 from transformer_lens import HookedTransformer
 
@@ -347,8 +348,6 @@ def _axes(tensor: torch.Tensor, names: str) -> dict:
 
 
 def _rearrange(tensor: torch.Tensor, pattern: str, **axes) -> torch.Tensor:
-    import einops
-
     return einops.rearrange(tensor, pattern, **axes)
 
 

@@ -285,12 +285,6 @@ class GradGraph:
     def batch_size(self) -> int:
         return int(self.tokens.shape[0])
 
-    def edges_from(self, node: str) -> list[Edge]:
-        return [e for e in self.edges if e.src == node]
-
-    def edges_into(self, node: str) -> list[Edge]:
-        return [e for e in self.edges if e.tgt == node]
-
     def n_scalar_edges(self) -> int:
         """The number of scalar edges (counted without materialising them where cheap)."""
         total = 0

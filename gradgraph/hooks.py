@@ -62,20 +62,6 @@ def name(kind: str, layer: int | None = None, copy: str | None = None) -> str:
     return f"{text}:{copy}" if copy else text
 
 
-def hook_of(node: str) -> str:
-    """The TransformerLens hook point of a node name (drops the firing suffix)."""
-    return node.split(":")[0]
-
-
-def is_hook_point(node: str) -> bool:
-    return ".hook_" in node or node.startswith("hook_")
-
-
-def split_name(node: str) -> str:
-    """The ``:q``/``:k``/``:v`` suffix of a node, or ``""``."""
-    return node.split(":")[1] if ":" in node else ""
-
-
 @contextmanager
 def recording(model: HookedTransformer, *, keep_grad: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record every firing of every hook point inside the block: ``{hook name: [tensor, ...]}``.
