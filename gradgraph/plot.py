@@ -122,34 +122,68 @@ def method_scatter(panels: dict[str, tuple], path: str | Path, *, title: str) ->
     return _save(fig, path)
 
 
-def circuit_plot(paths: list[tuple[tuple[str, ...], float, int]], tokens: list[str], path: str | Path, *, title: str) -> Path:
-    """Draw component-level paths: x = layer (embed left, metric right), y = token position."""
+def _place(step: str, n_layers: int, n_tokens: int) -> tuple[float, float]:
+    """Drawing position of a component label: x = layer (embed left, metric right), y = position."""
     import re
 
-    def place(step: str) -> tuple[float, float]:
-        if step == "metric":
-            return n_layers + 1.0, len(tokens) - 1
-        position = int(step.split("@")[1])
-        if step.startswith("embed"):
-            return -1.0, position
-        layer = int(re.match(r"(?:L|MLP)(\d+)", step).group(1))
-        offset = {"q": -0.3, "k": -0.2, "v": -0.1}.get(step.split("@")[0].split(".")[-1], 0.0)
-        return layer + (0.35 if step.startswith("MLP") else offset), position
+    if step == "metric":
+        return n_layers + 1.0, n_tokens - 1
+    position = int(step.split("@")[1])
+    if step.startswith("embed"):
+        return -1.0, position
+    layer = int(re.match(r"(?:L|MLP)(\d+)", step).group(1))
+    offset = {"q": -0.3, "k": -0.2, "v": -0.1}.get(step.split("@")[0].split(".")[-1], 0.0)
+    return layer + (0.35 if step.startswith("MLP") else offset), position
 
-    layers = [int(m) for p, _, _ in paths for s in p for m in re.findall(r"^(?:L|MLP)(\d+)", s)]
-    n_layers = max(layers + [0]) + 1
+
+def circuit_plot(paths: list[tuple[tuple[str, ...], float, int]], tokens: list[str], path: str | Path, *,
+                 title: str, n_layers: int) -> Path:
+    """Draw component-level paths: x = layer (embed left, metric right), y = token position."""
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(tokens) + 1.8))
     weights = [abs(w) for _, w, _ in paths] or [1.0]
     for rank, (steps, weight, _) in enumerate(paths):
-        points = [place(s) for s in steps]
+        points = [_place(s, n_layers, len(tokens)) for s in steps]
         xs, ys = zip(*points)
         ax.plot(xs, ys, "-o", lw=1 + 3 * abs(weight) / max(weights), alpha=0.75, label=f"#{rank + 1} {weight:+.3g}")
         for (x, y), step in zip(points, steps):
-            if step not in ("metric",) and not step.startswith("embed"):
+            if step != "metric" and not step.startswith("embed"):
                 ax.annotate(step.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
-    ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens], fontsize=7)
-    ax.set_xlabel("layer (left: embeddings, right: metric)")
+    _token_axis(ax, tokens, n_layers)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(alpha=0.2)
     return _save(fig, path)
+
+
+def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: str, n_layers: int,
+                         top_edges: int = 40) -> Path:
+    """The strongest edges of a component graph (``components.component_graph``), drawn on the
+    layer × position grid; line width ∝ flow, heads that move information across positions show
+    as slanted edges."""
+    def across(edge) -> bool:
+        return "@" in edge[0] and "@" in edge[1] and edge[0].split("@")[1] != edge[1].split("@")[1]
+
+    ranked = sorted(graph.edges(data=True), key=lambda e: -e[2]["weight"])
+    # the strongest edges within a position, and the strongest that attention moves across positions
+    edges = [e for e in ranked if not across(e)][: top_edges // 2] + [e for e in ranked if across(e)][: top_edges // 2]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(tokens) + 2))
+    top = edges[0][2]["weight"] if edges else 1.0
+    for u, v, data in edges:
+        (x0, y0), (x1, y1) = _place(u, n_layers, len(tokens)), _place(v, n_layers, len(tokens))
+        ax.plot([x0, x1], [y0, y1], "-", color="#4C72B0" if y0 == y1 else "#C44E52",
+                lw=0.5 + 4 * (data["weight"] / top) ** 0.5, alpha=0.7)
+    labelled = {n for u, v, _ in edges for n in (u, v)}
+    for node in labelled:
+        if node != "metric" and not node.startswith("embed"):
+            x, y = _place(node, n_layers, len(tokens))
+            ax.annotate(node.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+    _token_axis(ax, tokens, n_layers)
+    ax.set_title(title + f"\nstrongest edges within a position (blue) and across positions (red, attention)",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def _token_axis(ax, tokens: list[str], n_layers: int) -> None:
+    ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens], fontsize=7)
+    ax.set_xlim(-1.8, n_layers + 1.8)
+    ax.set_xlabel("layer (left: embeddings, right: metric)")
+    ax.grid(alpha=0.2)

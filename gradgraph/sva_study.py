@@ -123,12 +123,16 @@ def run_sva_study(config: StudyConfig) -> dict:
         for item, h in zip(batch, entropy.tolist()):
             per_item.append(dict(prefix=item.prefix, condition=item.condition, n_attractors=item.n_attractors,
                                  subject_number=item.subject_number, path_entropy=h))
-        if not component_files:  # the component graph of the first sentence, for reports and tools
-            cg = component_graph(graph, Abs, batch=0, min_share=0.005)
+        wanted_examples = [b for b, i in enumerate(batch) if i.n_attractors > 0][: config.examples - len(examples)]
+        if wanted_examples and not component_files:  # the component graph of the first example
+            b = wanted_examples[0]
+            cg = component_graph(graph, Abs, batch=b, min_share=0.005)
             nx.write_graphml(cg, out / "component_graph.graphml")
             (out / "component_graph.json").write_text(json.dumps(nx.node_link_data(cg, edges="links"), indent=1))
-            component_files.append(batch[0].prefix)
-        wanted_examples = [b for b, i in enumerate(batch) if i.n_attractors > 0][: config.examples - len(examples)]
+            words = [model.tokenizer.decode([t]) for t in tokens[b, : batch[b].n_tokens].tolist()]
+            component_files.append(plot.component_graph_plot(
+                cg, words, figures / "sva_component_graph.png", n_layers=n_layers,
+                title=f"|gradient| flow between components: {batch[b].prefix!r} → {batch[b].good!r} vs {batch[b].bad!r}"))
         if wanted_examples:
             comp = top_paths(graph, k=5, level="component", search=config.top_k, items=wanted_examples)
             for b in wanted_examples:
@@ -236,7 +240,9 @@ def run_sva_study(config: StudyConfig) -> dict:
         first = examples[0]
         figs.append(plot.circuit_plot([(tuple(p["components"]), p["weight"], p["scalar_paths"]) for p in first["paths"]],
                                       first["tokens"], figures / "sva_top_paths.png",
-                                      title=f"Top component paths: {first['prefix']!r} → {first['good']!r} vs {first['bad']!r}"))
+                                      title=f"Top component paths: {first['prefix']!r} → {first['good']!r} vs {first['bad']!r}",
+                                      n_layers=n_layers))
+    figs += component_files
     summary["figures"] = [str(f) for f in figs]
     summary["seconds"] = time.time() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -42,3 +42,21 @@ def test_sva_limit_zero_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["sva", "--limit", "0"])
     assert "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_sva_study_end_to_end(tmp_path, smol_model):
+    """The main job on a handful of items: every table, figure and the report appear."""
+    import json
+
+    out, figures = tmp_path / "sva", tmp_path / "figures"
+    assert main(["sva", "--limit", "8", "--intervention-items", "1", "--out", str(out), "--figures", str(figures)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["items_analysed"] == 8 and summary["items_intervened"] == 1
+    for row in summary["subject_last_layers"]["oplus"]:
+        assert abs(row["q"] + row["k"] + row["v"] + row["skip"] - 1) < 1e-9
+    for name in ("accuracy.csv", "branch_shares.csv", "components.csv", "correlations.csv", "entropy.csv",
+                 "component_graph.graphml", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list(figures.glob("sva_*.png"))) == 7
+    assert "Spearman" in (out / "report.md").read_text()
