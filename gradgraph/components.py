@@ -19,6 +19,7 @@ from gradgraph import hooks
 from gradgraph.backprop import backprop, forward
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.metrics import resolve_positions
 from gradgraph.semirings import Abs, Max, Real, Semiring
 
 BRANCHES = ("q", "k", "v", "skip")
@@ -123,17 +124,7 @@ class BranchShares:
 
 
 def _positions(graph: GradGraph, position: int | torch.Tensor) -> torch.Tensor:
-    lengths = graph.attention_mask.sum(-1).cpu()
-    pos = torch.as_tensor(position, dtype=torch.long).cpu().expand(graph.batch_size)
-    pos = torch.where(pos < 0, lengths + pos, pos)
-    bad = (pos < 0) | (pos >= lengths)
-    if bad.any():
-        b = int(bad.nonzero()[0])
-        raise GradGraphError(
-            f"position {int(torch.as_tensor(position).flatten()[0 if torch.as_tensor(position).ndim == 0 else b])} "
-            f"is outside prompt {b}, which has {int(lengths[b])} tokens"
-        )
-    return pos
+    return resolve_positions(torch.as_tensor(position).cpu(), graph.attention_mask.sum(-1).cpu())
 
 
 def branch_shares(

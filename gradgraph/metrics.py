@@ -25,6 +25,24 @@ def _ids(ids: int | torch.Tensor, name: str) -> torch.Tensor:
     return tensor
 
 
+def resolve_positions(pos: int | torch.Tensor, lengths: torch.Tensor, *, what: str = "") -> torch.Tensor:
+    """``[batch]`` absolute positions: negative ``pos`` counts back from each row's length.
+
+    Positions outside a prompt raise ``GradGraphError``.
+    """
+    position = torch.as_tensor(pos, device=lengths.device, dtype=torch.long).expand(lengths.shape[0])
+    position = torch.where(position < 0, lengths + position, position)
+    outside = (position < 0) | (position >= lengths)
+    if outside.any():
+        row = int(outside.nonzero()[0])
+        given = int(torch.as_tensor(pos).flatten()[0 if torch.as_tensor(pos).ndim == 0 else row])
+        raise GradGraphError(
+            f"{what + ' ' if what else ''}position {given} is outside prompt {row}, which has "
+            f"{int(lengths[row])} tokens; use a position in [-{int(lengths[row])}, {int(lengths[row])})"
+        )
+    return position
+
+
 def select_positions(
     logits: torch.Tensor, pos: int | torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -41,16 +59,7 @@ def select_positions(
         if attention_mask is None
         else attention_mask.to(logits.device).long().sum(-1)
     )
-    position = torch.as_tensor(pos, device=logits.device, dtype=torch.long).expand(batch)
-    position = torch.where(position < 0, lengths + position, position)
-    outside = (position < 0) | (position >= lengths)
-    if outside.any():
-        row = int(outside.nonzero()[0])
-        raise GradGraphError(
-            f"metric position {pos if isinstance(pos, int) else int(torch.as_tensor(pos).flatten()[row])} "
-            f"is outside prompt {row}, which has {int(lengths[row])} tokens; use a position in "
-            f"[-{int(lengths[row])}, {int(lengths[row])})"
-        )
+    position = resolve_positions(pos, lengths, what="metric")
     return logits[torch.arange(batch, device=logits.device), position]
 
 
