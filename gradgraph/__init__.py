@@ -1,17 +1,21 @@
 """gradgraph: gradient graphs, semiring backpropagation and attributions for TransformerLens models."""
 
-from gradgraph import data, metrics, models, semirings
+from gradgraph import data, metrics, models, rules, semirings
 from gradgraph.backprop import backprop, forward
-from gradgraph.build import build_graph
+from gradgraph.build import assemble, build_graph, record
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.models import load_model, tiny_model
-from gradgraph.paths import Path, gradient_flow, path_entropy, top_paths
+from gradgraph.paths import GradientPath, gradient_flow, path_entropy, top_paths
+from gradgraph.rules import GRADIENT, RuleSet
 
 __all__ = [
+    "GRADIENT",
     "GradGraph",
     "GradGraphError",
-    "Path",
+    "GradientPath",
+    "RuleSet",
+    "assemble",
     "backprop",
     "build_graph",
     "data",
@@ -21,6 +25,8 @@ __all__ = [
     "metrics",
     "models",
     "path_entropy",
+    "record",
+    "rules",
     "semirings",
     "tiny_model",
     "top_paths",

@@ -23,7 +23,8 @@ from gradgraph.semirings import Real, Semiring
 GRANULARITIES = ("neuron", "op")
 
 
-def _check(graph: GradGraph, semiring: Semiring, granularity: str) -> bool:
+def _check(graph: GradGraph, semiring: Semiring, granularity: str) -> Semiring:
+    """The semiring the blocks use (``semiring.within_op()`` at op granularity)."""
     if not isinstance(graph, GradGraph):
         raise GradGraphError(f"expected a GradGraph from gradgraph.build_graph, got {type(graph).__name__}")
     if not isinstance(semiring, Semiring):
@@ -33,48 +34,75 @@ def _check(graph: GradGraph, semiring: Semiring, granularity: str) -> bool:
         )
     if granularity not in GRANULARITIES:
         raise GradGraphError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    return granularity == "op"
+    return semiring.within_op() if granularity == "op" else semiring
+
+
+def _kept(graph: GradGraph, keep) -> set[str]:
+    if keep is None:
+        return set(graph.order)
+    keep = {keep} if isinstance(keep, str) else set(keep)
+    unknown = keep - set(graph.shapes)
+    if unknown:
+        raise GradGraphError(f"keep names nodes the graph does not have: {sorted(unknown)[:3]}")
+    return keep
 
 
 def backprop(
-    graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "neuron", dtype: torch.dtype | None = None
+    graph: GradGraph,
+    semiring: Semiring = Real,
+    *,
+    granularity: str = "neuron",
+    dtype: torch.dtype | None = None,
+    keep=None,
 ) -> dict[str, torch.Tensor]:
     """``{node: [S, *shape]}``: ⊕ over paths node → metric of ⊗ edge weights.
 
     For ``Real`` (S = 1), ``values[name][0]`` is the gradient of the metric at that node.
     ``dtype`` defaults to the model's; sums over all paths (``Abs``) of a deep model can overflow
     float32, which raises ``GradGraphError`` (use ``dtype=torch.float64``, ``Log`` or ``Entropy``).
+    ``keep`` (node names) returns only those nodes and frees every other value once no block needs
+    it: a long prompt's backward then holds about what autograd's does.
     """
-    op = _check(graph, semiring, granularity)
-    dtype, device = dtype or graph.metric_value.dtype, graph.metric_value.device
+    inner = _check(graph, semiring, granularity)
+    kept = _kept(graph, keep)
+    dtype, device = dtype or graph.dtype, graph.metric_value.device
     values: dict[str, torch.Tensor] = {"metric": semiring.one(graph.shapes["metric"], dtype=dtype, device=device)}
-    outgoing: dict[str, list] = {}
-    for edge in graph.edges:
-        outgoing.setdefault(edge.src, []).append(edge)
+    readers = {node: len(graph.edges_into(node)) for node in graph.order}  # sources still to read it
     checkpoints = _checkpoints(graph)
     for node in reversed(graph.order):
         if node == "metric":
             continue
         total = None
-        for edge in outgoing.get(node, []):
-            contribution = edge.backward(semiring, values[edge.tgt], op)
+        for edge in graph.edges_from(node):
+            contribution = edge.backward(inner, values[edge.tgt])
             total = contribution if total is None else semiring.plus(total, contribution)
+            readers[edge.tgt] -= 1
+            if readers[edge.tgt] == 0 and edge.tgt not in kept:
+                del values[edge.tgt]
         values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
         if node in checkpoints:
             _check_range(semiring, values[node], node, dtype)
+        if readers[node] == 0 and node not in kept:
+            del values[node]
     return values
 
 
 def forward(
-    graph: GradGraph, semiring: Semiring = Real, *, granularity: str = "neuron", dtype: torch.dtype | None = None
+    graph: GradGraph,
+    semiring: Semiring = Real,
+    *,
+    granularity: str = "neuron",
+    dtype: torch.dtype | None = None,
+    keep=None,
 ) -> dict[str, torch.Tensor]:
-    """``{node: [S, *shape]}``: ⊕ over paths input → node of ⊗ edge weights (inputs carry one)."""
-    op = _check(graph, semiring, granularity)
-    dtype, device = dtype or graph.metric_value.dtype, graph.metric_value.device
-    incoming: dict[str, list] = {}
-    for edge in graph.edges:
-        incoming.setdefault(edge.tgt, []).append(edge)
+    """``{node: [S, *shape]}``: ⊕ over paths input → node of ⊗ edge weights (inputs carry one).
+
+    ``keep`` as for ``backprop``."""
+    inner = _check(graph, semiring, granularity)
+    kept = _kept(graph, keep)
+    dtype, device = dtype or graph.dtype, graph.metric_value.device
     values: dict[str, torch.Tensor] = {}
+    readers = {node: len(graph.edges_from(node)) for node in graph.order}
     checkpoints = _checkpoints(graph)
     for node in graph.order:
         if node in graph.sources:
@@ -83,14 +111,19 @@ def forward(
             zero = semiring.zero(shape, dtype=dtype, device=device)
             real = graph.source_mask.reshape(graph.source_mask.shape + (1,) * (len(shape) - 2))
             values[node] = torch.where(real, one, zero)
-            continue
-        total = None
-        for edge in incoming.get(node, []):
-            contribution = edge.forward(semiring, values[edge.src], op)
-            total = contribution if total is None else semiring.plus(total, contribution)
-        values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
+        else:
+            total = None
+            for edge in graph.edges_into(node):
+                contribution = edge.forward(inner, values[edge.src])
+                total = contribution if total is None else semiring.plus(total, contribution)
+                readers[edge.src] -= 1
+                if readers[edge.src] == 0 and edge.src not in kept:
+                    del values[edge.src]
+            values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
         if node in checkpoints:
             _check_range(semiring, values[node], node, dtype)
+        if readers[node] == 0 and node not in kept:
+            del values[node]
     return values
 
 

@@ -1,4 +1,4 @@
-"""The ``gradgraph`` command."""
+"""The ``gradgraph`` command. Every study's options take their defaults from its ``Config``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+from dataclasses import fields
 
 from gradgraph.errors import GradGraphError
 
@@ -19,6 +19,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _defaults(config_class) -> dict:
+    return {f.name: f.default for f in fields(config_class)}
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -35,6 +39,7 @@ def cmd_sva_eval(args: argparse.Namespace) -> None:
     from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
     from gradgraph.models import load_model
     from gradgraph.plot import sva_accuracy
+    from gradgraph.studies.output import staged_run
 
     start = time.time()
     model = load_model(args.model)
@@ -44,72 +49,96 @@ def cmd_sva_eval(args: argparse.Namespace) -> None:
     table = accuracy_table(results)
     print(f"\nSVA accuracy of {args.model} ({len(results)} items; good verb's logit > bad verb's):")
     print(format_table(table))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sva_eval_items.json").write_text(json.dumps(results, indent=1))
-    (out / "sva_eval_accuracy.json").write_text(json.dumps(table, indent=1))
-    figure = sva_accuracy(table, Path(args.figures) / "sva_eval_accuracy.png",
-                          title=f"SVA accuracy, {args.model} ({len(results)} items)")
-    print(f"\nwrote {out / 'sva_eval_items.json'}, {out / 'sva_eval_accuracy.json'}, {figure} "
-          f"({time.time() - start:.1f} s)")
+    with staged_run(args.out, args.figures, "gradgraph sva-eval") as out:
+        out.path("items.json").write_text(json.dumps(results, indent=1))
+        out.path("accuracy.json").write_text(json.dumps(table, indent=1))
+        figure = sva_accuracy(table, out.figure("sva_eval_accuracy.png"),
+                              title=f"SVA accuracy, {args.model} ({len(results)} items)")
+        figure = out.final(figure)
+    print(f"\nwrote {args.out}/items.json, {args.out}/accuracy.json, {figure} ({time.time() - start:.1f} s)")
 
 
 def cmd_sva(args: argparse.Namespace) -> None:
-    from gradgraph.sva_study import StudyConfig, run_sva_study
+    from gradgraph.studies import sva
 
-    run_sva_study(StudyConfig(model=args.model, limit=args.limit, intervention_items=args.intervention_items,
-                              out=args.out, figures=args.figures, seed=args.seed))
+    sva.main(sva.Config(model=args.model, limit=args.limit, intervention_items=args.intervention_items,
+                        batch_size=args.batch_size, out=args.out, figures=args.figures, seed=args.seed))
 
 
 def cmd_heads(args: argparse.Namespace) -> None:
-    from gradgraph.head_importance import rank_heads, read_prompts
-    from gradgraph.models import load_model
+    from gradgraph.studies import head_ranking
 
-    prompts = read_prompts(args.prompts)
-    counterfactuals = read_prompts(args.counterfactuals) if args.counterfactuals else None
-    model = load_model(args.model)
-    rows = rank_heads(model, prompts, args.good, args.bad, counterfactuals=counterfactuals, position=args.position,
-                      out=args.out, figures=args.figures)
-    heads = [r for r in rows if r["head"] != ""]
-    for key in [k for k in rows[0] if k not in ("component", "layer", "head")]:
-        top = sorted(heads, key=lambda r: -abs(r[key]))[: args.top]
-        print(f"top heads by {key:<12}: " + ", ".join(f"{r['component']} ({r[key]:+.3g})" for r in top))
-    print(f"wrote {args.out}/heads.csv and figures/heads_*.png")
+    head_ranking.main(head_ranking.Config(
+        prompts=args.prompts, good=args.good, bad=args.bad, counterfactuals=args.counterfactuals,
+        position=args.position, model=args.model, top=args.top, out=args.out, figures=args.figures))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_synthetic(args: argparse.Namespace) -> None:
+    from gradgraph.studies import synthetic
+
+    synthetic.main(synthetic.Config(seed=args.seed, steps=args.steps, induction_seeds=args.induction_seeds,
+                                    out=args.out, figures=args.figures, threads=args.threads,
+                                    progress=args.progress))
+
+
+def parser() -> argparse.ArgumentParser:
+    from gradgraph.studies import head_ranking, sva, synthetic
+
+    top = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
+    sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the embedded models").set_defaults(func=cmd_models)
+
     p = sub.add_parser("sva-eval", help="accuracy on subject-verb agreement by condition and attractors")
     p.add_argument("--model", default="smollm2-135m", help="embedded name, TransformerLens name or HF folder")
     p.add_argument("--limit", type=_positive, default=None, help="evaluate at most N items (spread over cells)")
-    p.add_argument("--out", default="results", help="folder for the JSON results (default: results)")
+    p.add_argument("--out", default="results/sva-eval", help="folder for the JSON results (default: results/sva-eval)")
     p.add_argument("--figures", default="figures", help="folder for the figure (default: figures)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive, default=32)
     p.set_defaults(func=cmd_sva_eval)
+
+    d = _defaults(sva.Config)
     p = sub.add_parser("sva", help="the SVA study: accuracy, q/k/v/skip shares, head rankings, entropy, paths")
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, TransformerLens name or HF folder")
-    p.add_argument("--limit", type=_positive, default=96, help="items for the gradient analyses (default 96)")
-    p.add_argument("--intervention-items", type=_positive, default=16,
-                   help="items for mean ablation and patching (default 16)")
-    p.add_argument("--out", default="results/sva", help="folder for tables and the report")
-    p.add_argument("--figures", default="figures", help="folder for the figures")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=d["model"], help="embedded name, TransformerLens name or HF folder")
+    p.add_argument("--limit", type=_positive, default=d["limit"],
+                   help=f"items for the gradient analyses (default {d['limit']})")
+    p.add_argument("--intervention-items", type=_positive, default=d["intervention_items"],
+                   help=f"items for mean ablation and patching (default {d['intervention_items']})")
+    p.add_argument("--batch-size", type=_positive, default=d["batch_size"], help="items per gradient graph")
+    p.add_argument("--out", default=d["out"], help=f"folder for tables and the report (default {d['out']})")
+    p.add_argument("--figures", default=d["figures"], help=f"folder for the figures (default {d['figures']})")
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.set_defaults(func=cmd_sva)
+
+    d = _defaults(head_ranking.Config)
     p = sub.add_parser("heads", help="rank every head by every method for your prompts")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--good", required=True, help="the expected next token, e.g. ' are' (one token)")
     p.add_argument("--bad", required=True, help="the contrasting token, e.g. ' is' (one token)")
     p.add_argument("--counterfactuals", help="optional file of aligned counterfactual prompts (for patching)")
-    p.add_argument("--position", type=int, default=-1, help="metric position (default: each prompt's last token)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--top", type=_positive, default=8)
-    p.add_argument("--out", default="results/heads")
-    p.add_argument("--figures", default="figures")
+    p.add_argument("--position", type=int, default=d["position"], help="metric position (default: each prompt's last token)")
+    p.add_argument("--model", default=d["model"])
+    p.add_argument("--top", type=_positive, default=d["top"], help="heads printed per method")
+    p.add_argument("--out", default=d["out"])
+    p.add_argument("--figures", default=d["figures"])
     p.set_defaults(func=cmd_heads)
-    args = parser.parse_args(argv)
+
+    d = _defaults(synthetic.Config)
+    p = sub.add_parser("synthetic", help="Du et al.'s synthetic validation on small trained models (CPU minutes)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the first-token models")
+    p.add_argument("--steps", type=_positive, default=d["steps"], help="training steps of the first-token model")
+    p.add_argument("--induction-seeds", type=int, nargs="+", default=synthetic.Config().induction_seeds)
+    p.add_argument("--out", default=d["out"])
+    p.add_argument("--figures", default=d["figures"])
+    p.add_argument("--threads", type=_positive, default=d["threads"],
+                   help="torch threads (tiny models run fastest on one; more on a busy CPU are far slower)")
+    p.add_argument("--progress", action="store_true", help="progress bars while training")
+    p.set_defaults(func=cmd_synthetic)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         args.func(args)
     except GradGraphError as error:

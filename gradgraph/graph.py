@@ -1,26 +1,38 @@
 """The gradient graph: nodes are activation tensors, edges are typed blocks of local derivatives.
 
 Semantically the graph is the *scalar* gradient graph: one node per tensor element, one edge per
-non-zero local partial derivative ∂tgt/∂src. It is stored lazily as blocks:
+non-zero local partial derivative ∂tgt/∂src. It is stored lazily as blocks, each tagged with the
+``op`` whose derivative it is (one of ``OPS``) and its ``layer`` (``None`` outside the layers):
 
-- ``Identity``: same shape, weight 1 (residual additions, copies);
+- ``Identity``: same shape, weight 1 (residual sums, the residual read by the MLP);
 - ``Broadcast``: ``tgt = src.unsqueeze(dim).expand(n)``, weight 1 (per-head copies of the residual);
 - ``Diag``: ``tgt[..., j] = Σ_parts w[..., j] · src[..., perm[j]]`` (element-wise functions; the
-  rotary rotation is two parts, the second with the pair permutation);
+  rotary rotation is two parts, the second with the pair permutation). Weights broadcast to the
+  target's shape;
+- ``Contract`` / ``Spread``: ``tgt[..., 0] = Σ_j w[..., j] src[..., j]`` and
+  ``tgt[..., j] = w[..., j] src[..., 0]`` (into and out of a norm's scale);
+- ``Rank1``: along the last dim, ``tgt[..., k] = Σ_j src[..., j] J[j, k]`` with
+  ``J = diag(a) + b cᵀ`` per row (a softmax: ``a = p, b = −p, c = p``; a LayerNorm's centring:
+  ``a = 1, b = 1, c = −1/n``), applied in O(n) per row: no ``[rows, n, n]`` tensor exists;
 - ``Matmul``: ``tgt[n, i, k] = Σ_j src[n, i, j] W[n, j, k]`` (node on the left) or
   ``Σ_j W[n, i, j] src[n, j, k]`` (node on the right), after rearranging both nodes to this
   canonical ``[n, i, j]`` layout with einops patterns. ``W`` is ``[1, J, K]`` for a weight shared
-  across positions (W_Q, W_in, ...), or one matrix per row (a per-position Jacobian; one operand of
-  a bilinear product, e.g. the keys for the q·k scores). An optional mask removes target elements
-  that are constants (causally masked scores, padding).
+  across positions (W_Q, W_in, ...), or one matrix per row (one operand of a bilinear product,
+  e.g. the keys for the q·k scores; ``weight_node`` then names the operand's node). An optional
+  mask (broadcast to the target's shape) removes target elements that are constants (causally
+  masked scores, padding).
 
-Each block knows how to move semiring values backward (towards its source) and forward, using
-only the semiring's operations, and how to list its scalar edges (for ``to_networkx``).
+Weights are ``gradgraph.weights.Weight`` objects: per-position weights are products of stored
+activations formed when a pass needs them. Each block moves semiring values backward (towards its
+source) and forward using only the semiring's operations; it also lists its scalar edges (for
+``to_networkx``) and those leaving one element (for the top-path search).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 import einops
 import networkx as nx
@@ -29,49 +41,82 @@ import torch
 from gradgraph import hooks
 from gradgraph.errors import GradGraphError
 from gradgraph.semirings import Semiring
+from gradgraph.weights import Weight
 
 NETWORKX_EDGE_LIMIT = 200_000
 LOGITS = hooks.name("logits")
 
+# what a block is the derivative of
+OPS = ("copy", "residual", "norm", "linear", "rotary", "bilinear", "softmax", "activation", "metric")
 
-def _op_plus(sr: Semiring, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return sr.op_sum(torch.stack([a, b], 1), 0)
 
+@dataclass(frozen=True, eq=False)
+class Block:
+    """An edge block: the local derivatives of ``tgt`` with respect to ``src`` under one op."""
 
-@dataclass
-class Identity:
     src: str
     tgt: str
+    op: str
+    layer: int | None
+    _cache: dict = field(default_factory=dict, init=False, repr=False)  # listings for tiny graphs and path search
 
-    def backward(self, sr: Semiring, value: torch.Tensor, op: bool) -> torch.Tensor:
+    def _memo(self, key: str, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def backward(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
+        """Values ``[S, *tgt shape]`` at the target → contributions ``[S, *src shape]`` at the source."""
+        raise NotImplementedError
+
+    def forward(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
+        """Values ``[S, *src shape]`` at the source → contributions ``[S, *tgt shape]`` at the target."""
+        raise NotImplementedError
+
+    def scalar_edges(self, shapes: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat source indices, flat target indices and float64 weights of every scalar edge."""
+        raise NotImplementedError
+
+    def out_edges(self, shapes: Mapping, flat: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets (flat indices) and weights of the scalar edges leaving source element ``flat``."""
+        raise NotImplementedError
+
+    def n_edges(self, shapes: Mapping) -> int:
+        """The number of scalar edges, counted without listing them."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Identity(Block):
+    def backward(self, sr, value):
         return value
 
-    def forward(self, sr: Semiring, value: torch.Tensor, op: bool) -> torch.Tensor:
+    def forward(self, sr, value):
         return value
 
-    def scalar_edges(self, shapes: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scalar_edges(self, shapes):
         flat = torch.arange(_numel(shapes[self.src]))
         return flat, flat, torch.ones(flat.shape, dtype=torch.float64)
 
-    def out_edges(self, shapes: dict, flat: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets (flat indices) and weights of the scalar edges leaving source element ``flat``."""
+    def out_edges(self, shapes, flat):
         return torch.tensor([flat]), torch.ones(1, dtype=torch.float64)
 
+    def n_edges(self, shapes):
+        return _numel(shapes[self.tgt])
 
-@dataclass
-class Broadcast:
-    src: str
-    tgt: str
+
+@dataclass(frozen=True, eq=False)
+class Broadcast(Block):
     dim: int  # the new dim in the target's shape
     n: int
 
-    def backward(self, sr, value, op):
-        return sr.op_sum(value, self.dim) if op else sr.sum(value, self.dim)
+    def backward(self, sr, value):
+        return sr.sum(value, self.dim)
 
-    def forward(self, sr, value, op):
+    def forward(self, sr, value):
         shape = list(value.shape)
         shape.insert(self.dim + 1, self.n)
-        return value.unsqueeze(self.dim + 1).expand(shape).contiguous()
+        return value.unsqueeze(self.dim + 1).expand(shape)
 
     def scalar_edges(self, shapes):
         src_shape = shapes[self.src]
@@ -81,75 +126,200 @@ class Broadcast:
         return src_idx, tgt_idx, torch.ones(tgt_idx.shape, dtype=torch.float64)
 
     def out_edges(self, shapes, flat):
-        idx = torch.unravel_index(torch.tensor(flat), shapes[self.src])
+        idx = _unravel(flat, shapes[self.src])
         tgt_flat = torch.arange(_numel(shapes[self.tgt])).view(shapes[self.tgt])
-        lead = tuple(int(i) for i in idx[: self.dim])
-        rest = tuple(int(i) for i in idx[self.dim :])
-        targets = tgt_flat[lead + (slice(None),) + rest]
+        targets = tgt_flat[idx[: self.dim] + (slice(None),) + idx[self.dim :]]
         return targets.reshape(-1), torch.ones(self.n, dtype=torch.float64)
 
+    def n_edges(self, shapes):
+        return _numel(shapes[self.tgt])
 
-@dataclass
-class Diag:
-    src: str
-    tgt: str
-    parts: list[tuple[torch.Tensor, torch.Tensor | None]]  # (weight [*tgt shape], perm [last dim] or None)
 
-    def backward(self, sr, value, op):
+@dataclass(frozen=True, eq=False)
+class Diag(Block):
+    parts: tuple[tuple[Weight, torch.Tensor | None], ...]  # (weight, perm [last dim] or None)
+
+    def _parts(self, sr, value, moving_back: bool):
         total = None
         for weight, perm in self.parts:
-            contribution = sr.times(sr.convert(weight), value)
-            if perm is not None:
-                contribution = contribution[..., torch.argsort(perm)]
-            total = contribution if total is None else (_op_plus(sr, total, contribution) if op else sr.plus(total, contribution))
+            w = sr.convert(weight.real(value.dtype))
+            if moving_back:
+                part = sr.times(w, value)
+                part = part if perm is None else part[..., torch.argsort(perm)]
+            else:
+                part = sr.times(w, value if perm is None else value[..., perm])
+            total = part if total is None else sr.plus(total, part)
         return total
 
-    def forward(self, sr, value, op):
-        total = None
-        for weight, perm in self.parts:
-            moved = value if perm is None else value[..., perm]
-            contribution = sr.times(sr.convert(weight), moved)
-            total = contribution if total is None else (_op_plus(sr, total, contribution) if op else sr.plus(total, contribution))
-        return total
+    def backward(self, sr, value):
+        return self._parts(sr, value, True)
+
+    def forward(self, sr, value):
+        return self._parts(sr, value, False)
+
+    def _dense(self, shapes):
+        shape = shapes[self.tgt]
+        return self._memo("dense", lambda: [(weight.real(torch.float64).cpu().expand(shape), perm)
+                                            for weight, perm in self.parts])
 
     def scalar_edges(self, shapes):
-        shape = shapes[self.tgt]
-        tgt_flat = torch.arange(_numel(shape)).view(shape)
+        tgt_flat = torch.arange(_numel(shapes[self.tgt])).view(shapes[self.tgt])
         srcs, tgts, weights = [], [], []
-        for weight, perm in self.parts:
+        for weight, perm in self._dense(shapes):
             src_flat = tgt_flat if perm is None else tgt_flat[..., perm]
-            keep = (weight != 0).reshape(-1).cpu()
+            keep = (weight != 0).reshape(-1)
             srcs.append(src_flat.reshape(-1)[keep])
             tgts.append(tgt_flat.reshape(-1)[keep])
-            weights.append(weight.reshape(-1).cpu().double()[keep])
+            weights.append(weight.reshape(-1)[keep])
         return torch.cat(srcs), torch.cat(tgts), torch.cat(weights)
 
     def out_edges(self, shapes, flat):
         shape = shapes[self.tgt]
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
+        idx = _unravel(flat, shape)
         targets, weights = [], []
-        for weight, perm in self.parts:
+        for weight, perm in self._dense(shapes):
             last = idx[-1] if perm is None else int(torch.argsort(perm)[idx[-1]])
             at = idx[:-1] + (last,)
-            w = float(weight[at])
-            if w != 0:
-                targets.append(int(torch.tensor(at).dot(torch.tensor(_strides(shape)))))
-                weights.append(w)
+            if float(weight[at]) != 0:
+                targets.append(_ravel(at, shape))
+                weights.append(float(weight[at]))
         return torch.tensor(targets, dtype=torch.long), torch.tensor(weights, dtype=torch.float64)
 
+    def n_edges(self, shapes):
+        return sum(int((w != 0).sum()) for w, _ in self._dense(shapes))
 
-@dataclass
-class Matmul:
+
+@dataclass(frozen=True, eq=False)
+class Contract(Block):
+    """``tgt[..., 0] = Σ_j w[..., j] src[..., j]`` (a norm's input into its scale)."""
+
+    weight: Weight  # broadcast to the source's shape
+
+    def backward(self, sr, value):
+        return sr.times(sr.convert(self.weight.real(value.dtype)), value)
+
+    def forward(self, sr, value):
+        return sr.sum(sr.times(sr.convert(self.weight.real(value.dtype)), value), value.ndim - 2).unsqueeze(-1)
+
+    def _dense(self, shapes):
+        return self._memo("dense", lambda: self.weight.real(torch.float64).cpu().expand(shapes[self.src]))
+
+    def scalar_edges(self, shapes):
+        w = self._dense(shapes)
+        src = torch.arange(w.numel())
+        tgt = src // w.shape[-1]
+        keep = w.reshape(-1) != 0
+        return src[keep], tgt[keep], w.reshape(-1)[keep]
+
+    def out_edges(self, shapes, flat):
+        w = float(self._dense(shapes)[_unravel(flat, shapes[self.src])])
+        n = shapes[self.src][-1]
+        return (torch.tensor([flat // n]), torch.tensor([w], dtype=torch.float64)) if w != 0 else _no_edges()
+
+    def n_edges(self, shapes):
+        return int((self._dense(shapes) != 0).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Spread(Block):
+    """``tgt[..., j] = w[..., j] src[..., 0]`` (a norm's scale into its output)."""
+
+    weight: Weight  # broadcast to the target's shape
+
+    def backward(self, sr, value):
+        return sr.sum(sr.times(sr.convert(self.weight.real(value.dtype)), value), value.ndim - 2).unsqueeze(-1)
+
+    def forward(self, sr, value):
+        return sr.times(sr.convert(self.weight.real(value.dtype)), value)
+
+    def _dense(self, shapes):
+        return self._memo("dense", lambda: self.weight.real(torch.float64).cpu().expand(shapes[self.tgt]))
+
+    def scalar_edges(self, shapes):
+        w = self._dense(shapes)
+        tgt = torch.arange(w.numel())
+        src = tgt // w.shape[-1]
+        keep = w.reshape(-1) != 0
+        return src[keep], tgt[keep], w.reshape(-1)[keep]
+
+    def out_edges(self, shapes, flat):
+        w = self._dense(shapes)
+        n = w.shape[-1]
+        row = w[_unravel(flat, w.shape[:-1])]
+        keep = row != 0
+        return (flat * n + torch.arange(n))[keep], row[keep]
+
+    def n_edges(self, shapes):
+        return int((self._dense(shapes) != 0).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Rank1(Block):
+    """Per row of the last dim, ``J = diag(a) + b cᵀ`` (``J[j, k] = ∂tgt_k / ∂src_j``); source and
+    target have the same shape and ``a, b, c`` broadcast to it."""
+
+    a: Weight
+    b: Weight
+    c: Weight
+
+    def _factors(self, dtype):
+        return self.a.real(dtype), self.b.real(dtype), self.c.real(dtype)
+
+    def backward(self, sr, value):
+        a, b, c = self._factors(value.dtype)
+        return sr.rank1(value, a, b, c)
+
+    def forward(self, sr, value):  # Jᵀ = diag(a) + c bᵀ
+        a, b, c = self._factors(value.dtype)
+        return sr.rank1(value, a, c, b)
+
+    def _dense(self, shapes, row: int | None = None):
+        """``J`` of every row ``[rows, j, k]``, or of one row ``[j, k]``."""
+        shape = shapes[self.tgt]
+        factors = self._memo("factors", lambda: [f.cpu().expand(shape) for f in self._factors(torch.float64)])
+        if row is None:
+            a, b, c = (f.reshape(-1, shape[-1]) for f in factors)
+        else:
+            index = _unravel(row, shape[:-1])
+            a, b, c = (f[index] for f in factors)
+        return torch.diag_embed(a) + b[..., :, None] * c[..., None, :]
+
+    def scalar_edges(self, shapes):
+        jac = self._dense(shapes)
+        rows, n = jac.shape[0], jac.shape[-1]
+        base = (torch.arange(rows) * n)[:, None, None]
+        src = (base + torch.arange(n)[None, :, None]).expand_as(jac).reshape(-1)
+        tgt = (base + torch.arange(n)[None, None, :]).expand_as(jac).reshape(-1)
+        w = jac.reshape(-1)
+        keep = w != 0
+        return src[keep], tgt[keep], w[keep]
+
+    def out_edges(self, shapes, flat):
+        n = shapes[self.tgt][-1]
+        row, j = divmod(flat, n)
+        weights = self._dense(shapes, row)[j]
+        keep = weights != 0
+        return (row * n + torch.arange(n))[keep], weights[keep]
+
+    def n_edges(self, shapes):
+        shape = shapes[self.tgt]
+        a, b, c = (f.expand(shape) for f in self._factors(torch.float64))
+        off = ((b != 0).sum(-1) * (c != 0).sum(-1) - ((b != 0) & (c != 0)).sum(-1)).sum()
+        return int(off + ((a + b * c) != 0).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class Matmul(Block):
     """A linear block in canonical layout; see the module docstring."""
 
-    src: str
-    tgt: str
-    weight: torch.Tensor  # [N or 1, J, K] (node left) or [N or 1, I, J] (node right)
+    weight: Weight  # [N or 1, J, K] (node left) or [N or 1, I, J] (node right)
     node_left: bool
     src_pattern: str  # einops: node axes -> "n i j" (left) or "n j k" (right)
     tgt_pattern: str  # einops: node axes -> "n i k"
     axes: dict = field(default_factory=dict)  # axis lengths for the inverse patterns
-    tgt_mask: torch.Tensor | None = None  # [N, I, K] bool, False where the target is a constant
+    tgt_mask: torch.Tensor | None = None  # bool, broadcast to the target's shape: False = a constant
+    weight_node: str | None = None  # the node whose activation the weight is (bilinear operands)
+    weight_pattern: str | None = None  # einops: that node's axes -> the weight's canonical layout
 
     def _to(self, pattern: str, value: torch.Tensor) -> torch.Tensor:
         left, right = pattern.split("->")
@@ -162,87 +332,144 @@ class Matmul:
     def _masked(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
         if self.tgt_mask is None:
             return value
-        zero = sr.zero(value.shape[1:], dtype=value.dtype, device=value.device)
+        zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
         return torch.where(self.tgt_mask, value, zero)
 
-    def backward(self, sr, value, op):
-        mm = sr.op_matmul if op else sr.matmul
-        v = self._masked(sr, self._to(self.tgt_pattern, value))  # [S, N, I, K]
+    def backward(self, sr, value):
+        v = self._to(self.tgt_pattern, self._masked(sr, value))  # [S, N, I, K]
         if self.node_left:  # src[n, i, j] = ⊕_k v[n, i, k] ⊗ W[n, j, k]
-            out = mm(v, self.weight.to(value.dtype).transpose(-1, -2))
+            out = sr.matmul(v, _Transposed(self.weight))
         else:  # src[n, j, k] = ⊕_i W[n, i, j] ⊗ v[n, i, k]
-            out = mm(v.transpose(-1, -2), self.weight.to(value.dtype)).transpose(-1, -2)
+            out = sr.matmul(v.transpose(-1, -2), self.weight).transpose(-1, -2)
         return self._from(self.src_pattern, out)
 
-    def forward(self, sr, value, op):
-        mm = sr.op_matmul if op else sr.matmul
+    def forward(self, sr, value):
         x = self._to(self.src_pattern, value)
-        weight = self.weight.to(value.dtype)
         if self.node_left:
-            out = mm(x, weight)
+            out = sr.matmul(x, self.weight)
         else:
-            out = mm(x.transpose(-1, -2), weight.transpose(-1, -2)).transpose(-1, -2)
-        return self._from(self.tgt_pattern, self._masked(sr, out))
+            out = sr.matmul(x.transpose(-1, -2), _Transposed(self.weight)).transpose(-1, -2)
+        return self._masked(sr, self._from(self.tgt_pattern, out))
 
-    def _canonical(self, shapes: dict, which: str) -> torch.Tensor:
-        """Flat node indices laid out canonically ([n, i, j] for src, [n, i, k] for tgt), cached."""
-        cache = self.__dict__.setdefault("_canon_cache", {})
-        if which not in cache:
-            name, pattern = (self.src, self.src_pattern) if which == "src" else (self.tgt, self.tgt_pattern)
-            cache[which] = self._to(pattern, torch.arange(_numel(shapes[name])).view(1, *shapes[name]))[0]
-            cache[which + "_inverse"] = torch.argsort(cache[which].reshape(-1))
-        return cache[which]
+    def weight_flow(self, sr: Semiring, src_value: torch.Tensor, tgt_value: torch.Tensor) -> torch.Tensor:
+        """The ⊕ over the scalar edges that each weight element carries, of forward (at the source) ⊗
+        weight ⊗ backward (at the target), in the layout of ``weight_node``: for ``pattern → z``'s
+        partner ``v → z`` (weight = the pattern), the flow from each key position into each query
+        position's head output. Plain semirings only (values are path weights: Real, Abs, Max)."""
+        if not sr.plain or self.weight_node is None:
+            raise GradGraphError(f"weight_flow needs a plain semiring (Real, Abs, Max) and a bilinear block; "
+                                 f"got {sr.name} on {self.src} → {self.tgt}")
+        fwd = self._to(self.src_pattern, src_value)
+        bwd = self._to(self.tgt_pattern, self._masked(sr, tgt_value))
+        if self.node_left:  # W[n, j, k]: ⊕_i fwd[n, i, j] ⊗ bwd[n, i, k]
+            paired = sr.matmul(fwd.transpose(-1, -2), Weight(bwd[0]))
+        else:  # W[n, i, j]: ⊕_k bwd[n, i, k] ⊗ fwd[n, j, k]
+            paired = sr.matmul(bwd, Weight(fwd[0].transpose(-1, -2)))
+        flow = sr.times(sr.convert(self.weight.real(paired.dtype)), paired)
+        left, right = self.weight_pattern.split("->")
+        return einops.rearrange(flow, f"s {right} -> s {left}", **_used(self.axes, self.weight_pattern))
+
+    def _canonical(self, shapes: Mapping, which: str) -> torch.Tensor:
+        """Flat node indices laid out canonically (``[n, i, j]`` for src, ``[n, i, k]`` for tgt)."""
+        name, pattern = (self.src, self.src_pattern) if which == "src" else (self.tgt, self.tgt_pattern)
+        return self._memo(which, lambda: self._to(pattern, torch.arange(_numel(shapes[name])).view(1, *shapes[name]))[0])
+
+    def _mask(self, shapes: Mapping) -> torch.Tensor:
+        """The target mask in canonical layout ``[N, I, K]`` (all True without one)."""
+
+        def make():
+            shape = shapes[self.tgt]
+            mask = torch.ones(shape, dtype=torch.bool) if self.tgt_mask is None else self.tgt_mask.cpu().expand(shape)
+            return self._to(self.tgt_pattern, mask[None])[0]
+
+        return self._memo("mask", make)
+
+    def _weight(self) -> torch.Tensor:
+        return self._memo("weight", lambda: self.weight.real(torch.float64).cpu())
 
     def out_edges(self, shapes, flat):
         src_c = self._canonical(shapes, "src")
         tgt_c = self._canonical(shapes, "tgt")
-        pos = int(self.__dict__["_canon_cache"]["src_inverse"][flat])
-        n, a, b = (int(i) for i in torch.unravel_index(torch.tensor(pos), src_c.shape))
-        wn = self.weight[0 if self.weight.shape[0] == 1 else n].detach().cpu().double()
+        inverse = self._memo("src_inverse", lambda: torch.argsort(src_c.reshape(-1)))
+        pos = int(inverse[flat])
+        n, a, b = _unravel(pos, src_c.shape)
+        weight = self._weight()
+        wn = weight[0 if weight.shape[0] == 1 else n]
+        mask = self._mask(shapes)
         if self.node_left:  # src (n, i=a, j=b) -> tgt (n, a, k), weight W[n, b, k]
-            weights, targets = wn[b], tgt_c[n, a]
-            mask = None if self.tgt_mask is None else self.tgt_mask[n, a].cpu()
+            weights, targets, keep = wn[b], tgt_c[n, a], mask[n, a]
         else:  # src (n, j=a, k=b) -> tgt (n, i, b), weight W[n, i, a]
-            weights, targets = wn[:, a], tgt_c[n, :, b]
-            mask = None if self.tgt_mask is None else self.tgt_mask[n, :, b].cpu()
-        keep = weights != 0
-        if mask is not None:
-            keep = keep & mask
+            weights, targets, keep = wn[:, a], tgt_c[n, :, b], mask[n, :, b]
+        keep = keep & (weights != 0)
         return targets[keep], weights[keep]
 
-    def scalar_edges(self, shapes):
-        src_flat = self._to(self.src_pattern, torch.arange(_numel(shapes[self.src])).view(1, *shapes[self.src]))[0]
-        tgt_flat = self._to(self.tgt_pattern, torch.arange(_numel(shapes[self.tgt])).view(1, *shapes[self.tgt]))[0]
-        weight = self.weight.detach().cpu().double()
+    def _expanded(self, shapes):
+        """(source, target, weight, keep) over every (n, i, j, k) of the product."""
+        src_flat, tgt_flat = self._canonical(shapes, "src"), self._canonical(shapes, "tgt")
+        weight, mask = self._weight(), self._mask(shapes)
         if self.node_left:  # edge src[n,i,j] -> tgt[n,i,k], weight W[n,j,k]
             N, I, J = src_flat.shape
             K = tgt_flat.shape[-1]
             s = src_flat[:, :, :, None].expand(N, I, J, K)
-            t = tgt_flat[:, :, None, :].expand(N, I, J, K)
             w = weight[:, None, :, :].expand(N, I, J, K)
-            mask = None if self.tgt_mask is None else self.tgt_mask.cpu()[:, :, None, :].expand(N, I, J, K)
         else:  # edge src[n,j,k] -> tgt[n,i,k], weight W[n,i,j]
             N, J, K = src_flat.shape
             I = tgt_flat.shape[1]
             s = src_flat[:, None, :, :].expand(N, I, J, K)
-            t = tgt_flat[:, :, None, :].expand(N, I, J, K)
             w = weight[:, :, :, None].expand(N, I, J, K)
-            mask = None if self.tgt_mask is None else self.tgt_mask.cpu()[:, :, None, :].expand(N, I, J, K)
-        keep = w != 0
-        if mask is not None:
-            keep = keep & mask
+        t = tgt_flat[:, :, None, :].expand(N, I, J, K)
+        keep = (w != 0) & mask[:, :, None, :].expand(N, I, J, K)
+        return s, t, w, keep
+
+    def scalar_edges(self, shapes):
+        s, t, w, keep = self._expanded(shapes)
         return s[keep], t[keep], w[keep]
 
+    def n_edges(self, shapes):
+        nonzero = (self._weight() != 0).double()
+        mask = self._mask(shapes).double()
+        src_c = self._canonical(shapes, "src")
+        if self.node_left:  # per (n, i, k): the j with W[n, j, k] != 0
+            per = torch.einsum("njk,nik->", nonzero.expand(src_c.shape[0], -1, -1), mask)
+        else:  # per (n, i, k): the j with W[n, i, j] != 0
+            per = torch.einsum("nij,nik->", nonzero.expand(src_c.shape[0], -1, -1), mask)
+        return int(per)
 
-Edge = Identity | Broadcast | Diag | Matmul
+
+class _Transposed(Weight):
+    """``W`` with its last two dims swapped (shares the cached transforms of ``W``)."""
+
+    def __init__(self, base: Weight):
+        self.base = base
+
+    @property
+    def shape(self):
+        s = self.base.shape
+        return s[:-2] + (s[-1], s[-2])
+
+    def real(self, dtype):
+        return self.base.real(dtype).transpose(-1, -2)
+
+    def abs(self, dtype):
+        return self.base.abs(dtype).transpose(-1, -2)
+
+    def xlogx(self, dtype):
+        return self.base.xlogx(dtype).transpose(-1, -2)
 
 
-def _strides(shape) -> list[int]:
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= size
-    return strides[::-1]
+def _no_edges() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+
+
+def _unravel(flat: int, shape) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
+
+
+def _ravel(index: tuple[int, ...], shape) -> int:
+    flat = 0
+    for i, size in zip(index, shape):
+        flat = flat * size + i
+    return flat
 
 
 def _used(axes: dict, pattern: str) -> dict:
@@ -257,22 +484,23 @@ def _numel(shape) -> int:
     return n
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class GradGraph:
     """Nodes (name -> shape, topological order), edge blocks, and what the forward pass recorded.
 
-    ``sources`` are the input embedding nodes; ``source_mask`` says which of their elements are
-    real tokens (padding carries nothing); the one sink is ``"metric"`` of shape ``[batch]``.
-    ``logit_ids`` are the vocabulary ids kept in the logits node ``unembed.hook_out`` (its last
-    dim): only logits the metric depends on are nodes, since no other logit lies on a path to it.
+    Immutable once built. ``sources`` are the input embedding nodes; ``source_mask`` says which of
+    their elements are real tokens (padding carries nothing); the one sink is ``"metric"`` of shape
+    ``[batch]``. ``logit_ids`` are the vocabulary ids kept in the logits node ``unembed.hook_out``
+    (its last dim): only logits the metric depends on are nodes, since no other logit lies on a
+    path to it. ``rules`` names the rule set the blocks were built with.
     """
 
-    shapes: dict[str, tuple[int, ...]]
-    order: list[str]
-    edges: list[Edge]
-    sources: list[str]
+    shapes: Mapping[str, tuple[int, ...]]
+    order: tuple[str, ...]
+    edges: tuple[Block, ...]
+    sources: tuple[str, ...]
     source_mask: torch.Tensor  # [batch, pos] bool
-    activations: dict[str, torch.Tensor]
+    activations: Mapping[str, torch.Tensor]
     metric_value: torch.Tensor  # [batch]
     logit_ids: torch.Tensor  # [n kept]
     tokens: torch.Tensor  # [batch, pos]
@@ -280,26 +508,51 @@ class GradGraph:
     n_layers: int
     n_heads: int
     n_key_value_heads: int
+    rules: str = "gradient"
+    _out: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
+    _in: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        out: dict[str, list[Block]] = {}
+        into: dict[str, list[Block]] = {}
+        for edge in self.edges:
+            out.setdefault(edge.src, []).append(edge)
+            into.setdefault(edge.tgt, []).append(edge)
+        object.__setattr__(self, "shapes", MappingProxyType(dict(self.shapes)))
+        object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
+        object.__setattr__(self, "_out", MappingProxyType({k: tuple(v) for k, v in out.items()}))
+        object.__setattr__(self, "_in", MappingProxyType({k: tuple(v) for k, v in into.items()}))
 
     @property
     def batch_size(self) -> int:
         return int(self.tokens.shape[0])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.metric_value.dtype
+
+    def edges_from(self, node: str) -> tuple[Block, ...]:
+        """The blocks whose source is ``node``."""
+        return self._out.get(node, ())
+
+    def edges_into(self, node: str) -> tuple[Block, ...]:
+        """The blocks whose target is ``node``."""
+        return self._in.get(node, ())
+
+    def edge(self, src: str, tgt: str) -> Block:
+        """The one block from ``src`` to ``tgt``."""
+        found = [e for e in self.edges_from(src) if e.tgt == tgt]
+        if len(found) != 1:
+            raise GradGraphError(f"the graph has {len(found)} blocks from {src} to {tgt}, not one")
+        return found[0]
+
     def n_scalar_edges(self) -> int:
-        """The number of scalar edges (counted without materialising them where cheap)."""
-        total = 0
-        for edge in self.edges:
-            if isinstance(edge, (Identity, Broadcast)):
-                total += _numel(self.shapes[edge.tgt])
-            elif isinstance(edge, Diag):
-                total += sum(int((w != 0).sum()) for w, _ in edge.parts)
-            else:
-                total += _matmul_edge_count(edge, self.shapes)
-        return total
+        """The number of scalar edges (counted without materialising them)."""
+        return sum(edge.n_edges(self.shapes) for edge in self.edges)
 
     def index(self, node: str, flat: int) -> tuple[int, ...]:
         """The element index tuple of a flat index in ``node`` (the logits' last index is the vocab id)."""
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.shapes[node]))
+        idx = _unravel(flat, self.shapes[node])
         if node == LOGITS:
             idx = idx[:-1] + (int(self.logit_ids[idx[-1]]),)
         return idx
@@ -333,22 +586,3 @@ class GradGraph:
                 if self.source_mask[idx[0], idx[1]]:
                     graph.add_node((source, idx))
         return graph
-
-
-def _matmul_edge_count(edge: Matmul, shapes: dict) -> int:
-    src = torch.zeros(shapes[edge.src])
-    tgt = torch.zeros(shapes[edge.tgt])
-    src_c = einops.rearrange(src, edge.src_pattern, **_used(edge.axes, edge.src_pattern))
-    tgt_c = einops.rearrange(tgt, edge.tgt_pattern, **_used(edge.axes, edge.tgt_pattern))
-    nonzero = (edge.weight != 0).double()
-    if edge.node_left:  # per (n, i): nnz(W[n]) edges, restricted by the target mask
-        N, I, J = src_c.shape
-        K = tgt_c.shape[-1]
-        if edge.tgt_mask is None:
-            return int(nonzero.sum(dim=(1, 2)).expand(N).sum()) * I if nonzero.shape[0] == 1 else int(nonzero.sum()) * I
-        per = torch.einsum("njk,nik->", nonzero.expand(N, J, K), edge.tgt_mask.double())
-        return int(per)
-    N, J, K = src_c.shape
-    I = tgt_c.shape[1]
-    mask = edge.tgt_mask.double() if edge.tgt_mask is not None else torch.ones(N, I, K, dtype=torch.float64)
-    return int(torch.einsum("nij,nik->", nonzero.expand(N, I, J), mask))

@@ -1,19 +1,24 @@
-"""The only module that spells TransformerLens hook names; scoped recording of activations.
+"""The only module that spells TransformerLens hook names, and the only one that adds hooks:
+scoped recording of activations and scoped replacement of activations.
 
 Graph nodes are named by hook names. Where one hook point fires several times in a forward pass
 (``ln1`` under ``use_split_qkv_input`` fires for the q, k and v inputs), the node names carry the
 firing as a suffix: ``blocks.0.ln1.hook_scale:q``. Internal nodes with no hook are named in the same
 style (``blocks.0.ln1.centered:q``, ``metric``). The logits are ``unembed.hook_out``.
+
+Every hook lives inside a ``with`` block and is removed on leaving it, also when it raised.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from transformer_lens import HookedTransformer
+
+from gradgraph.errors import GradGraphError
 
 _TEMPLATES = {
     "embed": "hook_embed",
@@ -56,15 +61,18 @@ _TEMPLATES = {
 SPLIT_FIRINGS = ("q", "k", "v")
 
 
-def name(kind: str, layer: int | None = None, copy: str | None = None) -> str:
+def name(kind: str, layer: int | None = None, firing: str | None = None) -> str:
     """The node name for ``kind`` in ``layer``, with a firing suffix (``q``/``k``/``v``) if given."""
     text = _TEMPLATES[kind].format(L=layer)
-    return f"{text}:{copy}" if copy else text
+    return f"{text}:{firing}" if firing else text
 
 
 @contextmanager
-def recording(model: HookedTransformer, *, keep_grad: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record every firing of every hook point inside the block: ``{hook name: [tensor, ...]}``.
+def recording(
+    model: HookedTransformer, *, keep_grad: bool = False, names: set[str] | None = None
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record every firing of every hook point (or of ``names``) inside the block:
+    ``{hook name: [tensor, ...]}``.
 
     With ``keep_grad``, recorded tensors retain their gradients (for autograd references; with
     frozen weights, the embeddings become the leaves that gradients flow to). The
@@ -79,8 +87,39 @@ def recording(model: HookedTransformer, *, keep_grad: bool = False) -> Iterator[
             tensor.retain_grad()
         store[hook.name].append(tensor if keep_grad else tensor.detach())
 
-    with model.hooks(fwd_hooks=[(lambda _: True, record)], reset_hooks_end=True):
+    wanted = (lambda _: True) if names is None else (lambda hook_name: hook_name in names)
+    with model.hooks(fwd_hooks=[(wanted, record)], reset_hooks_end=True):
         yield store
+
+
+Replacement = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+
+
+@contextmanager
+def replacing(model: HookedTransformer, replacements: Mapping[str, Replacement]) -> Iterator[None]:
+    """Inside the block, the activation at each hook point ``name`` is replaced: by a tensor of its
+    shape (e.g. ``hook_embed`` by interpolated embeddings), or by ``fn(activation)`` (an ablated or
+    patched head). The only place in the package that swaps activations; hooks go on leaving."""
+    unknown = [hook for hook in replacements if hook not in model.hook_dict]
+    if unknown:
+        raise GradGraphError(f"no hook point named {unknown[0]!r} on this model")
+
+    def make(hook_name: str, replacement: Replacement):
+        def replace(activation: torch.Tensor, hook) -> torch.Tensor:
+            if not isinstance(replacement, torch.Tensor):
+                return replacement(activation)
+            if replacement.shape != activation.shape:
+                raise GradGraphError(
+                    f"the replacement for {hook_name} has shape {tuple(replacement.shape)}, the activation "
+                    f"{tuple(activation.shape)}"
+                )
+            return replacement.to(activation.dtype)
+
+        return replace
+
+    hooks = [(hook_name, make(hook_name, r)) for hook_name, r in replacements.items()]
+    with model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+        yield
 
 
 def node_firings(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -90,8 +129,8 @@ def node_firings(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor
         if len(tensors) == 1:
             out[hook] = tensors[0]
         elif len(tensors) == len(SPLIT_FIRINGS):
-            for copy, tensor in zip(SPLIT_FIRINGS, tensors):
-                out[f"{hook}:{copy}"] = tensor
+            for firing, tensor in zip(SPLIT_FIRINGS, tensors):
+                out[f"{hook}:{firing}"] = tensor
         else:
             raise RuntimeError(f"hook {hook} fired {len(tensors)} times in one forward pass")
     return out

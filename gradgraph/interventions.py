@@ -1,9 +1,10 @@
 """Ground truth by intervention: mean ablation and activation patching of heads and MLPs, and
 attribution patching (gradient × activation difference) as the cheap baseline.
 
-Every intervention runs inside a scoped hook context (no hook outlives a call) and changes
-nothing else on the model. Effects are ``metric(intervened) − metric(clean)`` per prompt: a
-negative effect means the component supports the metric.
+Every intervention replaces activations through ``hooks.replacing`` (no hook outlives a call) and
+changes nothing else on the model. Effects are ``metric(intervened) − metric(clean)`` per prompt: a
+negative effect means the component supports the metric. Components are the registry's
+position-less heads (``L3H7``, at ``hook_z``) and MLPs (``MLP5``, at ``hook_mlp_out``).
 """
 
 from __future__ import annotations
@@ -13,43 +14,31 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from gradgraph import hooks
+from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
+from gradgraph.metrics import prepare
+
+INTERVENED = ("head", "mlp")
 
 
-def components(model: HookedTransformer) -> list[tuple[str, int, int | None]]:
-    """``(kind, layer, head)`` for every head (``"head"``) and MLP (``"mlp"``) of the model."""
-    out: list[tuple[str, int, int | None]] = []
-    for layer in range(model.cfg.n_layers):
-        out += [("head", layer, h) for h in range(model.cfg.n_heads)]
-        out.append(("mlp", layer, None))
-    return out
-
-
-def component_label(kind: str, layer: int, head: int | None) -> str:
-    return f"L{layer}H{head}" if kind == "head" else f"MLP{layer}"
-
-
-def _hook_of(kind: str, layer: int) -> str:
-    return hooks.name("z" if kind == "head" else "mlp_out", layer)
+def intervened_components(model: HookedTransformer) -> list[Component]:
+    """Every head and MLP of the model, at every position."""
+    return Registry.of(model).components(kinds=INTERVENED)
 
 
 @torch.no_grad()
-def _cache(model: HookedTransformer, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+def _cache(model: HookedTransformer, tokens: torch.Tensor, *, embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Clean activations at every head output (hook_z) and MLP output, and the residual inputs."""
     wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in ("z", "mlp_out", "resid_pre")}
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(tensor, hook):
-        store[hook.name] = tensor.detach().clone()
-
-    with model.hooks(fwd_hooks=[(lambda name: name in wanted, keep)]):
+    replacements = {} if embed is None else {hooks.name("embed"): embed}
+    with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
         model(tokens, stop_at_layer=model.cfg.n_layers)
-    return store
+    return {name: tensors[0].clone() for name, tensors in store.items() if name in wanted}
 
 
 def _run_from(model, layer: int, resid: torch.Tensor, hook: str, replace) -> torch.Tensor:
     """Final residual stream after running layers ``layer..`` from ``resid`` with ``hook`` replaced."""
-    with model.hooks(fwd_hooks=[(hook, replace)]):
+    with hooks.replacing(model, {hook: replace}):
         return model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
 
 
@@ -93,23 +82,27 @@ def intervene(
     *,
     counterfactual: torch.Tensor | None = None,
     means: dict[str, torch.Tensor] | None = None,
+    embed: torch.Tensor | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Effects of mean-ablating (``means`` given) and of patching from ``counterfactual`` each component.
 
     ``means[hook] `` is the dataset mean of that hook's activation over real positions
-    (``[n_heads, d_head]`` for hook_z, ``[d_model]`` for hook_mlp_out). Returns
-    ``{"clean": {"metric": [batch]}, "mean_ablation": {label: [batch]}, "patching": {label: [batch]}}``.
+    (``[n_heads, d_head]`` for hook_z, ``[d_model]`` for hook_mlp_out); ``embed`` replaces the
+    clean run's token embeddings. Returns ``{"clean": {"metric": [batch]}, "mean_ablation":
+    {label: [batch]}, "patching": {label: [batch]}}`` with labels ``L3H7`` and ``MLP5``.
     """
     _check(model, tokens, mask)
+    metric = prepare(metric, model)
     if counterfactual is not None and counterfactual.shape != tokens.shape:
         raise GradGraphError(
             f"the counterfactual tokens {tuple(counterfactual.shape)} must align with the clean ones "
             f"{tuple(tokens.shape)}: same length, position by position"
         )
-    clean = _cache(model, tokens)
+    clean = _cache(model, tokens, embed=embed)
     corrupt = _cache(model, counterfactual) if counterfactual is not None else None
-    last = model(tokens, stop_at_layer=model.cfg.n_layers)
+    with hooks.replacing(model, {} if embed is None else {hooks.name("embed"): embed}):
+        last = model(tokens, stop_at_layer=model.cfg.n_layers)
     ids = _read_columns(model, last, metric, mask)
     base = _metric_from_resid(model, last, metric, mask, ids)
     results: dict[str, dict[str, torch.Tensor]] = {"clean": {"metric": base}}
@@ -118,25 +111,21 @@ def intervene(
         jobs.append(("mean_ablation", None))
     if corrupt is not None:
         jobs.append(("patching", corrupt))
-    todo = [(job, c) for job in jobs for c in components(model)]
-    for (name, source), (kind, layer, head) in tqdm(todo, desc="interventions", disable=not progress, unit="run"):
-        hook = _hook_of(kind, layer)
-        if name == "mean_ablation":
-            value = means[hook][head] if kind == "head" else means[hook]
-        else:
-            value = source[hook][:, :, head] if kind == "head" else source[hook]
+    reg = Registry.of(model)
+    todo = [(job, c) for job in jobs for c in intervened_components(model)]
+    for (name, source), c in tqdm(todo, desc="interventions", disable=not progress, unit="run"):
+        (hook,) = reg.nodes(c)
+        index = reg.index(c)
+        value = means[hook][index[2:]] if name == "mean_ablation" else source[hook][index]
 
-        def replace(activation, hook=None, value=value, head=head):
+        def replace(activation, index=index, value=value):
             activation = activation.clone()
-            if head is None:
-                activation[...] = value
-            else:
-                activation[:, :, head] = value
+            activation[index] = value
             return activation
 
-        final = _run_from(model, layer, clean[hooks.name("resid_pre", layer)], hook, replace)
+        final = _run_from(model, c.layer, clean[hooks.name("resid_pre", c.layer)], hook, replace)
         effect = _metric_from_resid(model, final, metric, mask, ids) - base
-        results.setdefault(name, {})[component_label(kind, layer, head)] = effect
+        results.setdefault(name, {})[reg.label(c)] = effect
     return results
 
 
@@ -154,17 +143,22 @@ def attribution_patching(
     tokens: torch.Tensor,
     counterfactual: torch.Tensor,
     gradients: dict[str, torch.Tensor],
+    *,
+    clean: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """First-order estimate of patching: ``Σ (act_cf − act_clean) · ∂metric/∂act`` per component.
 
     ``gradients[hook]`` are the metric's gradients at hook_z / hook_mlp_out on the clean run (e.g.
-    ``backprop(graph, Real)`` values). One backward pass for every component at once.
+    ``backprop(graph, Real)`` values). ``clean`` may pass the clean run's activations (e.g.
+    ``graph.activations``) so that only the counterfactual runs. One backward pass for every
+    component at once.
     """
-    clean, corrupt = _cache(model, tokens), _cache(model, counterfactual)
+    clean = _cache(model, tokens) if clean is None else clean
+    corrupt = _cache(model, counterfactual)
+    reg = Registry.of(model)
     out = {}
-    for kind, layer, head in components(model):
-        hook = _hook_of(kind, layer)
-        delta = (corrupt[hook] - clean[hook]) * gradients[hook].to(clean[hook].dtype)
-        value = delta[:, :, head].flatten(1).sum(1) if kind == "head" else delta.flatten(1).sum(1)
-        out[component_label(kind, layer, head)] = value
+    for c in intervened_components(model):
+        (hook,) = reg.nodes(c)
+        delta = (corrupt[hook] - clean[hook]) * gradients[hook].to(corrupt[hook].dtype)
+        out[reg.label(c)] = delta[reg.index(c)].flatten(1).sum(1)
     return out

@@ -1,10 +1,15 @@
-"""Compiled max–times products for the Max, KMax and SignedMax semirings (CPU, numba).
+"""Compiled loops for what BLAS and single torch ops do not do (CPU, numba).
 
-BLAS does not do ``out[i, k] = max_j x[i, j] · w[j, k]``; in plain torch the broadcast product is
-~100x slower than the matching matmul. These loops run at about twice the matmul's time. They
-take ``x: [N, I, J]`` (or ``[k, N, I, J]``) and ``w: [N or 1, J, K]``, contiguous, on the CPU;
-``available(x)`` says when they apply (numba importable, CPU tensors, float32/float64), otherwise
-the semirings fall back to chunked torch code (CUDA included).
+- Max–times products for the Max, KMax and SignedMax semirings: ``out[i, k] = max_j x[i, j] ·
+  w[j, k]``; in plain torch the broadcast product is ~100x slower than the matching matmul, these
+  loops run at about twice the matmul's time. They take ``x: [N, I, J]`` (or ``[k, N, I, J]``) and
+  ``w: [N or 1, J, K]``.
+- The diagonal-plus-rank-one product ``out_j = ⊕_k (a_j δ_jk + b_j c_k) ⊗ v_k`` of a softmax's
+  Jacobian for Max and Entropy, row by row in three sweeps (the torch version takes some forty
+  element-wise passes over the ``[heads, positions, positions]`` values).
+
+``available(...)`` says when they apply (numba importable, CPU tensors, float32/float64),
+otherwise the semirings use torch code (CUDA included).
 """
 
 from __future__ import annotations
@@ -120,6 +125,110 @@ if HAVE_NUMBA:
                         rl[k] = q
 
 
+    @njit(parallel=True, fastmath=_FLAGS, cache=True)
+    def _rank1_max(v, a, b, c, out):  # pragma: no cover - compiled
+        rows, n = v.shape
+        for t in prange(rows):
+            # out[j] = max(|a_j + b_j c_j| v_j, |b_j| max_{k != j} |c_k| v_k): prefix then suffix maxima
+            best = 0.0
+            for j in range(n):
+                out[t, j] = best
+                term = abs(c[t, j]) * v[t, j]
+                if term > best:
+                    best = term
+            best = 0.0
+            for j in range(n - 1, -1, -1):
+                others = max(out[t, j], best)
+                diag = abs(a[t, j] + b[t, j] * c[t, j]) * v[t, j]
+                out[t, j] = max(diag, abs(b[t, j]) * others)
+                term = abs(c[t, j]) * v[t, j]
+                if term > best:
+                    best = term
+
+    @njit(parallel=True, cache=True)
+    def _rank1_entropy(lz, r, a, b, c, e, g, out_lz, out_r):  # pragma: no cover - compiled
+        rows, n = lz.shape
+        floor = np.log(np.finfo(lz.dtype).tiny) + 2.0  # below this a shifted term underflows
+        for t in prange(rows):
+            # the off-diagonal terms k: Z_k |c_k| = exp(w_k), w_k = lz_k + log|c_k|, shifted by their max
+            top, second, arg = -np.inf, -np.inf, -1
+            for k in range(n):
+                if c[t, k] != 0.0 and lz[t, k] > -np.inf:
+                    lc = np.log(abs(c[t, k]))
+                    w = lz[t, k] + lc
+                    g[t, k] = r[t, k] + lc
+                else:
+                    w, g[t, k] = -np.inf, 0.0
+                e[t, k] = w
+                if w > top:
+                    top, second, arg = w, top, k
+                elif w > second:
+                    second = w
+            shift = top if top > -np.inf else 0.0
+            s1, s2 = 0.0, 0.0  # prefix sums of Z|c| and Z|c|(r + log|c|), into the outputs
+            for k in range(n):
+                out_lz[t, k], out_r[t, k] = s1, s2
+                e[t, k] = np.exp(e[t, k] - shift)
+                s1 += e[t, k]
+                s2 += e[t, k] * g[t, k]
+            q1, q2 = 0.0, 0.0  # suffix sums; then each element's output
+            for j in range(n - 1, -1, -1):
+                o1, o2, osh = out_lz[t, j] + q1, out_r[t, j] + q2, shift
+                if j == arg and second > -np.inf and second - shift < floor:  # the others underflowed
+                    o1, o2, osh = 0.0, 0.0, second
+                    for k in range(n):
+                        if k != arg and c[t, k] != 0.0 and lz[t, k] > -np.inf:
+                            lc = np.log(abs(c[t, k]))
+                            z = np.exp(lz[t, k] + lc - second)
+                            o1 += z
+                            o2 += z * (r[t, k] + lc)
+                q1 += e[t, j]
+                q2 += e[t, j] * g[t, j]
+                off_lz, off_r = -np.inf, 0.0
+                if o1 > 0.0 and b[t, j] != 0.0:
+                    lb = np.log(abs(b[t, j]))
+                    off_lz, off_r = lb + np.log(o1) + osh, o2 / o1 + lb
+                d = a[t, j] + b[t, j] * c[t, j]
+                diag_lz, diag_r = -np.inf, 0.0
+                if d != 0.0 and lz[t, j] > -np.inf:
+                    ld = np.log(abs(d))
+                    diag_lz, diag_r = ld + lz[t, j], r[t, j] + ld
+                # log(e^off + e^diag) with one exp: the larger plus log1p of the smaller's ratio
+                if diag_lz < off_lz:
+                    diag_lz, off_lz, diag_r, off_r = off_lz, diag_lz, off_r, diag_r
+                if diag_lz == -np.inf:
+                    out_lz[t, j], out_r[t, j] = -np.inf, 0.0
+                else:
+                    ratio = np.exp(off_lz - diag_lz)
+                    out_lz[t, j] = diag_lz + np.log1p(ratio)
+                    out_r[t, j] = (diag_r + ratio * off_r) / (1.0 + ratio)
+
+
+def _rows(t: torch.Tensor, shape, dtype) -> np.ndarray:
+    """``t`` broadcast to ``shape`` as a contiguous ``[rows, n]`` array."""
+    return _np(t.to(dtype).expand(shape).reshape(-1, shape[-1]))
+
+
+def rank1_max(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Max's ``out_j = max(|a_j + b_j c_j| v_j, |b_j| max_{k≠j} |c_k| v_k)`` along the last dim of ``v``."""
+    shape = v.shape
+    out = np.empty((int(np.prod(shape[:-1])), shape[-1]), dtype=_np(v[..., :0]).dtype)
+    _rank1_max(_np(v.reshape(-1, shape[-1])), _rows(a, shape, v.dtype), _rows(b, shape, v.dtype),
+               _rows(c, shape, v.dtype), out)
+    return torch.from_numpy(out).reshape(shape)
+
+
+def rank1_entropy(lz: torch.Tensor, r: torch.Tensor, a, b, c) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy's diagonal-plus-rank-one product on ``(log Z, R/Z)`` values along the last dim."""
+    shape = lz.shape
+    rows = int(np.prod(shape[:-1]))
+    dtype = _np(lz[..., :0]).dtype
+    out_lz, out_r, e, g = (np.empty((rows, shape[-1]), dtype=dtype) for _ in range(4))
+    _rank1_entropy(_np(lz.reshape(-1, shape[-1])), _np(r.reshape(-1, shape[-1])), _rows(a, shape, lz.dtype),
+                   _rows(b, shape, lz.dtype), _rows(c, shape, lz.dtype), e, g, out_lz, out_r)
+    return torch.from_numpy(out_lz).reshape(shape), torch.from_numpy(out_r).reshape(shape)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -159,4 +268,4 @@ def signed_max_times(hi_x: torch.Tensor, lo_x: torch.Tensor, w: torch.Tensor) ->
     return torch.from_numpy(hi), torch.from_numpy(lo)
 
 
-__all__ = ["available", "max_times", "kmax_times", "signed_max_times", "HAVE_NUMBA"]
+__all__ = ["available", "max_times", "kmax_times", "signed_max_times", "rank1_max", "rank1_entropy", "HAVE_NUMBA"]

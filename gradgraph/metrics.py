@@ -1,12 +1,16 @@
 """Quantities of interest: functions from logits ``[batch, pos, vocab]`` to ``[batch]``.
 
-A metric is a callable ``metric(logits, attention_mask=None) -> Tensor[batch]``. Positions
-count from the start of each prompt; a negative ``pos`` counts back from each prompt's last
-real token (found from ``attention_mask``, so right-padded batches work).
+A metric is a callable ``metric(logits, attention_mask=None) -> Tensor[batch]``; a plain
+``metric(logits) -> Tensor[batch]`` works too (it cannot see padding). Positions count from the
+start of each prompt; a negative ``pos`` counts back from each prompt's last real token (found
+from ``attention_mask``, so right-padded batches work). ``logit_diff`` and ``logprob_diff`` take
+token ids or words (``logit_diff(" are", " is")``); words are resolved with the model's
+tokenizer by ``prepare``, which every entry point that takes a metric calls.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -14,11 +18,73 @@ import torch
 from gradgraph.errors import GradGraphError
 
 Metric = Callable[..., torch.Tensor]
+SIGNATURE = "(logits [batch, pos, vocab], attention_mask [batch, pos] = None) -> [batch]"
+
+
+def prepare(metric, model) -> Metric:
+    """``metric`` as a function of ``(logits, attention_mask)``: words resolved with the model's
+    tokenizer, a one-argument function of the logits wrapped; anything else a ``GradGraphError``."""
+    if not callable(metric):
+        raise GradGraphError(
+            f"metric must be a function {SIGNATURE}, e.g. gradgraph.metrics.logit_diff(' are', ' is'); "
+            f"got {type(metric).__name__}"
+        )
+    resolve = getattr(metric, "resolve", None)
+    if resolve is not None:
+        metric = resolve(getattr(model, "tokenizer", None))
+    arity = _positional_arity(metric)
+    if arity == 0:
+        raise GradGraphError(f"the metric takes no arguments; metric must be a function {SIGNATURE}")
+    if arity == 1:
+        plain = metric
+        return lambda logits, attention_mask=None: plain(logits)
+    return metric
+
+
+def _positional_arity(fn) -> int | None:
+    """How many positional arguments ``fn`` accepts (2 for "two or more"; None if unknown)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return 2
+    return min(2, sum(p.kind in kinds for p in parameters))
+
+
+def _is_words(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and
+                                      all(isinstance(v, str) for v in value))
+
+
+def _with_words(builder, good, bad, pos) -> Metric:
+    """A metric naming words: calling it before ``prepare`` resolved them is an error."""
+    from gradgraph.prompts import single_token_id
+
+    def ids(tokenizer, words) -> int | torch.Tensor:
+        if isinstance(words, str):
+            return single_token_id(tokenizer, words)
+        if _is_words(words):
+            return torch.tensor([single_token_id(tokenizer, w) for w in words])
+        return words
+
+    def metric(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise GradGraphError(
+            f"{builder.__name__}({good!r}, {bad!r}) names words: pass it to build_graph (or any gradgraph "
+            f"function taking a metric), which looks them up with the model's tokenizer, or call "
+            f"metric.resolve(model.tokenizer)"
+        )
+
+    metric.resolve = lambda tokenizer: builder(ids(tokenizer, good), ids(tokenizer, bad), pos)
+    return metric
 
 
 def _ids(ids: int | torch.Tensor, name: str) -> torch.Tensor:
     if isinstance(ids, bool) or not isinstance(ids, (int, torch.Tensor)):
-        raise GradGraphError(f"{name} must be a token id (int) or a [batch] tensor of ids, got {type(ids).__name__}")
+        raise GradGraphError(
+            f"{name} must be a token id (int), a [batch] tensor of ids, or a word (str), got {type(ids).__name__}"
+        )
     tensor = torch.as_tensor(ids, dtype=torch.long)
     if tensor.ndim > 1:
         raise GradGraphError(f"{name} must be an int or a [batch] tensor, got shape {tuple(tensor.shape)}")
@@ -63,8 +129,16 @@ def select_positions(
     return logits[torch.arange(batch, device=logits.device), position]
 
 
-def logit_diff(good: int | torch.Tensor, bad: int | torch.Tensor, pos: int | torch.Tensor = -1) -> Metric:
-    """``logit[good] - logit[bad]`` at ``pos``: the SVA quantity for a causal LM."""
+Tokens = int | torch.Tensor | str | list[str]
+
+
+def logit_diff(good: Tokens, bad: Tokens, pos: int | torch.Tensor = -1) -> Metric:
+    """``logit[good] - logit[bad]`` at ``pos``: the SVA quantity for a causal LM.
+
+    ``good`` / ``bad``: a token id, a ``[batch]`` tensor of ids, a word (``" are"``) or a list of
+    words, one per prompt; a word must be one token."""
+    if _is_words(good) or _is_words(bad):
+        return _with_words(logit_diff, good, bad, pos)
     good_ids, bad_ids = _ids(good, "good"), _ids(bad, "bad")
 
     def metric(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,8 +148,10 @@ def logit_diff(good: int | torch.Tensor, bad: int | torch.Tensor, pos: int | tor
     return metric
 
 
-def logprob_diff(good: int | torch.Tensor, bad: int | torch.Tensor, pos: int | torch.Tensor = -1) -> Metric:
-    """``log p(good) - log p(bad)`` at ``pos``."""
+def logprob_diff(good: Tokens, bad: Tokens, pos: int | torch.Tensor = -1) -> Metric:
+    """``log p(good) - log p(bad)`` at ``pos`` (ids or words, as for ``logit_diff``)."""
+    if _is_words(good) or _is_words(bad):
+        return _with_words(logprob_diff, good, bad, pos)
     good_ids, bad_ids = _ids(good, "good"), _ids(bad, "bad")
 
     def metric(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

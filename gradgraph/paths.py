@@ -15,7 +15,7 @@ from gradgraph.semirings import Abs, Entropy, Max
 
 
 @dataclass(frozen=True)
-class Path:
+class GradientPath:
     """One input → metric path of the scalar gradient graph.
 
     ``weight`` is the signed product of its local derivatives (its contribution to the
@@ -56,38 +56,24 @@ def path_entropy(graph: GradGraph) -> torch.Tensor:
     return log_z - mean
 
 
-def top_paths(
-    graph: GradGraph, k: int = 1, *, level: str = "scalar", search: int | None = None, items: list[int] | None = None
-) -> list[list]:
+def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None) -> list[list[GradientPath]]:
     """The ``k`` highest-weighted (by Π|w|) input → metric paths, for each batch item.
 
     Best-first search guided by the exact ``Max`` values of every node (A* with an exact
     heuristic): the i-th complete path popped is the i-th best, so the search expands only
-    prefixes of paths that can still rank in the top k.
-
-    ``level="component"`` collapses the best ``search`` (default 8k) scalar paths into component
-    sequences (``embed@1 → L2H4.v@1 → L9H0@6 → MLP12@6 → metric``) and returns the k best
-    distinct ones as ``(labels, best weight, scalar paths collapsed into it)``. ``items`` limits
-    the search to some batch items (the others get empty lists).
+    prefixes of paths that can still rank in the top k. ``items`` limits the search to some batch
+    items (the others get empty lists). ``gradgraph.components.top_component_paths`` collapses
+    them into component sequences.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise GradGraphError(f"top_paths needs k >= 1 paths, got {k!r}")
-    if level not in ("scalar", "component"):
-        raise GradGraphError(f"level must be 'scalar' or 'component', got {level!r}")
-    if level == "component":
-        from gradgraph.components import top_component_paths
-
-        return top_component_paths(graph, top_paths(graph, search or 8 * k, items=items), k=k)
     best = backprop(graph, Max)
-    outgoing: dict[str, list] = {}
-    for edge in graph.edges:
-        outgoing.setdefault(edge.src, []).append(edge)
     flat_best = {node: value[0].reshape(-1).double() for node, value in best.items()}
     chosen = range(graph.batch_size) if items is None else set(items)
-    return [_search(graph, outgoing, flat_best, b, k) if b in chosen else [] for b in range(graph.batch_size)]
+    return [_search(graph, flat_best, b, k) if b in chosen else [] for b in range(graph.batch_size)]
 
 
-def _search(graph: GradGraph, outgoing: dict, flat_best: dict, batch: int, k: int) -> list[Path]:
+def _search(graph: GradGraph, flat_best: dict, batch: int, k: int) -> list[GradientPath]:
     counter = itertools.count()
     heap: list = []
     for source in graph.sources:
@@ -99,14 +85,14 @@ def _search(graph: GradGraph, outgoing: dict, flat_best: dict, batch: int, k: in
             position = graph.index(source, flat)[1]
             if graph.source_mask[batch, position]:
                 heapq.heappush(heap, (-float(per_item[local]), next(counter), 1.0, ((source, flat),)))
-    found: list[Path] = []
+    found: list[GradientPath] = []
     while heap and len(found) < k:
         _, _, weight, steps = heapq.heappop(heap)
         node, flat = steps[-1]
         if node == "metric":
-            found.append(Path(weight, tuple((n, graph.index(n, f)) for n, f in steps)))
+            found.append(GradientPath(weight, tuple((n, graph.index(n, f)) for n, f in steps)))
             continue
-        for edge in outgoing.get(node, []):
+        for edge in graph.edges_from(node):
             targets, weights = edge.out_edges(graph.shapes, flat)
             completion = flat_best[edge.tgt][targets] * weights.abs()
             for target, w, bound in zip(targets.tolist(), weights.tolist(), completion.tolist()):

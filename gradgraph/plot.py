@@ -122,39 +122,36 @@ def method_scatter(panels: dict[str, tuple], path: str | Path, *, title: str) ->
     return _save(fig, path)
 
 
-def _place(step: str, n_layers: int, n_tokens: int) -> tuple[float, float]:
+def _place(step: str, registry, n_tokens: int) -> tuple[float, float]:
     """Drawing position of a component label: x = layer (embed left, metric right), y = position."""
-    import re
-
     if step == "metric":
-        return n_layers + 1.0, n_tokens - 1
-    position = int(step.split("@")[1])
-    if step.startswith("embed"):
-        return -1.0, position
-    layer = int(re.match(r"(?:L|MLP)(\d+)", step).group(1))
-    offset = {"q": -0.3, "k": -0.2, "v": -0.1}.get(step.split("@")[0].split(".")[-1], 0.0)
-    return layer + (0.35 if step.startswith("MLP") else offset), position
+        return registry.n_layers + 1.0, n_tokens - 1
+    c = registry.parse(step)
+    if c.kind == "embed":
+        return -1.0, c.position
+    offset = {"q": -0.3, "k": -0.2, "v": -0.1, "mlp": 0.35}.get(c.kind, 0.0)
+    return c.layer + offset, c.position
 
 
 def circuit_plot(paths: list[tuple[tuple[str, ...], float, int]], tokens: list[str], path: str | Path, *,
-                 title: str, n_layers: int) -> Path:
+                 title: str, registry) -> Path:
     """Draw component-level paths: x = layer (embed left, metric right), y = token position."""
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(tokens) + 1.8))
     weights = [abs(w) for _, w, _ in paths] or [1.0]
     for rank, (steps, weight, _) in enumerate(paths):
-        points = [_place(s, n_layers, len(tokens)) for s in steps]
+        points = [_place(s, registry, len(tokens)) for s in steps]
         xs, ys = zip(*points)
         ax.plot(xs, ys, "-o", lw=1 + 3 * abs(weight) / max(weights), alpha=0.75, label=f"#{rank + 1} {weight:+.3g}")
         for (x, y), step in zip(points, steps):
             if step != "metric" and not step.startswith("embed"):
                 ax.annotate(step.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
-    _token_axis(ax, tokens, n_layers)
+    _token_axis(ax, tokens, registry.n_layers)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
-def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: str, n_layers: int,
+def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: str, registry,
                          top_edges: int = 40) -> Path:
     """The strongest edges of a component graph (``components.component_graph``), drawn on the
     layer × position grid; line width ∝ flow, heads that move information across positions show
@@ -168,15 +165,15 @@ def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: s
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(tokens) + 2))
     top = edges[0][2]["weight"] if edges else 1.0
     for u, v, data in edges:
-        (x0, y0), (x1, y1) = _place(u, n_layers, len(tokens)), _place(v, n_layers, len(tokens))
+        (x0, y0), (x1, y1) = _place(u, registry, len(tokens)), _place(v, registry, len(tokens))
         ax.plot([x0, x1], [y0, y1], "-", color="#4C72B0" if y0 == y1 else "#C44E52",
                 lw=0.5 + 4 * (data["weight"] / top) ** 0.5, alpha=0.7)
     labelled = {n for u, v, _ in edges for n in (u, v)}
     for node in labelled:
         if node != "metric" and not node.startswith("embed"):
-            x, y = _place(node, n_layers, len(tokens))
+            x, y = _place(node, registry, len(tokens))
             ax.annotate(node.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
-    _token_axis(ax, tokens, n_layers)
+    _token_axis(ax, tokens, registry.n_layers)
     ax.set_title(title + f"\nstrongest edges within a position (blue) and across positions (red, attention)",
                  fontsize=9)
     return _save(fig, path)

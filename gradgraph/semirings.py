@@ -11,8 +11,20 @@ Every semiring offers the operations the recursion needs and nothing else:
 - ``matmul(x, w)``: ``out[n, i, k] = ⊕_j x[n, i, j] ⊗ convert(w[n, j, k])`` for
   ``x: [S, N, I, J]`` and a real ``w: [N or 1, J, K]``; this one product carries every linear
   map, per-row Jacobian and bilinear edge;
+- ``exclusive_sum(a, dim)``: ⊕ over every *other* element along a dim, and ``rank1(v, a, b, c)``:
+  the product with a per-row matrix ``J = diag(a) + b cᵀ`` (a softmax's or a centring's Jacobian)
+  in O(n) per row instead of O(n²);
 - ``op_matmul`` / ``op_sum``: the same with an ordinary sum in place of ⊕, for
-  ``granularity="op"`` (Du et al.'s implementation: ⊕ acts only between ops).
+  ``granularity="op"`` (Du et al.'s implementation: ⊕ acts only between ops); ``within_op()``
+  is the semiring that blocks use at that granularity.
+
+Weights reach ``matmul`` as ``gradgraph.weights.Weight`` (or plain tensors), which keep ``|W|``
+and ``|W| log |W|`` of the model's matrices across passes.
+
+Properties the views ask instead of asking which semiring they got: ``plain`` (values are path
+weights themselves, one number each: Real, Abs, Max), ``nonnegative``, ``additive`` (⊕ is +),
+``selective`` (⊕ picks one operand: Max) and ``safe_dtype`` (Abs: float64, since Σ Π |w| of a deep
+model passes float32's range).
 
 Values as stored:
 
@@ -33,18 +45,10 @@ from abc import ABC, abstractmethod
 import torch
 
 from gradgraph import kernels
+from gradgraph.weights import Weight, as_weight
 
 # elements of the broadcast product materialised at once by the max-times kernels
 CHUNK_ELEMENTS = 1 << 24
-
-
-def _abs(w: torch.Tensor) -> torch.Tensor:
-    return w.abs()
-
-
-def _xlogx(a: torch.Tensor) -> torch.Tensor:
-    """|w| log |w| with 0 log 0 = 0."""
-    return torch.special.xlogy(a, a)
 
 
 def _safe_log(a: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,11 @@ class Semiring(ABC):
 
     name = "semiring"
     size = 1
+    plain = False  # values are path weights themselves, one number per element
+    nonnegative = False
+    additive = False  # ⊕ is the ordinary sum
+    selective = False  # ⊕ returns one of its operands
+    safe_dtype: torch.dtype | None = None  # dtype views use so that sums cannot overflow
 
     @abstractmethod
     def zero(self, shape, *, dtype, device) -> torch.Tensor:
@@ -111,11 +120,45 @@ class Semiring(ABC):
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ...
 
-    def op_matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def op_matmul(self, x: torch.Tensor, w: Weight | torch.Tensor) -> torch.Tensor:
         return self.matmul(x, w)
 
     def op_sum(self, a: torch.Tensor, dim: int) -> torch.Tensor:
         return self.sum(a, dim)
+
+    def exclusive_sum(self, a: torch.Tensor, dim: int) -> torch.Tensor:
+        """``out[.., j, ..] = ⊕_{k≠j} a[.., k, ..]`` along node dim ``dim`` (no element: zero).
+
+        Generic: inclusive prefix and suffix ⊕-scans (log₂ n steps of ``plus`` each), shifted by
+        one and combined; semirings with a cumulative op override it."""
+        x = a.movedim(dim + 1, -1)
+        if x.shape[-1] == 1:
+            return self.zero(a.shape[1:], dtype=a.dtype, device=a.device)
+        before, after = _shifted_scans(x, self._scan)
+        return self.plus(before(self), after(self)).movedim(-1, dim + 1)
+
+    def _scan(self, x: torch.Tensor) -> torch.Tensor:
+        """Inclusive ⊕-prefix along the last dim (Hillis–Steele doubling)."""
+        n, step = x.shape[-1], 1
+        while step < n:
+            x = torch.cat([x[..., :step], self.plus(x[..., step:], x[..., :-step])], -1)
+            step *= 2
+        return x
+
+    def rank1(self, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``out[.., j] = ⊕_k J[j, k] ⊗ v[.., k]`` with ``J = diag(a) + b cᵀ`` along the last dim.
+
+        ``a, b, c`` are real and broadcast to the node shape of ``v``. The scalar edge j → j has the
+        one weight ``a_j + b_j c_j``; j → k (k ≠ j) has ``b_j c_k``, so
+        ``out_j = (a_j + b_j c_j) ⊗ v_j ⊕ b_j ⊗ ⊕_{k≠j} c_k ⊗ v_k``: O(n) per row."""
+        others = self.exclusive_sum(self.times(self.convert(c), v), v.ndim - 2)
+        return self.plus(self.times(self.convert(a + b * c), v), self.times(self.convert(b), others))
+
+    def within_op(self) -> "Semiring":
+        """The semiring blocks use at ``granularity="op"``: ⊕ inside a block is an ordinary sum."""
+        if type(self).op_sum is Semiring.op_sum and type(self).op_matmul is Semiring.op_matmul:
+            return self
+        return _WithinOp(self)
 
     def overflowed(self, a: torch.Tensor) -> bool:
         """True if ``a`` holds NaN or a value out of the dtype's range (default: any non-finite)."""
@@ -133,6 +176,8 @@ class RealSemiring(Semiring):
     """(+, ×) on signed weights: the gradient."""
 
     name = "Real"
+    plain = True
+    additive = True
 
     def zero(self, shape, *, dtype, device):
         return torch.zeros((1, *shape), dtype=dtype, device=device)
@@ -153,19 +198,31 @@ class RealSemiring(Semiring):
         return a.sum(dim + 1)
 
     def matmul(self, x, w):
-        return x @ w
+        return x @ as_weight(w).real(x.dtype)
+
+    def exclusive_sum(self, a, dim):
+        return _exclusive_cumsum(a, dim)
+
+    def rank1(self, v, a, b, c):
+        # a_j v_j + b_j Σ_k c_k v_k: what autograd computes for a softmax (p ⊙ (g − Σ p g))
+        return a * v + b * (c * v).sum(-1, keepdim=True)
 
 
 class AbsSemiring(RealSemiring):
     """(+, ×) on |w|: the total gradient flow Σ Π |w|."""
 
     name = "Abs"
+    nonnegative = True
+    safe_dtype = torch.float64
 
     def convert(self, w):
         return w.abs()[None]
 
     def matmul(self, x, w):
-        return x @ _abs(w)
+        return x @ as_weight(w).abs(x.dtype)
+
+    def rank1(self, v, a, b, c):
+        return Semiring.rank1(self, v, a, b, c)  # |a + bc| on the diagonal: no shortcut
 
 
 class LogSemiring(Semiring):
@@ -197,13 +254,23 @@ class LogSemiring(Semiring):
     def matmul(self, x, w):
         # shift each row of x by its max, then one BLAS product with |w|
         shift = _finite_or_zero(x.amax(dim=-1, keepdim=True))
-        return _safe_log(torch.exp(x - shift) @ _abs(w)) + shift
+        return _safe_log(torch.exp(x - shift) @ as_weight(w).abs(x.dtype)) + shift
+
+    def exclusive_sum(self, a, dim):
+        x = a.movedim(dim + 1, -1)
+        if x.shape[-1] == 1:
+            return torch.full_like(a, -math.inf)
+        before, after = _shifted_scans(x, lambda t: torch.logcumsumexp(t, -1))
+        return torch.logaddexp(before(self), after(self)).movedim(-1, dim + 1)
 
 
 class MaxSemiring(Semiring):
     """(max, ×) on |w|: the weight of the best path (Viterbi)."""
 
     name = "Max"
+    plain = True
+    nonnegative = True
+    selective = True
 
     def zero(self, shape, *, dtype, device):
         return torch.zeros((1, *shape), dtype=dtype, device=device)
@@ -224,8 +291,8 @@ class MaxSemiring(Semiring):
         return a.amax(dim + 1)
 
     def matmul(self, x, w):
-        aw = _abs(w)
-        if kernels.available(x, w):
+        aw = as_weight(w).abs(x.dtype)
+        if kernels.available(x, aw):
             return kernels.max_times(x[0], aw)[None]
         S, N, I, J = x.shape
         out = x.new_empty((S, max(N, w.shape[0]), I, w.shape[-1]))
@@ -235,10 +302,22 @@ class MaxSemiring(Semiring):
         return out
 
     def op_matmul(self, x, w):
-        return x @ _abs(w)
+        return x @ as_weight(w).abs(x.dtype)
 
     def op_sum(self, a, dim):
         return a.sum(dim + 1)
+
+    def exclusive_sum(self, a, dim):
+        x = a.movedim(dim + 1, -1)
+        if x.shape[-1] == 1:
+            return torch.zeros_like(a)
+        before, after = _shifted_scans(x, lambda t: torch.cummax(t, -1).values)
+        return torch.maximum(before(self), after(self)).movedim(-1, dim + 1)
+
+    def rank1(self, v, a, b, c):
+        if kernels.available(v, a, b, c):
+            return kernels.rank1_max(v[0], a, b, c)[None]
+        return Semiring.rank1(self, v, a, b, c)
 
 
 class SignedMaxSemiring(Semiring):
@@ -278,6 +357,7 @@ class SignedMaxSemiring(Semiring):
         return torch.stack([a[0].amax(dim), a[1].amin(dim)])
 
     def matmul(self, x, w):
+        w = as_weight(w).real(x.dtype)
         if kernels.available(x, w):
             return torch.stack(kernels.signed_max_times(x[0], x[1], w))
         S, N, I, J = x.shape
@@ -292,6 +372,7 @@ class SignedMaxSemiring(Semiring):
         return out
 
     def op_matmul(self, x, w):
+        w = as_weight(w).real(x.dtype)
         empty = x[0] == -math.inf
         hi = torch.where(empty, 0, x[0])
         lo = torch.where(empty, 0, x[1])
@@ -311,11 +392,21 @@ class SignedMaxSemiring(Semiring):
     def is_zero(self, a):
         return a[0] == -math.inf
 
+    def exclusive_sum(self, a, dim):
+        x = a.movedim(dim + 1, -1)
+        if x.shape[-1] == 1:
+            return self.zero(a.shape[1:], dtype=a.dtype, device=a.device)
+        scan = lambda t: torch.stack([torch.cummax(t[0], -1).values, torch.cummin(t[1], -1).values])  # noqa: E731
+        before, after = _shifted_scans(x, scan)
+        return self.plus(before(self), after(self)).movedim(-1, dim + 1)
+
 
 class KMaxSemiring(Semiring):
     """The k largest path products Π |w|, descending; fewer than k paths leave zeros."""
 
     size = 1
+    plain = False  # k numbers per element
+    nonnegative = True
 
     def __init__(self, k: int):
         from gradgraph.errors import GradGraphError
@@ -351,7 +442,10 @@ class KMaxSemiring(Semiring):
         return self._top(torch.cat([a, b], 0), 0)
 
     def times(self, a, b):
-        # all k*k products, keep the k best: [k, 1, ...] * [1, k, ...]
+        # all k*k products, keep the k best: [k, 1, ...] * [1, k, ...] (node dims broadcast)
+        ndim = max(a.ndim, b.ndim)
+        a = a.reshape(a.shape[:1] + (1,) * (ndim - a.ndim) + a.shape[1:])
+        b = b.reshape(b.shape[:1] + (1,) * (ndim - b.ndim) + b.shape[1:])
         products = (a[:, None] * b[None]).flatten(0, 1)
         return self._top(products, 0)
 
@@ -360,8 +454,8 @@ class KMaxSemiring(Semiring):
         return self._top(moved.flatten(0, 1), 0)
 
     def matmul(self, x, w):
-        aw = _abs(w)
-        if kernels.available(x, w):
+        aw = as_weight(w).abs(x.dtype)
+        if kernels.available(x, aw):
             return kernels.kmax_times(x, aw)
         k, N, I, J = x.shape
         K = w.shape[-1]
@@ -373,7 +467,7 @@ class KMaxSemiring(Semiring):
         return out
 
     def op_matmul(self, x, w):
-        return x @ _abs(w)
+        return x @ as_weight(w).abs(x.dtype)
 
     def op_sum(self, a, dim):
         return a.sum(dim + 1)
@@ -393,41 +487,147 @@ class EntropySemiring(Semiring):
     def one(self, shape, *, dtype, device):
         return torch.zeros((2, *shape), dtype=dtype, device=device)
 
+    # The hot operations write into one preallocated [2, ...] tensor instead of stacking parts.
+
     def convert(self, w):
-        log_w = _safe_log(w.abs())
-        return torch.stack([log_w, torch.where(torch.isfinite(log_w), log_w, 0)])
+        out = _pair(w.shape, w)
+        torch.log(w.abs(), out=out[0])
+        torch.nan_to_num(out[0], neginf=0.0, out=out[1])
+        return out
 
     def overflowed(self, a):
-        return bool(torch.isnan(a).any() or (a[0] == math.inf).any() or not torch.isfinite(a[1]).all())
+        return not (bool((a[0] < math.inf).all()) and bool(torch.isfinite(a[1]).all()))
 
     def plus(self, a, b):
+        out = _pair(torch.broadcast_shapes(a.shape[1:], b.shape[1:]), a)
         shift = _finite_or_zero(torch.maximum(a[0], b[0]))
         za, zb = torch.exp(a[0] - shift), torch.exp(b[0] - shift)  # 0 where no path
         z = za + zb
-        return torch.stack([torch.log(z) + shift, (za * a[1] + zb * b[1]) / _nonzero(z)])
+        torch.add(torch.log(z), shift, out=out[0])
+        torch.div(za.mul_(a[1]).add_(zb.mul_(b[1])), _nonzero(z), out=out[1])
+        return out
 
     def times(self, a, b):
-        log_z = a[0] + b[0]
-        return torch.stack([log_z, torch.where(log_z == -math.inf, 0, a[1] + b[1])])
+        out = _pair(torch.broadcast_shapes(a.shape[1:], b.shape[1:]), a)
+        torch.add(a[0], b[0], out=out[0])
+        torch.add(a[1], b[1], out=out[1])
+        out[1].masked_fill_(out[0] == -math.inf, 0.0)  # no path: R/Z = 0
+        return out
 
     def sum(self, a, dim):
         shift = _finite_or_zero(a[0].amax(dim, keepdim=True))
         z = torch.exp(a[0] - shift)
         total = z.sum(dim)
-        return torch.stack([torch.log(total) + shift.squeeze(dim), (z * a[1]).sum(dim) / _nonzero(total)])
+        out = _pair(total.shape, a)
+        torch.add(torch.log(total), shift.squeeze(dim), out=out[0])
+        torch.div(z.mul_(a[1]).sum(dim), _nonzero(total), out=out[1])
+        return out
 
     def matmul(self, x, w):
         # Z_i = Σ_j |w_ij| Z_j ;  R_i = Σ_j |w_ij| R_j + (|w| log|w|)_ij Z_j, with Z_j = e^{lz_j - m}
-        aw = _abs(w)
+        w = as_weight(w)
         shift = _finite_or_zero(x[0].amax(dim=-1, keepdim=True))
         z = torch.exp(x[0] - shift)  # [N, I, J], zero where no path
-        both = torch.stack([z, z * x[1]]) @ aw  # (Z, Σ|w| R) in one product
-        z_out = both[0]
-        r_out = both[1] + z @ _xlogx(aw)
-        return torch.stack([torch.log(z_out) + shift, r_out / _nonzero(z_out)])
+        z_out = z @ w.abs(x.dtype)
+        r_out = (z * x[1]) @ w.abs(x.dtype)
+        r_out += z @ w.xlogx(x.dtype)
+        out = _pair(z_out.shape, x)
+        torch.add(torch.log(z_out), shift, out=out[0])
+        torch.div(r_out, _nonzero(z_out), out=out[1])
+        return out
+
+    def rank1(self, v, a, b, c):
+        if kernels.available(v, a, b, c):
+            return torch.stack(kernels.rank1_entropy(v[0], v[1], a, b, c))
+        return Semiring.rank1(self, v, a, b, c)
+
+    def exclusive_sum(self, a, dim):
+        """Prefix and suffix sums of Z and Z·(R/Z) shifted by each row's largest log Z; the element
+        holding that largest one sums the others again, shifted by the second largest, so that its
+        exclusive sum does not underflow."""
+        lz, r = a[0].movedim(dim, -1), a[1].movedim(dim, -1)
+        n = lz.shape[-1]
+        if n == 1:
+            return self.zero(a.shape[1:], dtype=a.dtype, device=a.device)
+        top = lz.topk(2, dim=-1)
+        first, second = _finite_or_zero(top.values[..., :1]), _finite_or_zero(top.values[..., 1:])
+        z = torch.exp(lz - first)
+        both = torch.stack([z, z * r])
+        before, after = _shifted_scans(both, lambda t: t.cumsum(-1))
+        total = before(None) + after(None)  # zero boundaries
+        out_lz = torch.log(total[0]) + first
+        out_r = total[1] / _nonzero(total[0])
+        # the largest element: the sum of all others, shifted by the second largest
+        is_top = torch.zeros_like(lz, dtype=torch.bool).scatter_(-1, top.indices[..., :1], True)
+        z2 = torch.where(is_top, 0, torch.exp(lz - second))
+        z2_sum = z2.sum(-1, keepdim=True)
+        top_lz = torch.log(z2_sum) + second
+        top_r = (z2 * r).sum(-1, keepdim=True) / _nonzero(z2_sum)
+        out_lz = torch.where(is_top, top_lz, out_lz)
+        out_r = torch.where(is_top, top_r, out_r)
+        return torch.stack([out_lz, out_r]).movedim(-1, dim + 1)
 
     def is_zero(self, a):
         return a[0] == -math.inf
+
+
+class _WithinOp(Semiring):
+    """A semiring whose ⊕ inside a block is its ``op_sum`` (Du et al.'s op granularity)."""
+
+    def __init__(self, base: Semiring):
+        self.base = base
+        self.name, self.size = f"{base.name} (op)", base.size
+
+    def zero(self, shape, *, dtype, device):
+        return self.base.zero(shape, dtype=dtype, device=device)
+
+    def one(self, shape, *, dtype, device):
+        return self.base.one(shape, dtype=dtype, device=device)
+
+    def convert(self, w):
+        return self.base.convert(w)
+
+    def times(self, a, b):
+        return self.base.times(a, b)
+
+    def plus(self, a, b):
+        return self.base.op_sum(torch.stack([a, b], 1), 0)
+
+    def sum(self, a, dim):
+        return self.base.op_sum(a, dim)
+
+    def matmul(self, x, w):
+        return self.base.op_matmul(x, w)
+
+
+def _pair(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[2, *shape]`` tensor with ``like``'s dtype and device."""
+    return torch.empty((2, *shape), dtype=like.dtype, device=like.device)
+
+
+def _shifted_scans(x: torch.Tensor, scan):
+    """``(before, after)``: functions of a semiring giving the inclusive ``scan`` of ``x`` along the
+    last dim shifted by one (element j sees ⊕ of elements < j), and the same from the right (> j);
+    the boundary holds the semiring's zero (plain zeros for ``None``)."""
+    forward = scan(x)
+    backward = scan(x.flip(-1)).flip(-1)
+
+    def pad(sr, part: torch.Tensor, at_start: bool) -> torch.Tensor:
+        if sr is None:
+            edge = torch.zeros_like(part[..., :1])
+        else:
+            edge = sr.zero(part.shape[1:-1] + (1,), dtype=part.dtype, device=part.device)
+        return torch.cat([edge, part], -1) if at_start else torch.cat([part, edge], -1)
+
+    return (lambda sr: pad(sr, forward[..., :-1], True)), (lambda sr: pad(sr, backward[..., 1:], False))
+
+
+def _exclusive_cumsum(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ over the other elements as prefix + suffix sums: no element is subtracted, so no
+    cancellation beyond that of a direct sum."""
+    x = a.movedim(dim + 1, -1)
+    before, after = _shifted_scans(x, lambda t: t.cumsum(-1))
+    return (before(None) + after(None)).movedim(-1, dim + 1)
 
 
 Real = RealSemiring()

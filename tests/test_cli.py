@@ -38,8 +38,8 @@ def test_sva_eval_end_to_end(tmp_path, capsys, smol_model):
     assert main(["sva-eval", "--limit", "20", "--out", str(tmp_path / "r"), "--figures", str(tmp_path / "f")]) == 0
     out = capsys.readouterr().out
     assert "simple" in out and "accuracy" in out
-    rows = json.loads((tmp_path / "r" / "sva_eval_items.json").read_text())
+    rows = json.loads((tmp_path / "r" / "items.json").read_text())
     assert len(rows) == 20 and all(r["correct"] == (r["logit_diff"] > 0) for r in rows)
-    table = json.loads((tmp_path / "r" / "sva_eval_accuracy.json").read_text())
+    table = json.loads((tmp_path / "r" / "accuracy.json").read_text())
     assert table[-1]["condition"] == "all" and table[-1]["n"] == 20
     assert (tmp_path / "f" / "sva_eval_accuracy.png").stat().st_size > 5000

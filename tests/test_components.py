@@ -1,20 +1,15 @@
-"""Component views, branch shares and component paths on tiny models."""
+"""The component registry, component views, branch shares and component paths on tiny models."""
 
 import pytest
 import torch
 
 from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model, top_paths
-from gradgraph.components import (
-    branch_shares,
-    component_graph,
-    component_path,
-    component_values,
-    label,
-    top_component_paths,
-)
+from gradgraph.branches import branch_shares
+from gradgraph.component_graph import component_graph
+from gradgraph.components import Component, Registry, component_path, component_values, top_component_paths
 from gradgraph.metrics import logit_diff
 from gradgraph.paths import gradient_flow
-from gradgraph.semirings import Abs, Max, Real
+from gradgraph.semirings import Abs, Entropy, Max, Real
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +21,36 @@ def graph():
 
 
 def test_labels():
-    class G:  # a graph stand-in with grouped-query attention: 6 heads, 2 key/value heads
-        n_heads, n_key_value_heads = 6, 2
+    reg = Registry(n_layers=4, n_heads=6, n_key_value_heads=2, embeds=("hook_embed",))
+    assert reg.label(Component("head", 3, 5, 5)) == "L3H5@5"
+    assert reg.label(Component("q", 3, 5, 5)) == "L3H5.q@5"
+    assert reg.label(Component("k", 3, 1, 5)) == "L3H3-5.k@5"
+    assert reg.label(Component("mlp", 2, None, 5)) == "MLP2@5" and reg.label(Component("embed", position=2)) == "embed@2"
+    assert reg.label(Component("head", 1, 2)) == "L1H2" and reg.label(Component("mlp", 0)) == "MLP0"
 
-    assert label("out", 3, 7, 5) == "L3H7@5"
-    assert label("q", 3, 7, 5, G) == "L3H7.q@5"
-    assert label("k", 3, 1, 5, G) == "L3H3-5.k@5"
-    assert label("mlp", 5, None, 5) == "MLP5@5" and label("embed", None, None, 2) == "embed@2"
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_registry_round_trips_every_label(kv_heads):
+    reg = Registry(n_layers=3, n_heads=6, n_key_value_heads=kv_heads, embeds=("hook_embed", "hook_pos_embed"))
+    for positions in (None, range(4)):
+        components = reg.components(positions=positions)
+        labels = [reg.label(c) for c in components]
+        assert len(set(labels)) == len(labels)
+        assert [reg.parse(label) for label in labels] == components
+    per_position = 1 + 3 * (6 + kv_heads + kv_heads + 6 + 1)
+    assert len(reg.components(positions=range(4))) == 4 * per_position
+
+
+def test_registry_nodes_and_bad_labels():
+    reg = Registry(n_layers=2, n_heads=4, n_key_value_heads=2, embeds=("hook_embed",))
+    assert reg.nodes(reg.parse("L1H2-3.k@0")) == ("blocks.1.hook_k_input",)
+    assert reg.index(reg.parse("L1H2-3.k@0")) == (slice(None), 0, 1)
+    assert reg.nodes(reg.parse("L0H3")) == ("blocks.0.attn.hook_z",)
+    assert reg.index(reg.parse("MLP1")) == (slice(None), slice(None))
+    for bad, match in (("L2H0", "layers 0-1"), ("L0H4", "head outside"), ("L0H1-2.k", "groups of 2"),
+                       ("head7", "not a component label"), ("L0H0-1.q", "only key and value")):
+        with pytest.raises(GradGraphError, match=match):
+            reg.parse(bad)
 
 
 @pytest.mark.parametrize("semiring", [Real, Abs])
@@ -40,7 +58,7 @@ def test_component_values_sum_back_to_node_values(graph, semiring):
     values = backprop(graph, semiring)
     rows = component_values(graph, values, semiring)
     for layer in range(graph.n_layers):
-        for kind, node in (("q", "q_input"), ("k", "k_input"), ("v", "v_input"), ("out", "z"), ("mlp", "mlp_out")):
+        for kind, node in (("q", "q_input"), ("k", "k_input"), ("v", "v_input"), ("head", "z"), ("mlp", "mlp_out")):
             total = sum(r["value"] for r in rows if r["kind"] == kind and r["layer"] == layer)
             expected = values[hooks.name(node, layer)][0][graph.source_mask].sum().item()
             assert total == pytest.approx(expected, rel=1e-9, abs=1e-12)
@@ -80,29 +98,48 @@ def test_branch_shares_bad_inputs(graph):
         branch_shares(graph, -1, agg="mean")
     with pytest.raises(GradGraphError, match="semiring=Max"):
         branch_shares(graph, -1, semiring=Real, agg="oplus")
+    with pytest.raises(GradGraphError, match="semiring=Max"):
+        branch_shares(graph, -1, semiring=Entropy, agg="sum")
 
 
 def test_component_paths_collapse_scalar_paths(graph):
+    reg = Registry.of(graph)
     paths = top_paths(graph, k=6)
     for item, item_paths in enumerate(paths):
         for path in item_paths:
             steps = component_path(graph, path.nodes)
-            assert steps[0].startswith("embed@") and steps[-1] == "metric"
+            assert steps[0] == f"embed@{path.nodes[0][1][1]}" and steps[-1] == "metric"
             assert all(a != b for a, b in zip(steps, steps[1:]))
-    ranked = top_component_paths(graph, paths, k=3)
+            # exactly the component nodes of the scalar path, in order, each a registry label
+            expected = [reg.label(Component(*reg.kind_of_node(name), index[2] if len(index) > 3 else None, index[1]))
+                        for name, index in path.nodes if reg.kind_of_node(name) and name not in graph.sources]
+            dedup = [s for i, s in enumerate(expected) if i == 0 or s != expected[i - 1]]
+            assert list(steps[1:-1]) == dedup
+            layers = [reg.parse(s).layer for s in steps[1:-1]]
+            assert layers == sorted(layers)  # a path only moves forward through the layers
+    ranked = top_component_paths(graph, k=3, search=6)
     for item_ranked, item_paths in zip(ranked, paths):
         weights = [abs(w) for _, w, _ in item_ranked]
         assert weights == sorted(weights, reverse=True)
         assert weights[0] == pytest.approx(item_paths[0].magnitude)
-        assert sum(n for _, _, n in item_ranked) <= len(item_paths)
+        collapsed = [component_path(graph, p.nodes) for p in item_paths]
+        for labels, weight, count in item_ranked:
+            assert count == collapsed.count(labels)  # every scalar path that collapses into it
+            best = max(abs(p.weight) for p, c in zip(item_paths, collapsed) if c == labels)
+            assert abs(weight) == pytest.approx(best)
 
 
-def test_gradient_flow_through_heads_is_bounded_by_total(graph):
+def test_flow_is_conserved_at_every_residual_cut(graph):
+    """Every input→metric path crosses each layer's residual stream once and passes from a head's z
+    to attn_out: the flows through those cuts equal the total."""
     flow = gradient_flow(graph)
     total = flow["metric"]
     for layer in range(graph.n_layers):
-        z = flow[hooks.name("z", layer)]
-        assert (z.sum(dim=(1, 2, 3)) <= total * (1 + 1e-12)).all()
+        resid = flow[hooks.name("resid_pre", layer)].flatten(1).sum(1)
+        assert torch.allclose(resid, total, rtol=1e-10)
+        z = flow[hooks.name("z", layer)].flatten(1).sum(1)
+        out = flow[hooks.name("attn_out", layer)].flatten(1).sum(1)
+        assert torch.allclose(z, out, rtol=1e-10) and (z > 0).all() and (z < total).all()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -135,10 +172,3 @@ def test_component_graph_conserves_the_scalar_graphs_flow(arch):
     assert 0 < pruned.number_of_edges() < cg.number_of_edges()
     with pytest.raises(GradGraphError, match="outside the graph's batch"):
         component_graph(g, Abs, batch=2)
-
-
-def test_component_level_top_paths(graph):
-    paths = top_paths(graph, k=2, level="component")
-    assert len(paths) == 2 and all(len(p) <= 2 for p in paths)
-    labels, weight, count = paths[0][0]
-    assert labels[0].startswith("embed@") and labels[-1] == "metric" and count >= 1

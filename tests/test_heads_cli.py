@@ -4,7 +4,7 @@ import pytest
 
 from gradgraph import GradGraphError
 from gradgraph.cli import main
-from gradgraph.head_importance import read_prompts
+from gradgraph.studies.head_ranking import read_prompts
 
 
 def test_empty_line_in_prompts_file(tmp_path):

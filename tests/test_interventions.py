@@ -36,7 +36,6 @@ def test_interventions_match_naive_runs_and_leave_model_unchanged():
     clean = metric(model(tokens), mask)
     assert torch.allclose(out["clean"]["metric"], clean)
     assert len(out["mean_ablation"]) == 3 * (4 + 1) and len(out["patching"]) == 15
-    corrupt_z = {}
     with hooks.recording(model) as store:
         model(cf)
     corrupt = hooks.node_firings(store)
@@ -51,7 +50,6 @@ def test_interventions_match_naive_runs_and_leave_model_unchanged():
         expected = _naive(model, tokens, mask, metric, hook, head, patch) - clean
         assert torch.allclose(out["patching"][label], expected, atol=1e-10)
         assert expected.abs().max() > 0
-    del corrupt_z
     assert no_hooks_left(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -71,15 +69,12 @@ def test_attribution_patching_is_first_order_patching():
     scale = 1e-4
     emb = hooks.name("embed")
 
-    def nudge(activation, hook=None):
+    def nudge(activation):
         return activation * (1 + scale)
 
-    with model.hooks(fwd_hooks=[(emb, nudge)]):
-        store_cf = {}
-        with hooks.recording(model) as store:
-            model(tokens)
-        store_cf = hooks.node_firings(store)
-    clean = {}
+    with hooks.replacing(model, {emb: nudge}), hooks.recording(model) as store:
+        model(tokens)
+    store_cf = hooks.node_firings(store)
     with hooks.recording(model) as store:
         model(tokens)
     clean = hooks.node_firings(store)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from gradgraph import GradGraphError, tiny_model
-from gradgraph.metrics import logit_diff, logprob_diff
+from gradgraph import GradGraphError, backprop, build_graph, tiny_model
+from gradgraph.metrics import logit_diff, logprob_diff, prepare
 from gradgraph.prompts import single_token_id, to_tokens
+
+from conftest import no_hooks_left
 
 
 def test_logit_diff_values_and_batch_ids():
@@ -50,7 +52,27 @@ def test_metric_bad_ids():
     with pytest.raises(GradGraphError, match="one id per prompt"):
         logit_diff(torch.tensor([0, 1]), 2)(torch.randn(3, 3, 10))
     with pytest.raises(GradGraphError, match="token id"):
-        logit_diff("are", 2)
+        logit_diff(1.5, 2)
+    words = logit_diff(" are", 2)
+    with pytest.raises(GradGraphError, match="names words"):
+        words(torch.randn(1, 3, 10))
+    with pytest.raises(GradGraphError, match="no tokenizer"):
+        prepare(words, tiny_model("gpt2"))
+
+
+def test_plain_metric_functions_are_accepted():
+    """A function of the logits alone is what a user writes first: it builds the same graph."""
+    model = tiny_model("gpt2", dtype=torch.float64)
+    tokens = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    plain = build_graph(model, tokens, lambda logits: logits[:, -1, 1] - logits[:, -1, 2])
+    builder = build_graph(model, tokens, logit_diff(1, 2))
+    assert torch.equal(plain.metric_value, builder.metric_value)
+    assert torch.equal(backprop(plain)["hook_embed"], backprop(builder)["hook_embed"])
+    with pytest.raises(GradGraphError, match="takes no arguments"):
+        build_graph(model, tokens, lambda: 0)
+    with pytest.raises(GradGraphError, match=r"one value per prompt, shape \[2\]"):
+        build_graph(model, tokens, lambda logits: logits[:, -1])
+    assert no_hooks_left(model)
 
 
 def test_to_tokens_checks():
@@ -90,3 +112,16 @@ def test_padded_batch_equals_single_prompts(smol_model):
     for i, prompt in enumerate(prompts):
         alone, _ = to_tokens(smol_model, prompt)
         assert torch.allclose(metric(smol_model(alone)), batched[i : i + 1], atol=1e-4)
+
+
+@pytest.mark.real
+def test_metrics_take_words(smol_model):
+    tokens, mask = to_tokens(smol_model, ["The keys to the cabinet", "The key to the cabinets"])
+    by_word = build_graph(smol_model, tokens, logit_diff(" are", " is"), attention_mask=mask)
+    by_id = build_graph(smol_model, tokens, logit_diff(359, 314), attention_mask=mask)
+    assert torch.equal(by_word.metric_value, by_id.metric_value)
+    assert by_word.metric_value[0] > 0 > by_word.metric_value[1]  # " are" after "keys", " is" after "key"
+    per_prompt = prepare(logprob_diff([" are", " is"], [" is", " are"]), smol_model)
+    assert (per_prompt(smol_model(tokens), mask) > 0).all()
+    with pytest.raises(GradGraphError, match="not one"):
+        build_graph(smol_model, tokens, logit_diff(" antidisestablishmentarianism", " is"), attention_mask=mask)

@@ -8,9 +8,10 @@ threads made training about a hundred times slower."""
 import pytest
 import torch
 
-from gradgraph import synthetic
-from gradgraph.components import BRANCHES
+from gradgraph.branches import BRANCHES
+from gradgraph.data import synthetic as tasks
 from gradgraph.errors import GradGraphError
+from gradgraph.studies import synthetic
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def share(rows, position, branch, key="share_oplus"):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_first_token_data_is_balanced_and_labelled_right(reverse):
-    tokens, labels = synthetic.first_token_repeated(1001, seq_len=10, vocab=20, seed=3, reverse=reverse)
+    tokens, labels = tasks.first_token_repeated(1001, seq_len=10, vocab=20, seed=3, reverse=reverse)
     assert tokens.shape == (1001, 10) and labels.shape == (1001,)
     assert int(labels.sum()) == 500  # balanced: n // 2 ones
     assert tokens.min() >= 1 and tokens.max() <= 19  # 0 (padding in Du et al.) never used
@@ -42,20 +43,20 @@ def test_first_token_data_is_balanced_and_labelled_right(reverse):
     where = (seqs[:, 1:] == seqs[:, :1]).long().argmax(-1)[labels == 1]
     assert set(where.tolist()) == set(range(9))
     assert set(tokens.flatten().tolist()) == set(range(1, 20))
-    again, _ = synthetic.first_token_repeated(1001, seq_len=10, vocab=20, seed=3, reverse=reverse)
+    again, _ = tasks.first_token_repeated(1001, seq_len=10, vocab=20, seed=3, reverse=reverse)
     assert torch.equal(again, tokens)
 
 
 def test_answer_ids_and_bad_arguments():
-    assert synthetic.answer_ids(20) == (20, 21)
+    assert tasks.answer_ids(20) == (20, 21)
     with pytest.raises(GradGraphError):
-        synthetic.first_token_repeated(10, vocab=2)
+        tasks.first_token_repeated(10, vocab=2)
     with pytest.raises(GradGraphError):
-        synthetic.induction(10, seq_len=12, vocab=5)
+        tasks.induction(10, seq_len=12, vocab=5)
 
 
 def test_induction_data():
-    tokens, targets, source = synthetic.induction(500, seq_len=8, vocab=16, seed=1)
+    tokens, targets, source = tasks.induction(500, seq_len=8, vocab=16, seed=1)
     rows = torch.arange(500)
     prefix = tokens[:, :-1]
     assert all(len(set(r)) == len(r) for r in prefix.tolist())  # distinct: the match is unique
@@ -67,7 +68,7 @@ def test_induction_data():
 
 def test_unseen_drops_training_sequences():
     seen = torch.tensor([[1, 2], [3, 4]])
-    assert synthetic.unseen(torch.tensor([[1, 2], [2, 1], [3, 4]]), seen).tolist() == [False, True, False]
+    assert tasks.unseen(torch.tensor([[1, 2], [2, 1], [3, 4]]), seen).tolist() == [False, True, False]
 
 
 # --------------------------------------------------------------------------- first token repeated
@@ -87,7 +88,8 @@ def check_branch_rows(rows):
 
 def test_first_token_model_learns_and_has_branch_shares(one_thread):
     """The forward task (the first token is not at the reading position) on a small vocabulary."""
-    result = synthetic.run_first_token(seed=0, seq_len=6, vocab=7, steps=1000, lr=2e-3, n_test=1000, graph_batch=32)
+    result = synthetic.run_first_token(synthetic.FirstTokenConfig(seed=0, seq_len=6, vocab=7, steps=1000, lr=2e-3,
+                                                                  n_test=1000, graph_batch=32))
     assert result["n_test_unseen"] > 500
     assert result["test_accuracy"] >= 0.9, result["test_accuracy"]
     check_branch_rows(result["branches"])
@@ -95,8 +97,9 @@ def test_first_token_model_learns_and_has_branch_shares(one_thread):
 
 def test_reversed_first_token_model_learns_and_has_branch_shares(one_thread):
     """Du et al.'s shapes (vocabulary 20, length 10, d_model 16, 2 heads), tested token read last."""
-    result = synthetic.run_first_token(seed=0, reverse=True, steps=800, lr=3e-3, n_test=1000, graph_batch=32)
-    assert result["config"]["d_model"] == 16
+    result = synthetic.run_first_token(synthetic.FirstTokenConfig(seed=0, reverse=True, steps=800, lr=3e-3,
+                                                                  n_test=1000, graph_batch=32))
+    assert result["shape"]["d_model"] == 16
     assert result["test_accuracy"] >= 0.95, result["test_accuracy"]
     check_branch_rows(result["branches"])
     # the reading position looks its own token up: its query branch carries top paths
@@ -112,10 +115,10 @@ def test_gradient_flow_ranks_the_induction_head_first(one_thread):
 
     Seed 0 of this small configuration; in seed 1 (not tested) gradient flow summed over positions
     ranks the previous-token head first (by 1.18x), which the induction head depends on; at the
-    last position it still ranks the induction head first. analyses/synthetic.py runs three seeds
+    last position it still ranks the induction head first. `gradgraph synthetic` runs three seeds
     at full size."""
-    result = synthetic.run_induction(seed=0, seq_len=8, vocab=16, steps=800, prune_steps=600, batch_size=64,
-                                     n_train=10_000, n_eval=300, graph_batch=32)
+    result = synthetic.run_induction(synthetic.InductionConfig(seed=0, seq_len=8, vocab=16, steps=800, prune_steps=600,
+                                                               batch_size=64, n_train=10_000, n_eval=300, graph_batch=32))
     assert result["test_accuracy"] >= 0.9
     head = result["top"]["ablation"]
     layer, index = int(head[1]), int(head[3])

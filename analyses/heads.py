@@ -1,6 +1,6 @@
 """Head ranking by every method for your prompts (same as `gradgraph heads`).
 
-    .venv/bin/python analyses/head_importance.py --prompts prompts.txt --good " are" --bad " is"
+    .venv/bin/python analyses/heads.py --prompts prompts.txt --good " are" --bad " is"
 """
 
 import sys

@@ -1,0 +1,142 @@
+"""Writing a run's results without losing anyone's data.
+
+A run writes every file into a fresh staging folder beside its output folder and publishes them
+only when it has finished: a run that fails leaves the previous results as they were. Publishing
+replaces only what the previous run of the command wrote, as listed in the output folder's
+manifest (``.gradgraph-manifest.json``); a file the command did not write is never touched.
+
+- An output folder that does not exist, or that holds only the previous run's files, is swapped
+  whole (rename the old one aside, rename the new one in, delete the old files): readers see the
+  previous complete results, then none for an instant, then the new ones — never a mix.
+- An output folder that also holds other files gets the new files one by one (each replaced
+  atomically), the previous run's files that this run did not write removed, and the manifest
+  written last.
+- Figures go to a shared folder (the repository's ``figures/``, other commands write there too):
+  each is replaced atomically by name and nothing there is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from gradgraph.errors import GradGraphError
+
+MANIFEST = ".gradgraph-manifest.json"
+
+
+class Staging:
+    """Where a run writes: ``path(name)`` for results, ``figure(name)`` for figures."""
+
+    def __init__(self, root: Path, out: Path, figures: Path):
+        self.root, self.out, self.figures = root, out, figures
+
+    def path(self, name: str) -> Path:
+        """A results file (published into ``out``)."""
+        path = self.root / "results" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def figure(self, name: str) -> Path:
+        """A figure (published into ``figures``; with the results when ``figures`` lies inside ``out``)."""
+        if self.figures.is_relative_to(self.out):
+            return self.path(str(self.figures.relative_to(self.out) / name))
+        path = self.root / "figures" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def final(self, path: Path) -> Path:
+        """Where a staged file will be once published."""
+        relative = path.relative_to(self.root)
+        base = self.out if relative.parts[0] == "results" else self.figures
+        return base.joinpath(*relative.parts[1:])
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _manifest(folder: Path) -> set[str]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return set()
+    try:
+        return set(json.loads(path.read_text())["files"])
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
+def _remove_listed(folder: Path, names: set[str]) -> None:
+    """Delete the listed files (ours) and the sub-folders their removal leaves empty; nothing else."""
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        path.unlink()
+        parent = path.parent
+        while parent != folder and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
+
+def publish_folder(staged: Path, out: Path, command: str) -> None:
+    """Make the files in ``staged`` the contents of ``out`` that ``command`` owns (see the module
+    docstring); ``staged`` is consumed."""
+    new = _files(staged)
+    (staged / MANIFEST).write_text(json.dumps(dict(command=command, written=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                   files=sorted(new)), indent=1))
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, out)
+        return
+    if not out.is_dir():
+        raise GradGraphError(f"{out} exists and is not a folder; choose another output folder")
+    previous = _manifest(out)
+    foreign = _files(out) - previous - {MANIFEST}
+    if not foreign:
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+        os.replace(out, aside / "old")
+        os.replace(staged, out)
+        _remove_listed(aside / "old", previous | {MANIFEST})
+        if not any((aside / "old").iterdir()):  # anything left was not ours: it stays in `aside`
+            (aside / "old").rmdir()
+            aside.rmdir()
+        return
+    for name in sorted(new):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / name, out / name)
+    _remove_listed(out, previous - new)
+    os.replace(staged / MANIFEST, out / MANIFEST)
+    shutil.rmtree(staged)
+
+
+def publish_files(staged: Path, folder: Path) -> None:
+    """Move every file of ``staged`` into the shared ``folder``, each replaced atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in sorted(_files(staged)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / name, folder / name)
+
+
+@contextmanager
+def staged_run(out: str | Path, figures: str | Path, command: str) -> Iterator[Staging]:
+    """Stage a run's files; publish them if the block finishes, discard them if it raises."""
+    out, figures = Path(out).expanduser().absolute(), Path(figures).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        staging = Staging(root, out, figures)
+        yield staging
+        results = root / "results"
+        results.mkdir(exist_ok=True)
+        publish_folder(results, out, command)
+        if (root / "figures").exists():
+            publish_files(root / "figures", figures)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""Edge weights: real tensors the semirings convert, stored once and computed lazily.
+
+A ``Weight`` is one tensor or the product of broadcastable factors. A product is formed when a pass
+needs it and freed after, so a per-position weight such as ``x̃ / (n s)`` costs no memory between
+passes (autograd keeps ``x̃`` and ``s`` too, and forms the product in its backward). Expanded
+dims (per-head copies of one vector) stay size one in the product, so it broadcasts: ``shape``
+is the broadcast shape of the factors, not necessarily the node's.
+
+A *shared* weight is one of the model's matrices (``W_Q``, ``W_in``, ...; with a norm's weight
+folded in where the model has one). Every graph built from the model reuses the same ``Weight``
+(``model_weights``), which keeps its casts, ``|W|`` and ``|W| log |W|`` per dtype: integrated
+gradients run dozens of passes, and a float64 ``Abs`` pass would otherwise cast every matrix anew.
+The cache is dropped when any parameter of the model changes (its ``_version`` or identity).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+
+
+class Weight:
+    """A real weight: the product of ``factors`` (tensors, and numbers), in any dtype on demand."""
+
+    def __init__(self, *factors: torch.Tensor | float, shared: bool = False):
+        if not any(isinstance(f, torch.Tensor) for f in factors):
+            raise ValueError("a Weight needs at least one tensor factor")
+        self.factors = factors
+        self.shared = shared
+        self._cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.broadcast_shapes(*(f.shape for f in self.factors if isinstance(f, torch.Tensor)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(f.device for f in self.factors if isinstance(f, torch.Tensor))
+
+    def scaled(self, factor: float) -> "Weight":
+        """This weight times a number (a new, unshared weight unless the number is 1)."""
+        return self if factor == 1 else Weight(*self.factors, factor)
+
+    def _get(self, kind: str, dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not self.shared:
+            return make()
+        key = (kind, dtype)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def real(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight itself, in ``dtype``."""
+
+        def make() -> torch.Tensor:
+            out = None
+            for f in self.factors:
+                if isinstance(f, torch.Tensor):
+                    f = _compact(f).to(dtype)
+                out = f if out is None else out * f
+            return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype)
+
+        return self._get("real", dtype, make)
+
+    def abs(self, dtype: torch.dtype) -> torch.Tensor:
+        """|w|."""
+        return self._get("abs", dtype, lambda: self.real(dtype).abs())
+
+    def xlogx(self, dtype: torch.dtype) -> torch.Tensor:
+        """|w| log |w| (0 log 0 = 0)."""
+        return self._get("xlogx", dtype, lambda: torch.special.xlogy(self.abs(dtype), self.abs(dtype)))
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every expanded (stride-0) dim cut to size 1: a product of per-head copies is
+    computed once and broadcast, not once per copy."""
+    if all(stride or size == 1 for stride, size in zip(t.stride(), t.shape)):
+        return t
+    return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+
+
+def as_weight(w: Weight | torch.Tensor) -> Weight:
+    return w if isinstance(w, Weight) else Weight(w)
+
+
+# --------------------------------------------------------------------------- per-model cache
+
+_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    return tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+def model_weights(model: torch.nn.Module) -> dict[tuple, Weight]:
+    """The shared ``Weight`` objects of ``model`` by key (e.g. ``("W_Q", 3)``), rebuilt whenever a
+    parameter changed. Callers fill it with ``shared_weight``."""
+    fingerprint = _fingerprint(model)
+    cached = _MODELS.get(model)
+    if cached is None or cached[0] != fingerprint:
+        cached = (fingerprint, {})
+        _MODELS[model] = cached
+    return cached[1]
+
+
+def shared_weight(cache: dict[tuple, Weight], key: tuple, make: Callable[[], torch.Tensor]) -> Weight:
+    """``cache[key]``, made once from ``make()`` (a detached tensor) and kept with the model."""
+    if key not in cache:
+        cache[key] = Weight(make().detach(), shared=True)
+    return cache[key]
