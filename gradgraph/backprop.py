@@ -142,10 +142,11 @@ def _check_range(semiring: Semiring, value: torch.Tensor, node: str, dtype: torc
         )
 
 
-def flow(
-    graph: GradGraph, semiring: Semiring, *, granularity: str = "neuron", dtype: torch.dtype | None = None
+def through(
+    graph: GradGraph, semiring: Semiring, *, granularity: str = "neuron", dtype: torch.dtype | None = None, keep=None
 ) -> dict[str, torch.Tensor]:
-    """``forward ⊗ backward`` at every node: the ⊕ over all input → metric paths through it."""
-    fwd = forward(graph, semiring, granularity=granularity, dtype=dtype)
-    bwd = backprop(graph, semiring, granularity=granularity, dtype=dtype)
-    return {node: semiring.times(fwd[node], bwd[node]) for node in graph.order}
+    """``forward ⊗ backward`` at every node (or at ``keep``): the ⊕ over all input → metric paths
+    through it (for ``Abs``: the gradient flow through each element)."""
+    fwd = forward(graph, semiring, granularity=granularity, dtype=dtype, keep=keep)
+    bwd = backprop(graph, semiring, granularity=granularity, dtype=dtype, keep=keep)
+    return {node: semiring.times(fwd[node], bwd[node]) for node in fwd}

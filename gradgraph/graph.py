@@ -263,7 +263,8 @@ class Rank1(Block):
     c: Weight
 
     def _factors(self, dtype):
-        return self.a.real(dtype), self.b.real(dtype), self.c.real(dtype)
+        made: dict[int, torch.Tensor] = {}  # a softmax's a and c are one weight: form it once
+        return tuple(made.setdefault(id(f), f.real(dtype)) for f in (self.a, self.b, self.c))
 
     def backward(self, sr, value):
         a, b, c = self._factors(value.dtype)
@@ -437,7 +438,8 @@ class Matmul(Block):
 
 
 class _Transposed(Weight):
-    """``W`` with its last two dims swapped (shares the cached transforms of ``W``)."""
+    """``W`` with its last two dims swapped. A shared weight keeps its transposed ``|W|`` and
+    ``|W| log |W|`` contiguous (the max–times kernels read rows), an unshared one is a view."""
 
     def __init__(self, base: Weight):
         self.base = base
@@ -451,10 +453,19 @@ class _Transposed(Weight):
         return self.base.real(dtype).transpose(-1, -2)
 
     def abs(self, dtype):
-        return self.base.abs(dtype).transpose(-1, -2)
+        if not self.base.shared:
+            return self.base.abs(dtype).transpose(-1, -2)
+        return self.base._get("abs_T", dtype, lambda: self.base.real(dtype).abs().transpose(-1, -2).contiguous())
 
-    def xlogx(self, dtype):
-        return self.base.xlogx(dtype).transpose(-1, -2)
+    def xlogx(self, dtype, magnitude=None):
+        if not self.base.shared:
+            return self.base.xlogx(dtype, None if magnitude is None else magnitude.transpose(-1, -2)).transpose(-1, -2)
+
+        def make():
+            a = self.abs(dtype) if magnitude is None else magnitude
+            return torch.special.xlogy(a, a)
+
+        return self.base._get("xlogx_T", dtype, make)
 
 
 def _no_edges() -> tuple[torch.Tensor, torch.Tensor]:

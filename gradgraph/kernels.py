@@ -153,10 +153,9 @@ if HAVE_NUMBA:
             # the off-diagonal terms k: Z_k |c_k| = exp(w_k), w_k = lz_k + log|c_k|, shifted by their max
             top, second, arg = -np.inf, -np.inf, -1
             for k in range(n):
-                if c[t, k] != 0.0 and lz[t, k] > -np.inf:
-                    lc = np.log(abs(c[t, k]))
-                    w = lz[t, k] + lc
-                    g[t, k] = r[t, k] + lc
+                if c[t, k] != 0.0:
+                    g[t, k] = np.log(abs(c[t, k]))
+                    w = lz[t, k] + g[t, k]  # -inf where Z_k = 0
                 else:
                     w, g[t, k] = -np.inf, 0.0
                 e[t, k] = w
@@ -168,9 +167,10 @@ if HAVE_NUMBA:
             s1, s2 = 0.0, 0.0  # prefix sums of Z|c| and Z|c|(r + log|c|), into the outputs
             for k in range(n):
                 out_lz[t, k], out_r[t, k] = s1, s2
-                e[t, k] = np.exp(e[t, k] - shift)
-                s1 += e[t, k]
-                s2 += e[t, k] * g[t, k]
+                z = np.exp(e[t, k] - shift)
+                e[t, k] = z
+                s1 += z
+                s2 += z * (r[t, k] + g[t, k])
             q1, q2 = 0.0, 0.0  # suffix sums; then each element's output
             for j in range(n - 1, -1, -1):
                 o1, o2, osh = out_lz[t, j] + q1, out_r[t, j] + q2, shift
@@ -183,25 +183,35 @@ if HAVE_NUMBA:
                             o1 += z
                             o2 += z * (r[t, k] + lc)
                 q1 += e[t, j]
-                q2 += e[t, j] * g[t, j]
-                off_lz, off_r = -np.inf, 0.0
-                if o1 > 0.0 and b[t, j] != 0.0:
-                    lb = np.log(abs(b[t, j]))
-                    off_lz, off_r = lb + np.log(o1) + osh, o2 / o1 + lb
-                d = a[t, j] + b[t, j] * c[t, j]
-                diag_lz, diag_r = -np.inf, 0.0
-                if d != 0.0 and lz[t, j] > -np.inf:
-                    ld = np.log(abs(d))
-                    diag_lz, diag_r = ld + lz[t, j], r[t, j] + ld
-                # log(e^off + e^diag) with one exp: the larger plus log1p of the smaller's ratio
-                if diag_lz < off_lz:
-                    diag_lz, off_lz, diag_r, off_r = off_lz, diag_lz, off_r, diag_r
-                if diag_lz == -np.inf:
-                    out_lz[t, j], out_r[t, j] = -np.inf, 0.0
+                q2 += e[t, j] * (r[t, j] + g[t, j])
+                # |b_j| (o1, o2) off the diagonal, |d_j| Z_j on it, in units of e^osh (log b = log c
+                # for a softmax: reuse it)
+                bj, d = abs(b[t, j]), abs(a[t, j] + b[t, j] * c[t, j])
+                lb = 0.0
+                if bj != 0.0 and o1 > 0.0:
+                    lb = g[t, j] if bj == abs(c[t, j]) else np.log(bj)
                 else:
-                    ratio = np.exp(off_lz - diag_lz)
-                    out_lz[t, j] = diag_lz + np.log1p(ratio)
-                    out_r[t, j] = (diag_r + ratio * off_r) / (1.0 + ratio)
+                    bj = 0.0
+                if d != 0.0 and lz[t, j] > -np.inf:
+                    ld = np.log(d)
+                    if bj == 0.0:  # the diagonal alone
+                        out_lz[t, j], out_r[t, j] = lz[t, j] + ld, r[t, j] + ld
+                        continue
+                    u = lz[t, j] + ld - osh  # the diagonal's log size against the others'
+                    if u > 0.0:  # scale by the diagonal: every exponent is <= 0
+                        ratio = np.exp(-u)
+                        z = 1.0 + bj * o1 * ratio
+                        out_lz[t, j] = lz[t, j] + ld + np.log(z)
+                        out_r[t, j] = (r[t, j] + ld + bj * (o2 + lb * o1) * ratio) / z
+                    else:
+                        zd = np.exp(u)
+                        z = zd + bj * o1
+                        out_lz[t, j] = np.log(z) + osh
+                        out_r[t, j] = (zd * (r[t, j] + ld) + bj * (o2 + lb * o1)) / z
+                elif bj != 0.0:
+                    out_lz[t, j], out_r[t, j] = lb + np.log(o1) + osh, o2 / o1 + lb
+                else:
+                    out_lz[t, j], out_r[t, j] = -np.inf, 0.0
 
 
 def _rows(t: torch.Tensor, shape, dtype) -> np.ndarray:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradgraph.backprop import backprop, flow
+from gradgraph.backprop import backprop, through
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.semirings import Abs, Entropy, Max
@@ -41,7 +41,7 @@ def gradient_flow(graph: GradGraph, *, dtype: torch.dtype = torch.float64) -> di
     ``{node: [*shape]}``, computed as forward ⊗ backward in the ``Abs`` semiring, in float64 by
     default (the sums of a 30-layer model overflow float32).
     """
-    return {node: value[0] for node, value in flow(graph, Abs, dtype=dtype).items()}
+    return {node: value[0] for node, value in through(graph, Abs, dtype=dtype).items()}
 
 
 def path_entropy(graph: GradGraph) -> torch.Tensor:

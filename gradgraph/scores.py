@@ -31,12 +31,11 @@ def _through(graph: GradGraph, semiring: Semiring, nodes: list[str]) -> tuple[di
     dtype = semiring.safe_dtype
     bwd = backprop(graph, semiring, dtype=dtype)
     fwd = forward(graph, semiring, dtype=dtype, keep=nodes)
-    through = {n: semiring.times(fwd[n], bwd[n]) for n in nodes}
     total = None
     for source in graph.sources:
         value = semiring.sum(bwd[source].flatten(2), 1)  # [S, batch]
         total = value if total is None else semiring.plus(total, value)
-    return through, total[0].double().cpu(), bwd
+    return {n: semiring.times(fwd[n], bwd[n]) for n in nodes}, total[0].double().cpu(), bwd
 
 
 def graph_scores(graph: GradGraph) -> GraphScores:

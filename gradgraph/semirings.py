@@ -528,9 +528,10 @@ class EntropySemiring(Semiring):
         w = as_weight(w)
         shift = _finite_or_zero(x[0].amax(dim=-1, keepdim=True))
         z = torch.exp(x[0] - shift)  # [N, I, J], zero where no path
-        z_out = z @ w.abs(x.dtype)
-        r_out = (z * x[1]) @ w.abs(x.dtype)
-        r_out += z @ w.xlogx(x.dtype)
+        magnitude = w.abs(x.dtype)
+        z_out = z @ magnitude
+        r_out = (z * x[1]) @ magnitude
+        r_out += z @ w.xlogx(x.dtype, magnitude)
         out = _pair(z_out.shape, x)
         torch.add(torch.log(z_out), shift, out=out[0])
         torch.div(r_out, _nonzero(z_out), out=out[1])

@@ -68,9 +68,14 @@ class Weight:
         """|w|."""
         return self._get("abs", dtype, lambda: self.real(dtype).abs())
 
-    def xlogx(self, dtype: torch.dtype) -> torch.Tensor:
-        """|w| log |w| (0 log 0 = 0)."""
-        return self._get("xlogx", dtype, lambda: torch.special.xlogy(self.abs(dtype), self.abs(dtype)))
+    def xlogx(self, dtype: torch.dtype, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+        """|w| log |w| (0 log 0 = 0); ``magnitude`` may pass |w| when the caller has it."""
+
+        def make() -> torch.Tensor:
+            a = self.abs(dtype) if magnitude is None else magnitude
+            return torch.special.xlogy(a, a)
+
+        return self._get("xlogx", dtype, make)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,14 @@ from gradgraph.evaluate import take
 
 
 def test_models_lists_embedded(capsys):
+    from gradgraph.models import EMBEDDED
+
     assert main(["models"]) == 0
-    assert "smollm2-135m" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines[1 : 1 + len(EMBEDDED)]]
+    assert listed == list(EMBEDDED)
+    for entry in EMBEDDED.values():
+        assert any(entry.description in line for line in lines)
 
 
 def test_limit_zero_is_refused(capsys):

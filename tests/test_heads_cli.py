@@ -1,5 +1,8 @@
 """`gradgraph heads` and `gradgraph sva`: clear errors for bad inputs, no partial results."""
 
+import csv
+import json
+
 import pytest
 
 from gradgraph import GradGraphError
@@ -45,18 +48,47 @@ def test_sva_limit_zero_is_refused(capsys):
 
 
 @pytest.mark.real
-def test_sva_study_end_to_end(tmp_path, smol_model):
-    """The main job on a handful of items: every table, figure and the report appear."""
-    import json
+def test_heads_ranks_every_head_by_every_method(tmp_path, capsys, smol_model):
+    prompts, counterfactuals = tmp_path / "p.txt", tmp_path / "c.txt"
+    prompts.write_text("The keys to the cabinet\nThe key to the cabinets\n")
+    counterfactuals.write_text("The key to the cabinet\nThe keys to the cabinets\n")
+    out = tmp_path / "out"
+    assert main(["heads", "--prompts", str(prompts), "--counterfactuals", str(counterfactuals), "--good", " are",
+                 "--bad", " is", "--out", str(out), "--figures", str(tmp_path / "f")]) == 0
+    with open(out / "heads.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    n_layers, n_heads = smol_model.cfg.n_layers, smol_model.cfg.n_heads
+    assert len(rows) == n_layers * (n_heads + 1)
+    methods = ("flow_share", "top_path", "attribution", "ablation", "patching")
+    values = {m: [float(r[m]) for r in rows] for m in methods}
+    assert all(0 <= v <= 1 for m in ("flow_share", "top_path") for v in values[m])
+    assert max(values["top_path"]) <= 1 and max(values["flow_share"]) > 0
+    # attribution patching is the first-order estimate of patching: they agree in sign on the big effects
+    big = sorted(range(len(rows)), key=lambda i: -abs(values["patching"][i]))[:10]
+    assert sum((values["attribution"][i] > 0) == (values["patching"][i] > 0) for i in big) >= 7
+    assert len(list((tmp_path / "f").glob("heads_*.png"))) == len(methods)
+    assert "top heads by patching" in capsys.readouterr().out
 
+
+@pytest.mark.real
+def test_sva_study_end_to_end(tmp_path, smol_model):
+    """The main job on a handful of items: every table, figure and the report appear, rows are the
+    items they claim to be, and a file the study did not write survives in its output folder."""
     out, figures = tmp_path / "sva", tmp_path / "figures"
-    assert main(["sva", "--limit", "8", "--intervention-items", "1", "--out", str(out), "--figures", str(figures)]) == 0
+    out.mkdir()
+    (out / "my_notes.txt").write_text("mine")
+    args = ["sva", "--limit", "8", "--intervention-items", "2", "--out", str(out), "--figures", str(figures)]
+    assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["items_analysed"] == 8 and summary["items_intervened"] == 1
+    assert summary["items_analysed"] == 8 and summary["items_intervened"] == 2
     for row in summary["subject_last_layers"]["oplus"]:
         assert abs(row["q"] + row["k"] + row["v"] + row["skip"] - 1) < 1e-9
     for name in ("accuracy.csv", "branch_shares.csv", "components.csv", "correlations.csv", "entropy.csv",
-                 "component_graph.graphml", "report.md"):
+                 "component_graph.graphml", "report.md", "items.csv"):
         assert (out / name).stat().st_size > 0, name
     assert len(list(figures.glob("sva_*.png"))) == 7
     assert "Spearman" in (out / "report.md").read_text()
+    assert (out / "my_notes.txt").read_text() == "mine"
+    with open(out / "items.csv") as handle:
+        items = list(csv.DictReader(handle))
+    assert len(items) == 8 and len({r["prefix"] for r in items}) == 8

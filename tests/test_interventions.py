@@ -1,8 +1,9 @@
 """Ablation, patching and attribution patching: values against naive full runs; model untouched."""
 
+import pytest
 import torch
 
-from gradgraph import backprop, build_graph, hooks, tiny_model
+from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model
 from gradgraph.interventions import activation_means, attribution_patching, intervene
 from gradgraph.metrics import logit_diff
 from gradgraph.semirings import Real
@@ -83,3 +84,33 @@ def test_attribution_patching_is_first_order_patching():
     exact = _naive(model, tokens, mask, metric, z, 2, store_cf[z][:, :, 2]) - metric(model(tokens), mask)
     assert abs(exact.item()) > 0
     assert abs(approx.item() - exact.item()) < 1e-3 * abs(exact.item()) + 1e-12
+
+
+def test_hooks_are_removed_when_an_intervention_raises():
+    model = tiny_model("gpt2", dtype=torch.float64, seed=3)
+    tokens = torch.tensor([[3, 4, 5, 6]])
+    mask = torch.ones_like(tokens)
+    calls = []
+
+    def metric(logits, attention_mask=None):
+        calls.append(1)
+        if len(calls) > 3:  # fails inside the loop over components, with a replacement hook on
+            raise GradGraphError("metric failed on purpose")
+        return logits[:, -1, 1] - logits[:, -1, 2]
+
+    means = activation_means(model, tokens, mask)
+    with pytest.raises(GradGraphError, match="on purpose"):
+        intervene(model, tokens, mask, metric, means=means, progress=False)
+    assert no_hooks_left(model)
+
+    def broken(*args, **kwargs):  # fails in the middle of a forward pass, with a replacement hook on
+        raise RuntimeError("the MLP broke")
+
+    model.blocks[1].mlp.forward = broken
+    with pytest.raises(RuntimeError, match="the MLP broke"):
+        intervene(model, tokens, mask, logit_diff(1, 2), means=means, progress=False)
+    del model.blocks[1].mlp.forward
+    assert no_hooks_left(model)
+    with pytest.raises(GradGraphError, match="same length"):
+        intervene(model, tokens, mask, logit_diff(1, 2), counterfactual=tokens[:, :2], progress=False)
+    assert no_hooks_left(model)

@@ -86,6 +86,7 @@ def check_branch_rows(rows):
     assert share(rows, "first", "k", "top_value") > 0 and share(rows, "first", "v", "top_value") > 0
 
 
+@pytest.mark.slow
 def test_first_token_model_learns_and_has_branch_shares(one_thread):
     """The forward task (the first token is not at the reading position) on a small vocabulary."""
     result = synthetic.run_first_token(synthetic.FirstTokenConfig(seed=0, seq_len=6, vocab=7, steps=1000, lr=2e-3,
@@ -95,6 +96,7 @@ def test_first_token_model_learns_and_has_branch_shares(one_thread):
     check_branch_rows(result["branches"])
 
 
+@pytest.mark.slow
 def test_reversed_first_token_model_learns_and_has_branch_shares(one_thread):
     """Du et al.'s shapes (vocabulary 20, length 10, d_model 16, 2 heads), tested token read last."""
     result = synthetic.run_first_token(synthetic.FirstTokenConfig(seed=0, reverse=True, steps=800, lr=3e-3,
@@ -109,6 +111,7 @@ def test_reversed_first_token_model_learns_and_has_branch_shares(one_thread):
 # --------------------------------------------------------------------------- known head
 
 
+@pytest.mark.slow
 def test_gradient_flow_ranks_the_induction_head_first(one_thread):
     """The head that moves the answer is found by attention and by ablation, without gradients,
     and gradient flow ranks it first.

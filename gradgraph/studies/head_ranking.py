@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from gradgraph import plot
 from gradgraph.build import build_graph
-from gradgraph.components import Registry
+from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.interventions import activation_means, attribution_patching, intervene
 from gradgraph.metrics import logit_diff
@@ -105,11 +105,12 @@ def run(config: Config) -> tuple[list[dict], dict[str, torch.Tensor], int]:
     scores = rank_heads(model, prompts, config.good, config.bad, counterfactuals=counterfactuals,
                         position=config.position, batch_size=config.batch_size)
     n_heads = model.cfg.n_heads
+    reg = Registry.of(model)
     rows = []
     for layer in range(model.cfg.n_layers):
         for h in range(n_heads + 1):
-            row = dict(component=f"L{layer}H{h}" if h < n_heads else f"MLP{layer}", layer=layer,
-                       head=h if h < n_heads else "")
+            component = Component("head", layer, h) if h < n_heads else Component("mlp", layer)
+            row = dict(component=reg.label(component), layer=layer, head=h if h < n_heads else "")
             row.update({k: float(v[layer, h]) for k, v in scores.items()})
             rows.append(row)
     return rows, scores, n_heads

@@ -27,7 +27,7 @@ from gradgraph import plot
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
 from gradgraph.build import build_graph
 from gradgraph.component_graph import component_graph
-from gradgraph.components import Registry, top_component_paths
+from gradgraph.components import Component, Registry, top_component_paths
 from gradgraph.data import SVAItem, sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
@@ -190,7 +190,7 @@ def run(config: Config) -> Result:
     for layer in range(n_layers):
         for h in range(n_heads + 1):
             head_rows.append(dict(
-                component=f"L{layer}H{h}" if h < n_heads else f"MLP{layer}", layer=layer,
+                component=reg.label(Component("head", layer, h) if h < n_heads else Component("mlp", layer)), layer=layer,
                 head=h if h < n_heads else None,
                 flow_share=float(methods["flow"][:, layer, h].mean()), top_path=float(methods["top_path"][:, layer, h].mean()),
                 attribution_patching=float(methods["attribution"][:, layer, h].mean()),

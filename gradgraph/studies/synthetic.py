@@ -40,7 +40,7 @@ from gradgraph import hooks  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
 from gradgraph.branches import BRANCHES, branch_shares  # noqa: E402
 from gradgraph.build import build_graph  # noqa: E402
-from gradgraph.components import Registry  # noqa: E402
+from gradgraph.components import Component, Registry  # noqa: E402
 from gradgraph.data.synthetic import answer_ids, first_token_repeated, induction, unseen  # noqa: E402
 from gradgraph.graph import GradGraph  # noqa: E402
 from gradgraph.metrics import logit_diff  # noqa: E402
@@ -179,10 +179,14 @@ def ablation_drop(
     return out
 
 
+def _head_label(layer: int, head: int, n_heads: int) -> str:
+    return Registry(layer + 1, n_heads, n_heads, ()).label(Component("head", layer, head))
+
+
 def ranking(score: torch.Tensor) -> list[str]:
-    """Head labels ``L{layer}H{head}`` from the highest score to the lowest."""
+    """Head labels (``L1H0``) of a ``[layers, heads]`` score, from the highest score to the lowest."""
     n_heads = score.shape[1]
-    return [f"L{int(i) // n_heads}H{int(i) % n_heads}" for i in score.flatten().argsort(descending=True)]
+    return [_head_label(int(i) // n_heads, int(i) % n_heads, n_heads) for i in score.flatten().argsort(descending=True)]
 
 
 # --------------------------------------------------------------------------- branches
@@ -498,7 +502,7 @@ def write(config: Config, result: dict) -> None:
             for seed, r in heads:
                 for layer in range(r["flow"].shape[0]):
                     for head in range(r["flow"].shape[1]):
-                        name = f"L{layer}H{head}"
+                        name = _head_label(layer, head, r["flow"].shape[1])
                         writer.writerow([seed, name, float(r["attention"][layer, head]),
                                          float(r["ablation_drop"][layer, head]),
                                          float(r["ablation_drop_all_positions"][layer, head]),

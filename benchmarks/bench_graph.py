@@ -1,0 +1,187 @@
+"""Time and memory of build_graph + backprop against the plain torch forward + backward, by prompt length.
+
+SmolLM2-135M (embedded). Prompts: English text (SVA sentences joined) cut to 64, 128, 512 and 1,024
+tokens at batch 1, and 8 SVA prompts of about 12 tokens. Baselines, measured in the same run:
+
+- ``torch``: one forward + backward with frozen weights and the gradient at the input embeddings
+  only, the least a user could run;
+- ``torch+hooks``: the same, keeping the gradient at every hook point (what ``backprop(Real)``
+  returns).
+
+Rows: ``Real`` (build + backprop keeping every node), ``Real→inputs`` (keeping only the input
+nodes, ``keep=graph.sources``), ``Max``, ``Entropy`` (each keeping the inputs). Every job runs in a
+fresh process; the time is the median of ``--repeats`` runs after one warm-up; memory is the peak
+above the process's memory once the model is loaded (RSS on the CPU, allocated memory on CUDA).
+
+    .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+JOBS = ("torch", "torch+hooks", "Real", "Real→inputs", "Max", "Entropy")
+TARGETS = {("Real", "128"): 1.5, ("Real", "512"): 1.5, ("Real", "8x12"): 1.5, ("Max", "128"): 2.5,
+           ("Max", "512"): 2.5, ("Entropy", "128"): 3.0, ("Entropy", "512"): 3.0}
+
+
+class PeakMemory:
+    """Peak resident memory (CPU, sampled from /proc) or peak CUDA allocation during a block."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.01)
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+
+def prompts(model, length: str):
+    """``(tokens, mask, metric)`` for a length label: ``"8x12"`` or a number of tokens."""
+    from gradgraph.data import sva_items
+    from gradgraph.metrics import logit_diff
+    from gradgraph.prompts import to_tokens
+
+    items = sva_items(model.tokenizer)
+    if "x" in length:
+        batch = int(length.split("x")[0])
+        candidates = [i for i in items if 11 <= i.n_tokens <= 13]
+        chosen = candidates[:: max(1, len(candidates) // batch)][:batch]
+        tokens, mask = to_tokens(model, [i.prefix for i in chosen])
+        return tokens, mask, logit_diff(torch.tensor([i.good_id for i in chosen]), torch.tensor([i.bad_id for i in chosen]))
+    n = int(length)
+    text = ". ".join(i.prefix + i.good for i in items[:: 7])
+    tokens, _ = to_tokens(model, text)
+    if tokens.shape[1] < n:
+        raise SystemExit(f"the benchmark text has {tokens.shape[1]} tokens, fewer than {n}")
+    tokens = tokens[:, :n]
+    return tokens, torch.ones_like(tokens), logit_diff(" are", " is")
+
+
+def measure(job: str, length: str, device: str, repeats: int) -> tuple[float, int]:
+    """(median seconds, peak bytes above the loaded model) of one job, in this (fresh) process."""
+    from gradgraph import hooks, load_model
+    from gradgraph.backprop import backprop
+    from gradgraph.build import build_graph
+    from gradgraph.metrics import prepare
+    from gradgraph.semirings import Entropy, Max, Real
+
+    if device == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens announces the device
+        model = load_model("smollm2-135m", device=device)
+    model.requires_grad_(False)  # gradients at activations only, as the graph computes them
+    tokens, mask, metric = prompts(model, length)
+    metric = prepare(metric, model)
+    if job.startswith("torch"):
+        everywhere = job == "torch+hooks"
+
+        def run():
+            with hooks.recording(model, keep_grad=True, names=None if everywhere else {hooks.name("embed")}):
+                logits = model(tokens)
+            metric(logits, mask).sum().backward()
+    else:
+        semiring = {"Real": Real, "Real→inputs": Real, "Max": Max, "Entropy": Entropy}[job]
+        everything = job == "Real"
+
+        def run():
+            graph = build_graph(model, tokens, metric, attention_mask=mask)
+            backprop(graph, semiring, keep=None if everything else graph.sources)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = PeakMemory.rss()
+    times, peak = [], 0
+    for i in range(repeats + 1):
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        peak = max(peak, memory.peak)
+        if i:  # the first run warms up (numba compilation, allocator)
+            times.append(seconds)
+    return statistics.median(times), peak - base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", default=["8x12", "64", "128", "512", "1024"])
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    threads = min(2, os.cpu_count() or 1) if args.device == "cpu" else "-"
+    print(f"device {args.device}, torch threads {threads}, median of {args.repeats} runs after a warm-up, "
+          f"each job in a fresh process; memory = peak above the loaded model")
+    pool = multiprocessing.get_context("spawn")
+    ratios: dict[tuple[str, str], float] = {}
+    header = f"{'tokens':>7} {'job':<12} {'time (s)':>9} {'x torch':>8} {'x t+hooks':>10} {'target':>7} " \
+             f"{'peak MB':>9} {'x torch':>8} {'x t+hooks':>10}"
+    print(header)
+    for length in args.lengths:
+        base: dict[str, tuple[float, int]] = {}
+        for job in args.jobs:
+            worker = pool.Pool(1)
+            seconds, memory = worker.apply(measure, (job, length, args.device, args.repeats))
+            worker.close()
+            worker.join()  # the worker's memory is back before the next job checks what is available
+            if job.startswith("torch"):
+                base[job] = (seconds, memory)
+            t, th = base.get("torch"), base.get("torch+hooks")
+            ratio = seconds / t[0] if t else float("nan")
+            ratios[(job, length)] = ratio
+            target = TARGETS.get((job, length))
+            print(f"{length:>7} {job:<12} {seconds:>9.3f} {ratio:>8.2f} "
+                  f"{(seconds / th[0] if th else float('nan')):>10.2f} {('<= %.1fx' % target) if target else '':>7} "
+                  f"{memory / 2**20:>9.0f} {(memory / t[1] if t else float('nan')):>8.2f} "
+                  f"{(memory / th[1] if th else float('nan')):>10.2f}", flush=True)
+    numbers = [n for n in args.lengths if n.isdigit()]
+    if len(numbers) >= 2:
+        lo, hi = numbers[0], numbers[-1]
+        print(f"\ngrowth of the time ratio to torch from {lo} to {hi} tokens (target for 64 → 512: within 1.3x):")
+        for job in args.jobs:
+            if not job.startswith("torch") and (job, lo) in ratios and (job, hi) in ratios:
+                growth = {n: ratios[(job, n)] / ratios[(job, lo)] for n in numbers if (job, n) in ratios}
+                print(f"  {job:<12} " + "  ".join(f"{n}: {g:.2f}" for n, g in growth.items()))
+
+
+if __name__ == "__main__":
+    main()
