@@ -158,15 +158,25 @@ def _check_embed(model, embed: torch.Tensor, token_ids: torch.Tensor) -> torch.T
 
 
 def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """Per-head copies of the residual stream and of ``ln1`` are equal along the head axis (one
-    vector repeated): keep one and an expanded view, so that they cost no memory."""
+    """Per-head copies of the residual stream and of ``ln1`` repeat one vector along the head axis:
+    keep one and an expanded view, so that they cost no memory. The q/k/v inputs are copies of
+    ``hook_resid_pre`` by TransformerLens' construction; ``ln1`` of identical copies is compared
+    (first, middle and last head) and kept whole if it differs."""
     for layer in range(n_layers):
-        names = [hooks.name(f"{c}_input", layer) for c in hooks.SPLIT_FIRINGS]
-        names += [hooks.name(f"ln1_{kind}", layer, c) for kind in ("scale", "normalized") for c in hooks.SPLIT_FIRINGS]
-        for name in names:
+        resid = acts.get(hooks.name("resid_pre", layer))
+        for firing in hooks.SPLIT_FIRINGS:
+            name = hooks.name(f"{firing}_input", layer)
             tensor = acts.get(name)
-            if tensor is not None and tensor.ndim == 4 and torch.equal(tensor, tensor[:, :, :1].expand_as(tensor)):
-                acts[name] = tensor[:, :, :1].clone().expand_as(tensor)
+            if resid is not None and tensor is not None and tensor.ndim == 4 and tensor.shape[-1] == resid.shape[-1]:
+                acts[name] = resid[:, :, None].expand_as(tensor)
+            for kind in ("scale", "normalized"):
+                name = hooks.name(f"ln1_{kind}", layer, firing)
+                tensor = acts.get(name)
+                if tensor is None or tensor.ndim != 4:
+                    continue
+                first = tensor[:, :, :1]
+                if all(torch.equal(first, tensor[:, :, h : h + 1]) for h in {tensor.shape[2] // 2, tensor.shape[2] - 1}):
+                    acts[name] = first.clone().expand_as(tensor)
     return acts
 
 

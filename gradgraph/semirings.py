@@ -527,14 +527,14 @@ class EntropySemiring(Semiring):
         # Z_i = Σ_j |w_ij| Z_j ;  R_i = Σ_j |w_ij| R_j + (|w| log|w|)_ij Z_j, with Z_j = e^{lz_j - m}
         w = as_weight(w)
         shift = _finite_or_zero(x[0].amax(dim=-1, keepdim=True))
-        z = torch.exp(x[0] - shift)  # [N, I, J], zero where no path
+        z = (x[0] - shift).exp_()  # [N, I, J], zero where no path
         magnitude = w.abs(x.dtype)
         z_out = z @ magnitude
         r_out = (z * x[1]) @ magnitude
-        r_out += z @ w.xlogx(x.dtype, magnitude)
+        r_out.add_(z @ w.xlogx(x.dtype, magnitude))
         out = _pair(z_out.shape, x)
-        torch.add(torch.log(z_out), shift, out=out[0])
-        torch.div(r_out, _nonzero(z_out), out=out[1])
+        torch.log(z_out, out=out[0]).add_(shift)
+        torch.div(r_out, z_out.clamp_min_(torch.finfo(z_out.dtype).tiny), out=out[1])
         return out
 
     def rank1(self, v, a, b, c):

@@ -34,8 +34,9 @@ MANIFEST = ".gradgraph-manifest.json"
 class Staging:
     """Where a run writes: ``path(name)`` for results, ``figure(name)`` for figures."""
 
-    def __init__(self, root: Path, out: Path, figures: Path):
+    def __init__(self, root: Path, out: Path, figures: Path, shown: tuple[Path, Path]):
         self.root, self.out, self.figures = root, out, figures
+        self._shown = shown  # the folders as the caller named them, for messages and reports
 
     def path(self, name: str) -> Path:
         """A results file (published into ``out``)."""
@@ -52,9 +53,9 @@ class Staging:
         return path
 
     def final(self, path: Path) -> Path:
-        """Where a staged file will be once published."""
+        """Where a staged file will be once published (under the folder names the caller gave)."""
         relative = path.relative_to(self.root)
-        base = self.out if relative.parts[0] == "results" else self.figures
+        base = self._shown[0] if relative.parts[0] == "results" else self._shown[1]
         return base.joinpath(*relative.parts[1:])
 
 
@@ -127,11 +128,12 @@ def publish_files(staged: Path, folder: Path) -> None:
 @contextmanager
 def staged_run(out: str | Path, figures: str | Path, command: str) -> Iterator[Staging]:
     """Stage a run's files; publish them if the block finishes, discard them if it raises."""
+    shown = (Path(out), Path(figures))
     out, figures = Path(out).expanduser().absolute(), Path(figures).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        staging = Staging(root, out, figures)
+        staging = Staging(root, out, figures, shown)
         yield staging
         results = root / "results"
         results.mkdir(exist_ok=True)
