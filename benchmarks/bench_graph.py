@@ -10,8 +10,10 @@ tokens at batch 1, and 8 SVA prompts of about 12 tokens. Baselines, measured in 
 
 Rows: ``Real`` (build + backprop keeping every node), ``Real→inputs`` (keeping only the input
 nodes, ``keep=graph.sources``), ``Max``, ``Entropy`` (each keeping the inputs). Every job runs in a
-fresh process; the time is the median of ``--repeats`` runs after one warm-up; memory is the peak
-above the process's memory once the model is loaded (RSS on the CPU, allocated memory on CUDA).
+fresh process. Its memory is the peak above the process's memory once the model is loaded (RSS on
+the CPU, allocated memory on CUDA), over a warm-up and one run of the job alone. Its time is the
+median of ``--repeats`` runs, and the ratios compare it with both baselines timed in the same
+process, alternating with it: a machine that slows down for a while slows both sides of a ratio.
 
     .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3]
 """
@@ -92,8 +94,8 @@ def prompts(model, length: str):
     return tokens, torch.ones_like(tokens), logit_diff(" are", " is")
 
 
-def measure(job: str, length: str, device: str, repeats: int) -> tuple[float, int]:
-    """(median seconds, peak bytes above the loaded model) of one job, in this (fresh) process."""
+def measure(job: str, length: str, device: str, repeats: int) -> dict:
+    """Time and memory of one job in this (fresh) process, with both baselines timed beside it."""
     from gradgraph import hooks, load_model
     from gradgraph.backprop import backprop
     from gradgraph.build import build_graph
@@ -107,38 +109,48 @@ def measure(job: str, length: str, device: str, repeats: int) -> tuple[float, in
     model.requires_grad_(False)  # gradients at activations only, as the graph computes them
     tokens, mask, metric = prompts(model, length)
     metric = prepare(metric, model)
-    if job.startswith("torch"):
-        everywhere = job == "torch+hooks"
 
+    def baseline(everywhere: bool):
         def run():
             with hooks.recording(model, keep_grad=True, names=None if everywhere else {hooks.name("embed")}):
                 logits = model(tokens)
             metric(logits, mask).sum().backward()
-    else:
-        semiring = {"Real": Real, "Real→inputs": Real, "Max": Max, "Entropy": Entropy}[job]
-        everything = job == "Real"
 
+        return run
+
+    def graph_job(semiring, everything: bool):
         def run():
             graph = build_graph(model, tokens, metric, attention_mask=mask)
             backprop(graph, semiring, keep=None if everything else graph.sources)
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = PeakMemory.rss()
-    times, peak = [], 0
-    for i in range(repeats + 1):
+        return run
+
+    jobs = {"torch": baseline(False), "torch+hooks": baseline(True), "Real": graph_job(Real, True),
+            "Real→inputs": graph_job(Real, False), "Max": graph_job(Max, False), "Entropy": graph_job(Entropy, False)}
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    base = torch.cuda.memory_allocated() if device == "cuda" else PeakMemory.rss()
+    peak = 0
+    for _ in range(2):  # a warm-up (numba compilation, weight caches) and one run, the job alone
         with PeakMemory(device) as memory:
-            start = time.perf_counter()
-            run()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            jobs[job]()
+            sync()
         peak = max(peak, memory.peak)
-        if i:  # the first run warms up (numba compilation, allocator)
-            times.append(seconds)
-    return statistics.median(times), peak - base
+    timed = [job] + [b for b in ("torch", "torch+hooks") if b != job]
+    for name in timed[1:]:
+        jobs[name]()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    for i in range(repeats):
+        for name in timed[i % len(timed):] + timed[: i % len(timed)]:  # rotate the order
+            start = time.perf_counter()
+            jobs[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return dict(seconds={k: statistics.median(v) for k, v in times.items()}, memory=peak - base)
 
 
 def main() -> None:
@@ -153,26 +165,25 @@ def main() -> None:
           f"each job in a fresh process; memory = peak above the loaded model")
     pool = multiprocessing.get_context("spawn")
     ratios: dict[tuple[str, str], float] = {}
-    header = f"{'tokens':>7} {'job':<12} {'time (s)':>9} {'x torch':>8} {'x t+hooks':>10} {'target':>7} " \
-             f"{'peak MB':>9} {'x torch':>8} {'x t+hooks':>10}"
-    print(header)
+    print(f"{'tokens':>7} {'job':<12} {'time (s)':>9} {'x torch':>8} {'x t+hooks':>10} {'target':>7} "
+          f"{'peak MB':>9} {'x torch':>8} {'x t+hooks':>10}")
     for length in args.lengths:
-        base: dict[str, tuple[float, int]] = {}
+        memory: dict[str, int] = {}
         for job in args.jobs:
             worker = pool.Pool(1)
-            seconds, memory = worker.apply(measure, (job, length, args.device, args.repeats))
+            result = worker.apply(measure, (job, length, args.device, args.repeats))
             worker.close()
             worker.join()  # the worker's memory is back before the next job checks what is available
-            if job.startswith("torch"):
-                base[job] = (seconds, memory)
-            t, th = base.get("torch"), base.get("torch+hooks")
-            ratio = seconds / t[0] if t else float("nan")
-            ratios[(job, length)] = ratio
+            seconds = result["seconds"]
+            memory[job] = result["memory"]
+            t, th = seconds[job] / seconds["torch"], seconds[job] / seconds["torch+hooks"]
+            ratios[(job, length)] = t
             target = TARGETS.get((job, length))
-            print(f"{length:>7} {job:<12} {seconds:>9.3f} {ratio:>8.2f} "
-                  f"{(seconds / th[0] if th else float('nan')):>10.2f} {('<= %.1fx' % target) if target else '':>7} "
-                  f"{memory / 2**20:>9.0f} {(memory / t[1] if t else float('nan')):>8.2f} "
-                  f"{(memory / th[1] if th else float('nan')):>10.2f}", flush=True)
+            m, mh = memory.get("torch"), memory.get("torch+hooks")
+            print(f"{length:>7} {job:<12} {seconds[job]:>9.3f} {t:>8.2f} {th:>10.2f} "
+                  f"{('<= %.1fx' % target) if target else '':>7} {memory[job] / 2**20:>9.0f} "
+                  f"{(memory[job] / m if m else float('nan')):>8.2f} {(memory[job] / mh if mh else float('nan')):>10.2f}",
+                  flush=True)
     numbers = [n for n in args.lengths if n.isdigit()]
     if len(numbers) >= 2:
         lo, hi = numbers[0], numbers[-1]

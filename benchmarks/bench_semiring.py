@@ -13,10 +13,10 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import threading
 import time
 
 import torch
+from bench_graph import PeakMemory
 
 from gradgraph import hooks, load_model
 from gradgraph.backprop import backprop
@@ -29,48 +29,6 @@ from gradgraph.semirings import Abs, Entropy, KMax, Log, Max, Real, SignedMax
 TARGETS = {"Real": 2, "Abs": 2, "Log": None, "Entropy": 4, "Max": 8, "SignedMax": None, "KMax(5)": 30}
 
 
-class PeakMemory:
-    """Peak resident memory (CPU, sampled from /proc) or peak CUDA allocation during a block."""
-
-    def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.02)
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = self._rss()
-            self.peak = self.start
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-
-    @property
-    def used(self) -> int:
-        return self.peak - self.start if self.device == "cuda" else self.peak
-
-
 def timed(fn, repeats: int, device: str) -> tuple[float, int]:
     fn()  # warm-up (and numba compilation)
     times, peak = [], 0
@@ -81,7 +39,7 @@ def timed(fn, repeats: int, device: str) -> tuple[float, int]:
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        peak = max(peak, memory.used)
+        peak = max(peak, memory.peak)
     return statistics.median(times), peak
 
 

@@ -386,7 +386,8 @@ class Matmul(Block):
         return self._memo("mask", make)
 
     def _weight(self) -> torch.Tensor:
-        return self._memo("weight", lambda: self.weight.real(torch.float64).cpu())
+        """The weight in its own dtype (rows become float64 where they are listed)."""
+        return self._memo("weight", lambda: self.weight.real(self.weight.dtype).cpu())
 
     def out_edges(self, shapes, flat):
         src_c = self._canonical(shapes, "src")
@@ -398,9 +399,9 @@ class Matmul(Block):
         wn = weight[0 if weight.shape[0] == 1 else n]
         mask = self._mask(shapes)
         if self.node_left:  # src (n, i=a, j=b) -> tgt (n, a, k), weight W[n, b, k]
-            weights, targets, keep = wn[b], tgt_c[n, a], mask[n, a]
+            weights, targets, keep = wn[b].double(), tgt_c[n, a], mask[n, a]
         else:  # src (n, j=a, k=b) -> tgt (n, i, b), weight W[n, i, a]
-            weights, targets, keep = wn[:, a], tgt_c[n, :, b], mask[n, :, b]
+            weights, targets, keep = wn[:, a].double(), tgt_c[n, :, b], mask[n, :, b]
         keep = keep & (weights != 0)
         return targets[keep], weights[keep]
 
@@ -424,7 +425,7 @@ class Matmul(Block):
 
     def scalar_edges(self, shapes):
         s, t, w, keep = self._expanded(shapes)
-        return s[keep], t[keep], w[keep]
+        return s[keep], t[keep], w[keep].double()
 
     def n_edges(self, shapes):
         nonzero = (self._weight() != 0).double()

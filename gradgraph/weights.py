@@ -39,6 +39,11 @@ class Weight:
     def device(self) -> torch.device:
         return next(f.device for f in self.factors if isinstance(f, torch.Tensor))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first tensor factor (its own: no cast, no copy)."""
+        return next(f.dtype for f in self.factors if isinstance(f, torch.Tensor))
+
     def scaled(self, factor: float) -> "Weight":
         """This weight times a number (a new, unshared weight unless the number is 1)."""
         return self if factor == 1 else Weight(*self.factors, factor)
