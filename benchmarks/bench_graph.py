@@ -11,7 +11,8 @@ tokens at batch 1, and 8 SVA prompts of about 12 tokens. Baselines, measured in 
 Rows: ``Real`` (build + backprop keeping every node), ``Real→inputs`` (keeping only the input
 nodes, ``keep=graph.sources``), ``Max``, ``Entropy`` (each keeping the inputs). Every job runs in a
 fresh process. Its memory is the peak above the process's memory once the model is loaded (RSS on
-the CPU, allocated memory on CUDA), over a warm-up and one run of the job alone. Its time is the
+the CPU, after handing freed memory back with ``malloc_trim``; allocated memory on CUDA), over a
+warm-up and one run of the job alone. Its time is the
 median of ``--repeats`` runs, and the ratios compare it with both baselines timed in the same
 process, alternating with it: a machine that slows down for a while slows both sides of a ratio.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import multiprocessing
 import os
@@ -133,6 +135,8 @@ def measure(job: str, length: str, device: str, repeats: int) -> dict:
             torch.cuda.synchronize()
 
     sync()
+    if device == "cpu":  # hand memory freed while loading back to the system, so that RSS counts the job
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = torch.cuda.memory_allocated() if device == "cuda" else PeakMemory.rss()
     peak = 0
     for _ in range(2):  # a warm-up (numba compilation, weight caches) and one run, the job alone

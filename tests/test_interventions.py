@@ -114,3 +114,24 @@ def test_hooks_are_removed_when_an_intervention_raises():
     with pytest.raises(GradGraphError, match="same length"):
         intervene(model, tokens, mask, logit_diff(1, 2), counterfactual=tokens[:, :2], progress=False)
     assert no_hooks_left(model)
+
+
+def test_interventions_at_replaced_input_embeddings():
+    """``embed`` runs the clean pass (and every intervention) at other input embeddings."""
+    model = tiny_model("llama", dtype=torch.float64, n_layers=2, seed=5)
+    tokens = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    mask = torch.ones_like(tokens)
+    metric = logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    means = activation_means(model, tokens, mask)
+    plain = intervene(model, tokens, mask, metric, means=means, progress=False)
+    same = intervene(model, tokens, mask, metric, means=means, embed=model.W_E[tokens], progress=False)
+    assert all(torch.allclose(plain["mean_ablation"][k], same["mean_ablation"][k], atol=1e-12) for k in plain["mean_ablation"])
+    embed = 0.5 * model.W_E[tokens]
+    moved = intervene(model, tokens, mask, metric, means=means, embed=embed, progress=False)
+    with hooks.replacing(model, {"hook_embed": embed}):
+        clean = metric(model(tokens), mask)
+        expected = _naive(model, tokens, mask, metric, "blocks.1.attn.hook_z", 2, means["blocks.1.attn.hook_z"][2]) - clean
+    assert torch.allclose(moved["clean"]["metric"], clean, atol=1e-10)
+    assert torch.allclose(moved["mean_ablation"]["L1H2"], expected, atol=1e-10)
+    assert not torch.allclose(moved["clean"]["metric"], plain["clean"]["metric"])
+    assert no_hooks_left(model)
