@@ -174,7 +174,7 @@ def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: s
             x, y = _place(node, registry, len(tokens))
             ax.annotate(node.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
     _token_axis(ax, tokens, registry.n_layers)
-    ax.set_title(title + f"\nstrongest edges within a position (blue) and across positions (red, attention)",
+    ax.set_title(title + "\nstrongest edges within a position (blue) and across positions (red, attention)",
                  fontsize=9)
     return _save(fig, path)
 

@@ -47,7 +47,8 @@ def graph_scores(graph: GradGraph) -> GraphScores:
     gradients = {n: v[0] for n, v in backprop(graph, Real, keep=nodes).items()}
     return GraphScores(
         flow_share=head_mlp_scores(graph, flows, Abs) / total_flow[:, None, None],
-        top_path=head_mlp_scores(graph, best, Max) / best_overall[:, None, None],
+        # the same best path multiplied in another order can exceed the overall best by float32 rounding
+        top_path=(head_mlp_scores(graph, best, Max) / best_overall[:, None, None]).clamp(max=1.0),
         gradients=gradients,
         max_backward=max_backward,
     )

@@ -96,28 +96,25 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def run(config: Config) -> Result:
-    """Run the whole study (no files written)."""
-    if config.limit < 1 or config.intervention_items < 1:
-        raise GradGraphError("--limit and --intervention-items must be positive numbers of items")
-    start = time.time()
-    model = load_model(config.model)
-    reg = Registry.of(model)
-    items = sva_items(model.tokenizer, seed=config.seed, prepend_bos=model.cfg.default_prepend_bos)
+@dataclass
+class _GraphStage:
+    """What the gradient graphs of the chosen items give (scores in the order of the items)."""
 
-    # ------------------------------------------------------------ 1. accuracy
-    results = evaluate_sva(model, items)
-    accuracy = accuracy_table(results)
-    print(f"\nSVA accuracy of {config.model} ({len(results)} items):\n{format_table(accuracy)}\n")
+    shares: dict[str, BranchShares]
+    methods: dict[str, torch.Tensor]  # [items, layers, heads + 1]
+    per_item: list[dict]
+    examples: list[dict]
+    component_graph: tuple[nx.DiGraph, list[str], str] | None
 
-    # ------------------------------------------------------------ 2. gradient graphs
-    chosen = take([i for i in items if i.counterfactual], config.limit, seed=config.seed)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+
+def _graph_stage(model, reg: Registry, chosen: list[SVAItem], config: Config) -> _GraphStage:
+    """Per batch of items one graph: branch shares, head scores, attribution patching, entropy,
+    component paths of a few example sentences and the component graph of the first."""
     shares: dict[str, list] = defaultdict(list)
     scores: dict[str, list[torch.Tensor]] = defaultdict(list)
     order: list[int] = []  # index into `chosen` of each scored row
     per_item, examples = [], []
-    graph_example = None
+    example_graph = None
     for batch_pairs in tqdm(_batches(list(enumerate(chosen)), config.batch_size), desc="gradient graphs", unit="batch"):
         batch = [item for _, item in batch_pairs]
         order += [index for index, _ in batch_pairs]
@@ -142,9 +139,9 @@ def run(config: Config) -> Result:
             per_item.append(dict(prefix=item.prefix, condition=item.condition, n_attractors=item.n_attractors,
                                  subject_number=item.subject_number, n_tokens=item.n_tokens, path_entropy=h))
         wanted = [b for b, i in enumerate(batch) if i.n_attractors > 0][: config.examples - len(examples)]
-        if wanted and graph_example is None:  # the component graph of the first example
+        if wanted and example_graph is None:
             b = wanted[0]
-            graph_example = (component_graph(graph, Abs, batch=b, min_share=0.005),
+            example_graph = (component_graph(graph, Abs, batch=b, min_share=0.005),
                              [model.tokenizer.decode([t]) for t in tokens[b, : batch[b].n_tokens].tolist()],
                              f"|gradient| flow between components: {batch[b].prefix!r} → {batch[b].good!r} vs {batch[b].bad!r}")
         if wanted:
@@ -155,81 +152,113 @@ def run(config: Config) -> Result:
                 examples.append(dict(prefix=item.prefix, good=item.good, bad=item.bad, tokens=words,
                                      paths=[dict(components=list(c), weight=w, scalar_paths=n) for c, w, n in comp[b]]))
     rows_of = torch.tensor(order).argsort()  # row r of the concatenated scores is chosen[order[r]]
-    methods = {name: torch.cat(parts)[rows_of] for name, parts in scores.items()}  # now in `chosen` order
+    methods = {"gradient flow (Abs share)": torch.cat(scores["flow"])[rows_of],
+               "top-path value (Max)": torch.cat(scores["top_path"])[rows_of],
+               "attribution patching": torch.cat(scores["attribution"])[rows_of]}
+    shares_mean = {name: BranchShares.mean(parts) for name, parts in shares.items()}
+    return _GraphStage(shares_mean, methods, per_item, examples, example_graph)
 
-    # ------------------------------------------------------------ 3. interventions (subset)
+
+def _intervention_stage(model, reg: Registry, chosen: list[SVAItem], config: Config):
+    """Mean ablation and activation patching of every head and MLP on a subset of the items:
+    ``(effects by name [subset, layers, heads + 1], the rows of chosen they belong to)``."""
     subset = take(chosen, config.intervention_items, seed=config.seed + 1)
-    intervened = [next(n for n, c in enumerate(chosen) if c is item) for item in subset]
+    indexed = [(next(n for n, c in enumerate(chosen) if c is item), item) for item in subset]
     tokens_all, mask_all = to_tokens(model, [i.prefix for i in chosen])
     means = activation_means(model, tokens_all, mask_all)
-    ablation, patching, done = [], [], []
-    for batch_pairs in tqdm(_batches(list(zip(intervened, subset)), config.intervention_items),
-                            desc="ablation + patching", unit="batch"):
+    ablation, patching, rows = [], [], []
+    for batch_pairs in tqdm(_batches(indexed, config.intervention_items), desc="ablation + patching", unit="batch"):
         batch = [item for _, item in batch_pairs]
         tokens, mask = to_tokens(model, [i.prefix for i in batch])
         cf_tokens, _ = to_tokens(model, [i.counterfactual for i in batch])
         effects = intervene(model, tokens, mask, _metric(batch), counterfactual=cf_tokens, means=means)
         ablation.append(stack_effects(effects["mean_ablation"], reg))
         patching.append(stack_effects(effects["patching"], reg))
-        done += [index for index, _ in batch_pairs]
-    truths = {"mean ablation |Δ|": torch.cat(ablation), "activation patching |Δ|": torch.cat(patching)}
-    intervened = done
+        rows += [index for index, _ in batch_pairs]
+    return {"mean ablation |Δ|": torch.cat(ablation), "activation patching |Δ|": torch.cat(patching)}, rows
 
-    # ------------------------------------------------------------ 4. rankings and correlations
-    labelled = {"gradient flow (Abs share)": methods["flow"], "top-path value (Max)": methods["top_path"],
-                "attribution patching |Δ|": methods["attribution"].abs()}
-    sub = torch.tensor(intervened)
-    correlations = []
-    for name, value in labelled.items():
-        mean_sub = value[sub].mean(0)  # the same items as the interventions
+
+def _correlations(methods: dict, truths: dict, rows: list[int], n_heads: int) -> list[dict]:
+    """Spearman ρ over heads between each method's |score| (on the intervened items) and |effect|."""
+    out = []
+    for name, value in methods.items():
+        mean_sub = value[torch.tensor(rows)].abs().mean(0)
         for truth_name, truth in truths.items():
             rho = spearmanr(mean_sub[:, :n_heads].flatten().numpy(),
                             truth.mean(0).abs()[:, :n_heads].flatten().numpy()).statistic
-            correlations.append(dict(method=name, ground_truth=truth_name, spearman_heads=float(rho)))
-    head_rows = []
-    for layer in range(n_layers):
-        for h in range(n_heads + 1):
-            head_rows.append(dict(
-                component=reg.label(Component("head", layer, h) if h < n_heads else Component("mlp", layer)), layer=layer,
-                head=h if h < n_heads else None,
-                flow_share=float(methods["flow"][:, layer, h].mean()), top_path=float(methods["top_path"][:, layer, h].mean()),
-                attribution_patching=float(methods["attribution"][:, layer, h].mean()),
+            out.append(dict(method=name + (" |Δ|" if "patching" in name else ""), ground_truth=truth_name,
+                            spearman_heads=float(rho)))
+    return out
+
+
+def _head_rows(reg: Registry, methods: dict, truths: dict) -> list[dict]:
+    rows = []
+    for layer in range(reg.n_layers):
+        for h in range(reg.n_heads + 1):
+            component = Component("head", layer, h) if h < reg.n_heads else Component("mlp", layer)
+            rows.append(dict(
+                component=reg.label(component), layer=layer, head=h if h < reg.n_heads else None,
+                flow_share=float(methods["gradient flow (Abs share)"][:, layer, h].mean()),
+                top_path=float(methods["top-path value (Max)"][:, layer, h].mean()),
+                attribution_patching=float(methods["attribution patching"][:, layer, h].mean()),
                 mean_ablation=float(truths["mean ablation |Δ|"][:, layer, h].mean()),
                 patching=float(truths["activation patching |Δ|"][:, layer, h].mean()),
             ))
+    return rows
 
-    # ------------------------------------------------------------ 5. entropy by condition
+
+def _entropy_rows(per_item: list[dict]) -> list[dict]:
+    """Mean path entropy and its standard error per condition and attractor count."""
     groups = defaultdict(list)
     for row in per_item:
         groups[(row["condition"], row["n_attractors"])].append(row["path_entropy"])
-    entropy_rows = []
+    rows = []
     for (condition, n_attr), values in sorted(groups.items()):
         mean = sum(values) / len(values)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-        entropy_rows.append(dict(condition=condition, n_attractors=n_attr, n=len(values), mean=mean,
-                                 sem=sd / math.sqrt(len(values))))
+        rows.append(dict(condition=condition, n_attractors=n_attr, n=len(values), mean=mean, sem=sd / math.sqrt(len(values))))
+    return rows
 
-    shares_mean = {name: BranchShares.mean(parts) for name, parts in shares.items()}
+
+def run(config: Config) -> Result:
+    """Run the whole study (no files written)."""
+    if config.limit < 1 or config.intervention_items < 1:
+        raise GradGraphError("--limit and --intervention-items must be positive numbers of items")
+    start = time.time()
+    model = load_model(config.model)
+    reg = Registry.of(model)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    items = sva_items(model.tokenizer, seed=config.seed, prepend_bos=model.cfg.default_prepend_bos)
+    results = evaluate_sva(model, items)
+    accuracy = accuracy_table(results)
+    print(f"\nSVA accuracy of {config.model} ({len(results)} items):\n{format_table(accuracy)}\n")
+    chosen = take([i for i in items if i.counterfactual], config.limit, seed=config.seed)
+    graphs = _graph_stage(model, reg, chosen, config)
+    truths, intervened = _intervention_stage(model, reg, chosen, config)
+    correlations = _correlations(graphs.methods, truths, intervened, n_heads)
+    head_rows = _head_rows(reg, graphs.methods, truths)
+    entropy_rows = _entropy_rows(graphs.per_item)
     heads_only = [r for r in head_rows if r["head"] is not None]
     rankings = {key: [r["component"] for r in sorted(heads_only, key=lambda r: -abs(r[key]))[:10]]
                 for key in ("flow_share", "top_path", "attribution_patching", "mean_ablation", "patching")}
+    shares = graphs.shares
     summary = dict(
         model=config.model, items_evaluated=len(results), items_analysed=len(chosen),
-        items_intervened=len(subset), accuracy=accuracy, correlations=correlations, rankings=rankings,
-        subject_last_layers={agg: [dict(layer=l, **{b: float(shares_mean[f"subject/{agg}"].share[l, i])
+        items_intervened=len(intervened), accuracy=accuracy, correlations=correlations, rankings=rankings,
+        subject_last_layers={agg: [dict(layer=l, **{b: float(shares[f"subject/{agg}"].share[l, i])
                                                     for i, b in enumerate(BRANCHES)})
                                    for l in range(n_layers - 3, n_layers)] for agg in ("oplus", "bucket_sum")},
-        entropy=entropy_rows, examples=examples, seconds=time.time() - start,
+        entropy=entropy_rows, examples=graphs.examples, seconds=time.time() - start,
     )
-    cg, words, title = graph_example if graph_example else (None, [], "")
-    return Result(config, reg, n_layers, n_heads, accuracy, shares_mean, labelled, truths, intervened, correlations,
-                  head_rows, entropy_rows, per_item, examples, cg, words, title, summary)
+    cg, words, title = graphs.component_graph or (None, [], "")
+    return Result(config, reg, n_layers, n_heads, accuracy, shares, graphs.methods, truths, intervened, correlations,
+                  head_rows, entropy_rows, graphs.per_item, graphs.examples, cg, words, title, summary)
 
 
 def write(result: Result) -> dict:
     """Stage every table, figure and the report, then publish them together; returns the summary."""
     config, summary = result.config, dict(result.summary)
-    n_heads, n_layers = result.n_heads, result.n_layers
+    n_heads = result.n_heads
     with staged_run(config.out, config.figures, "gradgraph sva") as out:
         share_rows = []
         for name, s in result.shares.items():
@@ -257,10 +286,10 @@ def write(result: Result) -> dict:
                                     title="Where the top gradient path goes at each layer's attention input"),
             plot.entropy_plot(result.entropy_rows, out.figure("sva_entropy.png"), title="Path entropy of the gradient graph"),
             plot.method_scatter({
-                m: (value[sub].mean(0)[:, :n_heads].flatten().numpy(), ablation[:, :n_heads].flatten().numpy(),
-                    next(c["spearman_heads"] for c in result.correlations
-                         if c["method"] == m and c["ground_truth"] == "mean ablation |Δ|"),
-                    "|mean-ablation effect|") for m, value in result.methods.items()},
+                c["method"]: (result.methods[m][sub].abs().mean(0)[:, :n_heads].flatten().numpy(),
+                              ablation[:, :n_heads].flatten().numpy(), c["spearman_heads"], "|mean-ablation effect|")
+                for m, c in zip(result.methods, [c for c in result.correlations
+                                                 if c["ground_truth"] == "mean ablation |Δ|"])},
                 out.figure("sva_methods_vs_ablation.png"), title="Head scores against mean-ablation effects"),
         ]
         if result.examples:
