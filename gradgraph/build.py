@@ -39,6 +39,7 @@ change the norm, activation, softmax, linear, bilinear and residual blocks and n
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -48,10 +49,11 @@ from transformer_lens import HookedTransformer
 
 from gradgraph import hooks, memory
 from gradgraph.errors import GradGraphError
-from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul
+from gradgraph.backprop import backprop
+from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
-from gradgraph.rules import GRADIENT, NormOp, RuleSet, SoftmaxOp
+from gradgraph.rules import GRADIENT, NormOp, RuleSet, SoftmaxOp, SumOp, rule_set
 from gradgraph.weights import Weight, model_weights, shared_weight
 
 
@@ -228,8 +230,8 @@ def record(
 class _Assembly:
     """The nodes and blocks assembled so far, and what they are built from."""
 
-    def __init__(self, recording: Recording, rules: RuleSet):
-        self.rec, self.rules = recording, rules
+    def __init__(self, recording: Recording, rules: RuleSet, head_mask: torch.Tensor | None):
+        self.rec, self.rules, self.head_mask = recording, rules, head_mask
         self.model, self.cfg = recording.model, recording.model.cfg
         self.valid = recording.attention_mask.bool()  # [B, P]
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -256,6 +258,11 @@ class _Assembly:
         return shared_weight(self.weights, key, make)
 
 
+def _nonzero(blocks: list[tuple[float, object]]) -> list[Block]:
+    """The blocks whose rule factor is not zero (a factor 0 means the operand carries nothing)."""
+    return [make() for factor, make in blocks if factor != 0]
+
+
 def _norm_weight(module) -> torch.Tensor | None:
     return module.w.detach() if hasattr(module, "w") else None
 
@@ -270,15 +277,19 @@ def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, firing: str | 
         centered = asm.node(hooks.name(f"{prefix}_centered", layer, firing), x_tilde)
     scale = asm.node(hooks.name(f"{prefix}_scale", layer, firing))
     y = asm.node(hooks.name(f"{prefix}_normalized", layer, firing))
-    asm.add(asm.rules.norm(NormOp(x, centered, scale, y, x_tilde, asm.stored[scale], layer)))
+    asm.add(asm.rules.norm(NormOp(x, centered, scale, y, asm.stored[x], x_tilde, asm.stored[scale], layer)))
     return y
 
 
 def _linear(asm: _Assembly, src: str, tgt: str, layer: int | None, weight: Weight, src_pattern: str,
             tgt_pattern: str, axes: dict) -> str:
     block = Matmul(src, tgt, "linear", layer, weight, True, src_pattern, tgt_pattern, axes)
-    asm.add(asm.rules.linear(block, asm.stored[src]))
+    asm.add(asm.rules.linear(block, asm.stored[src], asm.stored[tgt]))
     return tgt
+
+
+def _sum(asm: _Assembly, sources: tuple[str, ...], target: str, layer: int | None) -> None:
+    asm.add(asm.rules.residual(SumOp(sources, target, tuple(asm.stored[n] for n in sources), layer)))
 
 
 def _embed(asm: _Assembly) -> str:
@@ -286,7 +297,7 @@ def _embed(asm: _Assembly) -> str:
     if asm.cfg.positional_embedding_type == "standard":
         sources.append(asm.node(hooks.name("pos_embed")))
     resid = asm.node(hooks.name("resid_pre", 0))
-    asm.add(asm.rules.residual(tuple(sources), resid, None))
+    _sum(asm, tuple(sources), resid, None)
     return resid
 
 
@@ -333,28 +344,32 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
     q_canon = einops.rearrange(rq, "b q (g r) e -> (b g) (r q) e", g=G, r=R)
     score_layout = "b (g r) q k -> (b g) (r q) k"
-    asm.add([
-        Matmul(q_name, scores, "bilinear", layer, Weight(k_canon, f_q / attn.attn_scale), True,
-               "b q (g r) e -> (b g) (r q) e", score_layout, axes, allowed, k_name, "b k g e -> (b g) e k"),
-        Matmul(k_name, scores, "bilinear", layer, Weight(q_canon, f_k / attn.attn_scale), False,
-               "b k g e -> (b g) e k", score_layout, axes, allowed, q_name, "b q (g r) e -> (b g) (r q) e"),
-    ])
+    asm.add(_nonzero([
+        (f_q, lambda: Matmul(q_name, scores, "bilinear", layer, Weight(k_canon, f_q / attn.attn_scale), True,
+                             "b q (g r) e -> (b g) (r q) e", score_layout, axes, allowed, k_name,
+                             "b k g e -> (b g) e k")),
+        (f_k, lambda: Matmul(k_name, scores, "bilinear", layer, Weight(q_canon, f_k / attn.attn_scale), False,
+                             "b k g e -> (b g) e k", score_layout, axes, allowed, q_name,
+                             "b q (g r) e -> (b g) (r q) e")),
+    ]))
     # pattern = softmax(scores)
     pattern = asm.node(hooks.name("pattern", layer))
-    asm.add(asm.rules.softmax(SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer)))
-    # z = pattern · v; padded queries carry nothing
+    asm.add(asm.rules.softmax(SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores])))
+    # z = pattern · v; padded queries carry nothing, nor (Mask-LRP) the heads the mask leaves out
     z = asm.node(hooks.name("z", layer))
     f_p, f_v = asm.rules.bilinear("pv")
-    query_mask = asm.valid[:, :, None, None]  # [B, q, 1, 1]
+    z_mask = asm.valid[:, :, None, None]  # [B, q, 1, 1]
+    if asm.head_mask is not None:
+        z_mask = z_mask & asm.head_mask[layer].to(z_mask.device)[None, None, :, None]  # [B, q, H, 1]
     v_canon = einops.rearrange(v, "b k g e -> (b g) k e", g=G)
     p_canon = einops.rearrange(asm.stored[pattern], "b (g r) q k -> (b g) (r q) k", g=G, r=R)
     z_layout = "b q (g r) e -> (b g) (r q) e"
-    asm.add([
-        Matmul(pattern, z, "bilinear", layer, Weight(v_canon, f_p), True, score_layout, z_layout, axes,
-               query_mask, v_name, "b k g e -> (b g) k e"),
-        Matmul(v_name, z, "bilinear", layer, Weight(p_canon, f_v), False, "b k g e -> (b g) k e", z_layout, axes,
-               query_mask, pattern, score_layout),
-    ])
+    asm.add(_nonzero([
+        (f_p, lambda: Matmul(pattern, z, "bilinear", layer, Weight(v_canon, f_p), True, score_layout, z_layout, axes,
+                             z_mask, v_name, "b k g e -> (b g) k e")),
+        (f_v, lambda: Matmul(v_name, z, "bilinear", layer, Weight(p_canon, f_v), False, "b k g e -> (b g) k e",
+                             z_layout, axes, z_mask, pattern, score_layout)),
+    ]))
     # attn_out = Σ_h z_h W_O[h]
     attn_out = asm.node(hooks.name("attn_out", layer))
     W_O = asm.shared(("W_O", layer), lambda: attn.W_O.detach().reshape(1, -1, cfg.d_model))
@@ -407,10 +422,10 @@ def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
         _linear(asm, y, lin, layer, asm.shared(("W_in", layer), lambda: folded(mlp.W_in)()[None]), *rows)
         post = asm.node(hooks.name("mlp_post", layer))
         f_gate, f_lin = asm.rules.bilinear("gate")
-        asm.add([
-            Diag(pre, post, "activation", layer, ((Weight(slope, asm.stored[lin], f_gate), None),)),
-            Diag(lin, post, "activation", layer, ((Weight(mlp.act_fn(pre_act), f_lin), None),)),
-        ])
+        asm.add(_nonzero([
+            (f_gate, lambda: Diag(pre, post, "activation", layer, ((Weight(slope, asm.stored[lin], f_gate), None),))),
+            (f_lin, lambda: Diag(lin, post, "activation", layer, ((Weight(mlp.act_fn(pre_act), f_lin), None),))),
+        ]))
     else:
         post = asm.node(hooks.name("mlp_post", layer))
         asm.add([Diag(pre, post, "activation", layer, ((Weight(slope), None),))])
@@ -439,22 +454,37 @@ def _unembed(asm: _Assembly, resid: str) -> None:
                     dict(b=B, p=P))])
 
 
-def assemble(recording: Recording, rules: RuleSet = GRADIENT) -> GradGraph:
-    """The gradient graph of a recording under ``rules`` (the recording is not changed)."""
-    if not isinstance(rules, RuleSet):
-        raise GradGraphError(f"rules must be a gradgraph.rules.RuleSet such as GRADIENT, got {type(rules).__name__}")
-    asm = _Assembly(recording, rules)
+def check_head_mask(head_mask, cfg) -> torch.Tensor | None:
+    """``None`` or a bool ``[n_layers, n_heads]`` tensor (True: the head passes relevance down)."""
+    if head_mask is None:
+        return None
+    shape = (cfg.n_layers, cfg.n_heads)
+    if not isinstance(head_mask, torch.Tensor) or tuple(head_mask.shape) != shape or head_mask.dtype != torch.bool:
+        got = (f"{tuple(head_mask.shape)} {head_mask.dtype}" if isinstance(head_mask, torch.Tensor)
+               else type(head_mask).__name__)
+        raise GradGraphError(f"head_mask must be a bool tensor of shape [n_layers, n_heads] = {list(shape)} "
+                             f"(gradgraph.heads.mask builds one), got {got}")
+    return head_mask
+
+
+def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask: torch.Tensor | None = None) -> GradGraph:
+    """The gradient graph of a recording under ``rules`` (the recording is not changed).
+
+    ``head_mask`` ``[n_layers, n_heads]`` bool (Mask-LRP): a head marked False passes nothing into
+    its pattern · v product (its output node still receives what arrives from above)."""
+    rules = rule_set(rules)
+    cfg = recording.model.cfg
+    asm = _Assembly(recording, rules, check_head_mask(head_mask, cfg))
     resid = _embed(asm)
-    cfg = asm.cfg
     for layer in range(cfg.n_layers):
         attn_out = _attention(asm, layer, resid)
         mid = asm.node(hooks.name("resid_mid", layer))
-        asm.add(rules.residual((resid, attn_out), mid, layer))
+        _sum(asm, (resid, attn_out), mid, layer)
         mlp_in = asm.node(hooks.name("mlp_in", layer))
         asm.add([Identity(mid, mlp_in, "copy", layer)])
         mlp_out = _mlp(asm, layer, mlp_in)
         post = asm.node(hooks.name("resid_post", layer))
-        asm.add(rules.residual((mid, mlp_out), post, layer))
+        _sum(asm, (mid, mlp_out), post, layer)
         if layer + 1 < cfg.n_layers:
             resid = asm.node(hooks.name("resid_pre", layer + 1))
             asm.add([Identity(post, resid, "copy", layer)])
@@ -462,12 +492,25 @@ def assemble(recording: Recording, rules: RuleSet = GRADIENT) -> GradGraph:
             resid = post
     _unembed(asm, resid)
     sources = (hooks.name("embed"),) + ((hooks.name("pos_embed"),) if cfg.positional_embedding_type == "standard" else ())
-    return GradGraph(
+    name = rules.name if head_mask is None else f"{rules.name}+mask({int(head_mask.sum())} heads)"
+    graph = GradGraph(
         shapes=asm.shapes, order=tuple(asm.order), edges=tuple(asm.blocks), sources=sources, source_mask=asm.valid,
         activations=asm.stored, metric_value=recording.metric_value, logit_ids=recording.logit_ids,
         tokens=recording.tokens, attention_mask=recording.attention_mask, n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads, n_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, rules=rules.name,
+        n_heads=cfg.n_heads, n_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, rules=name,
+        head_mask=asm.head_mask,
     )
+    return _frozen(graph)
+
+
+def _frozen(graph: GradGraph) -> GradGraph:
+    """Fix the blocks whose weights depend on the relevance arriving (``Pending``): one Real
+    backprop in which each hands itself the value at its target, then the graph with fixed blocks."""
+    if not any(isinstance(edge, Pending) for edge in graph.edges):
+        return graph
+    backprop(graph, keep=())
+    edges = tuple(edge.frozen() if isinstance(edge, Pending) else edge for edge in graph.edges)
+    return dataclasses.replace(graph, edges=edges)
 
 
 def build_graph(
@@ -476,15 +519,19 @@ def build_graph(
     metric,
     *,
     attention_mask: torch.Tensor | None = None,
-    rules: RuleSet = GRADIENT,
+    rules: RuleSet | str = GRADIENT,
     embed: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
 ) -> GradGraph:
     """Run ``model`` on ``tokens`` with every hook point recorded and build its gradient graph.
 
     ``metric(logits, attention_mask) -> [batch]`` or ``metric(logits) -> [batch]`` (see
     ``gradgraph.metrics``; ``logit_diff(" are", " is")`` takes words). Batches must be right-padded
     (``gradgraph.prompts.to_tokens`` does this); padded positions carry nothing. ``rules`` chooses
-    the local derivatives (``gradgraph.rules``); ``embed`` replaces the token embeddings. Raises
+    the local derivatives (``gradgraph.rules``, or a name such as ``"attn-lrp"``); ``embed``
+    replaces the token embeddings; ``head_mask`` (Mask-LRP) see ``assemble``. Raises
     ``GradGraphError`` before the forward pass when the graph would not fit in memory.
     """
-    return assemble(record(model, tokens, metric, attention_mask=attention_mask, embed=embed), rules)
+    rules = rule_set(rules)
+    recording = record(model, tokens, metric, attention_mask=attention_mask, embed=embed)
+    return assemble(recording, rules, head_mask=head_mask)

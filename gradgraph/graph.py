@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Callable, Mapping
 
 import einops
 import networkx as nx
@@ -321,6 +321,7 @@ class Matmul(Block):
     tgt_mask: torch.Tensor | None = None  # bool, broadcast to the target's shape: False = a constant
     weight_node: str | None = None  # the node whose activation the weight is (bilinear operands)
     weight_pattern: str | None = None  # einops: that node's axes -> the weight's canonical layout
+    tgt_scale: Weight | None = None  # broadcast to the target's shape: W[j, k] · scale[k] (LRP's ε and z rules)
 
     def _to(self, pattern: str, value: torch.Tensor) -> torch.Tensor:
         left, right = pattern.split("->")
@@ -336,8 +337,13 @@ class Matmul(Block):
         zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
         return torch.where(self.tgt_mask, value, zero)
 
+    def _scaled(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
+        if self.tgt_scale is None:
+            return value
+        return sr.times(sr.convert(self.tgt_scale.real(value.dtype)), value)
+
     def backward(self, sr, value):
-        v = self._to(self.tgt_pattern, self._masked(sr, value))  # [S, N, I, K]
+        v = self._to(self.tgt_pattern, self._scaled(sr, self._masked(sr, value)))  # [S, N, I, K]
         if self.node_left:  # src[n, i, j] = ⊕_k v[n, i, k] ⊗ W[n, j, k]
             out = sr.matmul(v, _Transposed(self.weight))
         else:  # src[n, j, k] = ⊕_i W[n, i, j] ⊗ v[n, i, k]
@@ -350,7 +356,7 @@ class Matmul(Block):
             out = sr.matmul(x, self.weight)
         else:
             out = sr.matmul(x.transpose(-1, -2), _Transposed(self.weight)).transpose(-1, -2)
-        return self._masked(sr, self._from(self.tgt_pattern, out))
+        return self._scaled(sr, self._masked(sr, self._from(self.tgt_pattern, out)))
 
     def weight_flow(self, sr: Semiring, src_value: torch.Tensor, tgt_value: torch.Tensor) -> torch.Tensor:
         """The ⊕ over the scalar edges that each weight element carries, of forward (at the source) ⊗
@@ -361,7 +367,7 @@ class Matmul(Block):
             raise GradGraphError(f"weight_flow needs a plain semiring (Real, Abs, Max) and a bilinear block; "
                                  f"got {sr.name} on {self.src} → {self.tgt}")
         fwd = self._to(self.src_pattern, src_value)
-        bwd = self._to(self.tgt_pattern, self._masked(sr, tgt_value))
+        bwd = self._to(self.tgt_pattern, self._scaled(sr, self._masked(sr, tgt_value)))
         if self.node_left:  # W[n, j, k]: ⊕_i fwd[n, i, j] ⊗ bwd[n, i, k]
             paired = sr.matmul(fwd.transpose(-1, -2), Weight(bwd[0]))
         else:  # W[n, i, j]: ⊕_k bwd[n, i, k] ⊗ fwd[n, j, k]
@@ -385,6 +391,13 @@ class Matmul(Block):
 
         return self._memo("mask", make)
 
+    def _scale(self, shapes: Mapping) -> torch.Tensor | None:
+        """The target scale in canonical layout ``[N, I, K]``, float64 (None without one)."""
+        if self.tgt_scale is None:
+            return None
+        return self._memo("scale", lambda: self._to(
+            self.tgt_pattern, self.tgt_scale.real(torch.float64).cpu().expand(shapes[self.tgt])[None])[0])
+
     def _weight(self) -> torch.Tensor:
         """The weight in its own dtype (rows become float64 where they are listed)."""
         return self._memo("weight", lambda: self.weight.real(self.weight.dtype).cpu())
@@ -398,10 +411,13 @@ class Matmul(Block):
         weight = self._weight()
         wn = weight[0 if weight.shape[0] == 1 else n]
         mask = self._mask(shapes)
+        scale = self._scale(shapes)
         if self.node_left:  # src (n, i=a, j=b) -> tgt (n, a, k), weight W[n, b, k]
             weights, targets, keep = wn[b].double(), tgt_c[n, a], mask[n, a]
+            weights = weights if scale is None else weights * scale[n, a]
         else:  # src (n, j=a, k=b) -> tgt (n, i, b), weight W[n, i, a]
             weights, targets, keep = wn[:, a].double(), tgt_c[n, :, b], mask[n, :, b]
+            weights = weights if scale is None else weights * scale[n, :, b]
         keep = keep & (weights != 0)
         return targets[keep], weights[keep]
 
@@ -420,6 +436,9 @@ class Matmul(Block):
             s = src_flat[:, None, :, :].expand(N, I, J, K)
             w = weight[:, :, :, None].expand(N, I, J, K)
         t = tgt_flat[:, :, None, :].expand(N, I, J, K)
+        scale = self._scale(shapes)
+        if scale is not None:
+            w = w.double() * scale[:, :, None, :]
         keep = (w != 0) & mask[:, :, None, :].expand(N, I, J, K)
         return s, t, w, keep
 
@@ -436,6 +455,72 @@ class Matmul(Block):
         else:  # per (n, i, k): the j with W[n, i, j] != 0
             per = torch.einsum("nij,nik->", nonzero.expand(src_c.shape[0], -1, -1), mask)
         return int(per)
+
+
+@dataclass(frozen=True, eq=False)
+class SignSplit(Block):
+    """A linear map whose weight depends on the sign of each source element: ``positive``'s weight
+    where ``src > 0``, ``negative``'s where ``src < 0``, no edge where ``src = 0`` (LRP's α1β0 rule
+    as a modified gradient: W⁺ for positive inputs, W⁻ for negative ones). Two shared-weight
+    products per pass; the selection is exact in every semiring since the two sets are disjoint."""
+
+    positive: Matmul
+    negative: Matmul
+    src_positive: torch.Tensor  # bool, broadcast to the source's shape
+    src_negative: torch.Tensor
+
+    def _where(self, sr: Semiring, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
+        return torch.where(mask, value, zero)
+
+    def backward(self, sr, value):
+        positive = self._where(sr, self.src_positive, self.positive.backward(sr, value))
+        return torch.where(self.src_negative, self.negative.backward(sr, value), positive)  # disjoint masks
+
+    def forward(self, sr, value):
+        return sr.plus(self.positive.forward(sr, self._where(sr, self.src_positive, value)),
+                       self.negative.forward(sr, self._where(sr, self.src_negative, value)))
+
+    def scalar_edges(self, shapes):
+        out = []
+        for block, mask in ((self.positive, self.src_positive), (self.negative, self.src_negative)):
+            src, tgt, w = block.scalar_edges(shapes)
+            keep = mask.cpu().expand(shapes[self.src]).reshape(-1)[src]
+            out.append((src[keep], tgt[keep], w[keep]))
+        return tuple(torch.cat(parts) for parts in zip(*out))
+
+    def out_edges(self, shapes, flat):
+        for block, mask in ((self.positive, self.src_positive), (self.negative, self.src_negative)):
+            if bool(mask.cpu().expand(shapes[self.src]).reshape(-1)[flat]):
+                return block.out_edges(shapes, flat)
+        return _no_edges()
+
+    def n_edges(self, shapes):  # an upper bound: both halves
+        return self.positive.n_edges(shapes) + self.negative.n_edges(shapes)
+
+
+@dataclass(frozen=True, eq=False)
+class Pending(Block):
+    """A block whose weights depend on the Real value arriving at its target (Chefer et al.'s
+    normalised residual rule). ``freeze(value [1, *tgt shape]) -> Block`` makes the fixed block;
+    the builder runs one ``backprop(graph, Real)`` in which each pending block freezes itself, and
+    returns the graph with the frozen blocks. No other semiring ever sees a pending block."""
+
+    freeze: Callable[[torch.Tensor], Block]
+
+    def backward(self, sr, value):
+        if sr.name != "Real":
+            raise GradGraphError(f"{self.src} → {self.tgt} has weights that depend on the relevance arriving; "
+                                 f"build the graph with build_graph, which fixes them")
+        frozen = self.freeze(value)
+        self._cache["frozen"] = frozen
+        return frozen.backward(sr, value)
+
+    def forward(self, sr, value):
+        raise GradGraphError(f"{self.src} → {self.tgt} is not fixed yet; build the graph with build_graph")
+
+    def frozen(self) -> Block:
+        return self._cache["frozen"]
 
 
 class _Transposed(Weight):
@@ -521,6 +606,7 @@ class GradGraph:
     n_heads: int
     n_key_value_heads: int
     rules: str = "gradient"
+    head_mask: torch.Tensor | None = None  # [n_layers, n_heads] bool: Mask-LRP's heads (None: all)
     _out: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
     _in: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
 

@@ -30,6 +30,7 @@ class Weight:
         self.factors = factors
         self.shared = shared
         self._cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._parts: dict[tuple, "Weight"] = {}
 
     @property
     def shape(self) -> torch.Size:
@@ -68,6 +69,15 @@ class Weight:
             return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype)
 
         return self._get("real", dtype, make)
+
+    def part(self, sign: int) -> "Weight":
+        """The positive (``sign=+1``) or negative (``-1``) part, ``max(w, 0)`` / ``min(w, 0)``, as a
+        weight of its own (kept with a shared weight, so every graph of the model reuses it)."""
+        key = ("part", sign)
+        if key not in self._parts:
+            w = self.real(self.dtype)
+            self._parts[key] = Weight(w.clamp(min=0) if sign > 0 else w.clamp(max=0), shared=self.shared)
+        return self._parts[key]
 
     def abs(self, dtype: torch.dtype) -> torch.Tensor:
         """|w|."""
