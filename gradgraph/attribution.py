@@ -16,10 +16,10 @@ import torch
 
 from gradgraph import hooks
 from gradgraph.backprop import backprop
-from gradgraph.build import build_graph
+from gradgraph.build import assemble, build_graph, record
 from gradgraph.components import KINDS, component_values
 from gradgraph.graph import GradGraph
-from gradgraph.rules import ATTN_LRP, RuleSet
+from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RuleSet
 from gradgraph.semirings import Real
 
 
@@ -93,4 +93,86 @@ def lrp(
     return relevance(graph)
 
 
-__all__ = ["Attribution", "cuts", "lrp", "relevance"]
+# --------------------------------------------------------------------------- attention maps
+
+
+def _patterns(graph: GradGraph) -> list[str]:
+    return [hooks.name("pattern", layer) for layer in range(graph.n_layers)]
+
+
+def _map(method: str, graph: GradGraph, rows: torch.Tensor, drop_self: bool = False) -> Attribution:
+    """An explanation map's row for each item's last real token (the position a next-token metric
+    reads) as token scores; ``drop_self`` zeroes that token's own entry (Mask-LRP's code zeroes the
+    explained token's self-entry). Maps do not claim completeness: ``delta`` is Σ scores − metric."""
+    last = graph.attention_mask.sum(1) - 1  # [batch]
+    items = torch.arange(len(last))
+    scores = rows[items, last] * graph.source_mask.to(rows.dtype)  # [batch, pos]
+    if drop_self:
+        scores = scores.clone()
+        scores[items, last] = 0
+    target = graph.metric_value
+    return Attribution(method, graph.tokens, scores, target, scores.sum(1) - target, {}, graph)
+
+
+def _rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """``Π_l normalise(I + A_l)`` from the first layer up (rows normalised), ``[batch, pos, pos]``."""
+    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)
+    out = eye.expand_as(maps[0])
+    for a in maps:
+        step = eye + a
+        out = (step / step.sum(-1, keepdim=True)) @ out
+    return out
+
+
+def raw_attention(graph: GradGraph) -> Attribution:
+    """The last layer's attention from the last token, averaged over heads."""
+    return _map("raw attention", graph, graph.activations[_patterns(graph)[-1]].mean(1))
+
+
+def attention_rollout(graph: GradGraph) -> Attribution:
+    """Attention rollout (Abnar & Zuidema 2020): per layer the head-averaged pattern with the
+    residual as identity, ``(A + I) / 2``, multiplied from the first layer up."""
+    return _map("attention rollout", graph, _rollout([graph.activations[p].mean(1) for p in _patterns(graph)]))
+
+
+def chefer_rollout(gradient_graph: GradGraph, rule_graph: GradGraph, method: str | None = None) -> Attribution:
+    """Chefer et al.'s explanation map, as Mask-LRP's code computes it: per layer the gradient ⊙
+    relevance of the attention pattern, clamped at 0 and averaged over heads, rolled out with the
+    identity added and rows normalised, the explained token's own entry set to 0. The gradient comes
+    from ``gradient_graph`` (``GRADIENT``),
+    the relevance from ``rule_graph`` (``CHEFER2021``, with Mask-LRP's head mask where given);
+    both from one recording."""
+    patterns = _patterns(rule_graph)
+    grads = backprop(gradient_graph, keep=patterns)
+    mods = backprop(rule_graph, keep=patterns)
+    maps = [(grads[p][0] * mods[p][0] * rule_graph.activations[p]).clamp(min=0).mean(1) for p in patterns]
+    return _map(method or f"rollout ({rule_graph.rules})", rule_graph, _rollout(maps), drop_self=True)
+
+
+def partial_lrp(rule_graph: GradGraph) -> Attribution:
+    """Partial LRP (Voita et al. 2019): the relevance of the last layer's attention pattern from the
+    last token, averaged over heads."""
+    last = _patterns(rule_graph)[-1]
+    relevance = backprop(rule_graph, keep=[last])[last][0] * rule_graph.activations[last]
+    return _map(f"partial LRP ({rule_graph.rules})", rule_graph, relevance.mean(1))
+
+
+def mask_lrp(
+    model,
+    tokens,
+    metric,
+    *,
+    head_mask: torch.Tensor | None = None,
+    rules: RuleSet | str = CHEFER2021,
+    attention_mask: torch.Tensor | None = None,
+) -> Attribution:
+    """Mask-LRP's token scores (Song et al. 2024): Chefer et al.'s rollout of gradient ⊙ relevance,
+    with relevance flowing down only through the heads of ``head_mask`` (``gradgraph.heads.mask``;
+    None: every head, which is Chefer et al.'s own map). One forward pass, two assemblies."""
+    recording = record(model, tokens, metric, attention_mask=attention_mask)
+    rule_graph = assemble(recording, rules, head_mask=head_mask)
+    return chefer_rollout(assemble(recording, GRADIENT), rule_graph, f"Mask-LRP ({rule_graph.rules})")
+
+
+__all__ = ["Attribution", "attention_rollout", "chefer_rollout", "cuts", "lrp", "mask_lrp", "partial_lrp",
+           "raw_attention", "relevance"]

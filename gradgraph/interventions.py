@@ -1,5 +1,7 @@
-"""Ground truth by intervention: mean ablation and activation patching of heads and MLPs, and
-attribution patching (gradient × activation difference) as the cheap baseline.
+"""Ground truth by intervention: mean ablation and activation patching of heads and MLPs, patching
+of the residual stream, attention and MLP outputs position by position, and the cheap first-order
+estimates: attribution patching (gradient × activation difference) and relevance patching (the
+same with RelP's modified gradient).
 
 Every intervention replaces activations through ``hooks.replacing`` (no hook outlives a call) and
 changes nothing else on the model. Effects are ``metric(intervened) − metric(clean)`` per prompt: a
@@ -26,10 +28,14 @@ def intervened_components(model: HookedTransformer) -> list[Component]:
     return Registry.of(model).components(kinds=INTERVENED)
 
 
+SITES = ("resid_pre", "attn_out", "mlp_out")
+
+
 @torch.no_grad()
 def _cache(model: HookedTransformer, tokens: torch.Tensor, *, embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Clean activations at every head output (hook_z) and MLP output, and the residual inputs."""
-    wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in ("z", "mlp_out", "resid_pre")}
+    """Clean activations at every head output (hook_z), attention and MLP output, and the residual inputs."""
+    kinds = ("z", "mlp_out", "attn_out", "resid_pre")
+    wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
     replacements = {} if embed is None else {hooks.name("embed"): embed}
     with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
         model(tokens, stop_at_layer=model.cfg.n_layers)
@@ -102,7 +108,8 @@ def intervene(
         )
     clean = _cache(model, tokens, embed=embed)
     if means is not None:
-        wrong = [h for h in clean if "resid" not in h and (h not in means or means[h].shape != clean[h].shape[2:])]
+        wrong = [h for h in clean if h.endswith(("hook_z", "hook_mlp_out"))
+                 and (h not in means or means[h].shape != clean[h].shape[2:])]
         if wrong:
             raise GradGraphError(f"means lacks {wrong[0]} (or has the wrong shape); compute them with "
                                  f"gradgraph.interventions.activation_means")
@@ -151,7 +158,7 @@ def activation_means(model: HookedTransformer, tokens: torch.Tensor, mask: torch
     _check(model, tokens, mask)
     cache = _cache(model, tokens)
     real = mask.bool()
-    return {name: value[real].mean(0) for name, value in cache.items() if "resid" not in name}
+    return {name: value[real].mean(0) for name, value in cache.items() if name.endswith(("hook_z", "hook_mlp_out"))}
 
 
 def attribution_patching(
@@ -161,20 +168,119 @@ def attribution_patching(
     gradients: dict[str, torch.Tensor],
     *,
     clean: dict[str, torch.Tensor] | None = None,
+    corrupt: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """First-order estimate of patching: ``Σ (act_cf − act_clean) · ∂metric/∂act`` per component.
 
     ``gradients[hook]`` are the metric's gradients at hook_z / hook_mlp_out on the clean run (e.g.
     ``backprop(graph, Real)`` values). ``clean`` may pass the clean run's activations (e.g.
-    ``graph.activations``) so that only the counterfactual runs. One backward pass for every
-    component at once.
+    ``graph.activations``) so that only the counterfactual runs, ``corrupt`` the counterfactual's.
+    One backward pass for every component at once.
     """
     clean = _cache(model, tokens) if clean is None else clean
-    corrupt = _cache(model, counterfactual)
+    corrupt = _cache(model, counterfactual) if corrupt is None else corrupt
     reg = Registry.of(model)
     out = {}
     for c in intervened_components(model):
         (hook,) = reg.nodes(c)
         delta = (corrupt[hook] - clean[hook]) * gradients[hook].to(corrupt[hook].dtype)
         out[reg.label(c)] = delta[reg.index(c)].flatten(1).sum(1)
+    return out
+
+
+@torch.no_grad()
+def patch_positions(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    counterfactual: torch.Tensor,
+    metric,
+    *,
+    sites: tuple[str, ...] = SITES,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Activation patching of one site at one position: ``{site: [batch, n_layers, pos]}``, the
+    effect ``metric(patched) − metric(clean)`` of setting ``hook_resid_pre`` / ``hook_attn_out`` /
+    ``hook_mlp_out`` of that layer at that position to its value on ``counterfactual``.
+    One run from each layer per site, with copy i of the batch patched at position i."""
+    _check(model, tokens, mask)
+    metric = prepare(metric, model)
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or counterfactual.shape != tokens.shape:
+        raise GradGraphError(f"patch_positions: sites from {SITES} and counterfactual tokens of the clean shape "
+                             f"{tuple(tokens.shape)}; got {unknown or tuple(counterfactual.shape)}")
+    clean, corrupt = _cache(model, tokens), _cache(model, counterfactual)
+    last = model(tokens, stop_at_layer=model.cfg.n_layers)
+    ids = _read_columns(model, last, metric, mask)
+    base = _metric_from_resid(model, last, metric, mask, ids)
+    batch, P = tokens.shape
+    eye = torch.eye(P, dtype=torch.bool, device=tokens.device)[:, None, :, None]  # [copy, 1, pos, 1]
+    out = {site: torch.zeros(batch, model.cfg.n_layers, P, dtype=torch.float64) for site in sites}
+    todo = [(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
+    for site, layer in tqdm(todo, desc="position patching", disable=not progress, unit="layer"):
+        hook = hooks.name(site, layer)
+
+        def patched(activation, hook=hook):  # [P * batch, pos, d]: copy i patched at position i
+            copies = activation.view(P, batch, *activation.shape[1:])
+            return torch.where(eye, corrupt[hook][None], copies).view_as(activation)
+
+        resid = clean[hooks.name("resid_pre", layer)].repeat(P, 1, 1)
+        if site == "resid_pre":
+            resid, replacements = patched(resid), {}
+        else:
+            replacements = {hook: patched}
+        final = _run_from(model, layer, resid, replacements).view(P, batch, P, -1)
+        for i in range(P):
+            out[site][:, layer, i] = (_metric_from_resid(model, final[i], metric, mask, ids) - base).double().cpu()
+    return out
+
+
+def position_attribution(
+    clean: dict[str, torch.Tensor],
+    corrupt: dict[str, torch.Tensor],
+    gradients: dict[str, torch.Tensor],
+    n_layers: int,
+    sites: tuple[str, ...] = SITES,
+) -> dict[str, torch.Tensor]:
+    """First-order estimate of ``patch_positions``: ``{site: [batch, n_layers, pos]}`` of
+    ``Σ_d (act_cf − act) · g`` with ``g`` the gradient (attribution patching) or a rule set's
+    modified gradient (RelP) at each site."""
+    out = {}
+    for site in sites:
+        per_layer = []
+        for layer in range(n_layers):
+            hook = hooks.name(site, layer)
+            per_layer.append(((corrupt[hook] - clean[hook]) * gradients[hook].to(clean[hook].dtype)).sum(-1))
+        out[site] = torch.stack(per_layer, 1).double().cpu()
+    return out
+
+
+def relevance_patching(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    counterfactual: torch.Tensor,
+    metric,
+    *,
+    rules="relp",
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Relevance patching (Rezaei Jafari et al. 2025) beside attribution patching: the first-order
+    estimate ``(act_cf − act) · g`` with ``g`` the modified gradient of ``rules`` (RelP's rules by
+    default) and with the plain gradient, per head and MLP (``{label: [batch]}``) and per site and
+    position (``{site: [batch, n_layers, pos]}``). Returns ``{"relp": {...}, "attribution": {...}}``."""
+    from gradgraph.backprop import backprop
+    from gradgraph.build import assemble, record
+    from gradgraph.rules import GRADIENT
+
+    recording = record(model, tokens, metric, attention_mask=mask)
+    corrupt = _cache(model, counterfactual)
+    wanted = [hooks.name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("z", "mlp_out") + SITES]
+    out = {}
+    for name, rule_set in (("relp", rules), ("attribution", GRADIENT)):
+        graph = assemble(recording, rule_set)
+        grads = {n: v[0] for n, v in backprop(graph, keep=wanted).items()}
+        per_component = attribution_patching(model, tokens, counterfactual, grads, clean=graph.activations,
+                                              corrupt=corrupt)
+        per_position = position_attribution(graph.activations, corrupt, grads, model.cfg.n_layers)
+        out[name] = {**per_component, **per_position}
     return out

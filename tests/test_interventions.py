@@ -135,3 +135,50 @@ def test_interventions_at_replaced_input_embeddings():
     assert torch.allclose(moved["mean_ablation"]["L1H2"], expected, atol=1e-10)
     assert not torch.allclose(moved["clean"]["metric"], plain["clean"]["metric"])
     assert no_hooks_left(model)
+
+
+def test_position_patching_equals_one_patch_at_a_time():
+    from gradgraph.interventions import patch_positions
+
+    model = tiny_model("llama", dtype=torch.float64, seed=4)
+    tokens = torch.tensor([[3, 4, 5, 6], [8, 9, 10, 0]])
+    counterfactual = torch.tensor([[3, 7, 5, 6], [8, 2, 10, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    metric = logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    effects = patch_positions(model, tokens, mask, counterfactual, metric, progress=False)
+    with torch.no_grad():
+        base = metric(model(tokens), mask)
+        with hooks.recording(model) as store:
+            model(counterfactual)
+        corrupt = hooks.node_firings(store)
+        for site, layer, pos in (("resid_pre", 1, 1), ("attn_out", 0, 2), ("mlp_out", 1, 1), ("mlp_out", 0, 3)):
+            name = hooks.name(site, layer)
+
+            def one(act, name=name, pos=pos):
+                act = act.clone()
+                act[:, pos] = corrupt[name][:, pos]
+                return act
+
+            with hooks.replacing(model, {name: one}):
+                expected = metric(model(tokens), mask) - base
+            assert torch.allclose(effects[site][:, layer, pos], expected, atol=1e-10), (site, layer, pos)
+    # patching an unchanged position does nothing; nor does the padding
+    assert effects["resid_pre"][:, 0, 0].abs().max() < 1e-12 and effects["mlp_out"][1, :, 3].abs().max() < 1e-12
+    assert no_hooks_left(model)
+
+
+def test_relevance_patching_with_gradient_rules_is_attribution_patching():
+    from gradgraph.interventions import relevance_patching
+    from gradgraph.rules import GRADIENT
+
+    model = tiny_model("gpt2", dtype=torch.float64, seed=5)
+    tokens, counterfactual = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[3, 7, 5, 6]])
+    mask = torch.ones_like(tokens)
+    metric = logit_diff(1, 2)
+    same = relevance_patching(model, tokens, mask, counterfactual, metric, rules=GRADIENT)
+    for key, value in same["attribution"].items():
+        assert torch.allclose(same["relp"][key], value), key
+    relp = relevance_patching(model, tokens, mask, counterfactual, metric)
+    assert set(relp["relp"]) == set(relp["attribution"]) >= {"L0H0", "MLP1", "resid_pre", "attn_out", "mlp_out"}
+    assert relp["relp"]["mlp_out"].shape == (1, 2, 4)
+    assert not torch.allclose(relp["relp"]["resid_pre"], relp["attribution"]["resid_pre"])

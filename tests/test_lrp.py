@@ -204,3 +204,28 @@ def test_attn_lrp_and_cp_lrp_equal_the_reference_implementation(smol_model):
             expected = torch.tensor(ref["relevance"])
             err = (ours.scores[0] - expected).abs().max() / expected.abs().max()
             assert err < 1e-3, (rules, text, ours.scores[0].tolist(), ref["relevance"])
+
+
+def test_explanation_maps_on_a_tiny_model():
+    from gradgraph.attribution import attention_rollout, chefer_rollout, mask_lrp, partial_lrp, raw_attention
+    from gradgraph.build import assemble, record
+
+    model, tokens = _model_and_tokens("gpt2", seed=8)
+    recording = record(model, tokens, METRIC)
+    gradient, chefer = assemble(recording), assemble(recording, CHEFER2021)
+    raw = raw_attention(gradient)
+    pattern = gradient.activations["blocks.1.attn.hook_pattern"]
+    assert torch.allclose(raw.scores, pattern[:, :, -1].mean(1))
+    rollout = attention_rollout(gradient)
+    assert torch.allclose(rollout.scores.sum(1), torch.ones(3, dtype=torch.float64))  # rows stay distributions
+    one_layer = torch.eye(6, dtype=torch.float64) + gradient.activations["blocks.0.attn.hook_pattern"].mean(1)
+    two = (torch.eye(6, dtype=torch.float64) + pattern.mean(1)) / 2 @ (one_layer / 2)
+    assert torch.allclose(rollout.scores, two[:, -1])
+    rolled = chefer_rollout(gradient, chefer)
+    assert (rolled.scores >= 0).all() and (rolled.scores[:, -1] == 0).all()
+    # Mask-LRP with every head equals Chefer's own map; with none, no head's relevance enters it
+    every = mask_lrp(model, tokens, METRIC, head_mask=torch.ones(2, 4, dtype=torch.bool))
+    assert torch.allclose(every.scores, rolled.scores)
+    none = mask_lrp(model, tokens, METRIC, head_mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert torch.equal(none.scores, torch.zeros_like(none.scores))
+    assert partial_lrp(chefer).scores.shape == tokens.shape
