@@ -135,15 +135,17 @@ def attention_rollout(graph: GradGraph) -> Attribution:
     return _map("attention rollout", graph, _rollout([graph.activations[p].mean(1) for p in _patterns(graph)]))
 
 
-def chefer_rollout(gradient_graph: GradGraph, rule_graph: GradGraph, method: str | None = None) -> Attribution:
+def chefer_rollout(gradient_graph: GradGraph, rule_graph: GradGraph, method: str | None = None, *,
+                   gradients: dict[str, torch.Tensor] | None = None) -> Attribution:
     """Chefer et al.'s explanation map, as Mask-LRP's code computes it: per layer the gradient ⊙
     relevance of the attention pattern, clamped at 0 and averaged over heads, rolled out with the
     identity added and rows normalised, the explained token's own entry set to 0. The gradient comes
     from ``gradient_graph`` (``GRADIENT``),
     the relevance from ``rule_graph`` (``CHEFER2021``, with Mask-LRP's head mask where given);
-    both from one recording."""
+    both from one recording. ``gradients`` may pass ``backprop(gradient_graph)`` values already
+    computed (at least at the patterns)."""
     patterns = _patterns(rule_graph)
-    grads = backprop(gradient_graph, keep=patterns)
+    grads = gradients if gradients is not None else backprop(gradient_graph, keep=patterns)
     mods = backprop(rule_graph, keep=patterns)
     maps = [(grads[p][0] * mods[p][0] * rule_graph.activations[p]).clamp(min=0).mean(1) for p in patterns]
     return _map(method or f"rollout ({rule_graph.rules})", rule_graph, _rollout(maps), drop_self=True)

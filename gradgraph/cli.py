@@ -81,8 +81,45 @@ def cmd_synthetic(args: argparse.Namespace) -> None:
                                     progress=args.progress))
 
 
+def cmd_head_types(args: argparse.Namespace) -> None:
+    from gradgraph.studies import head_types
+
+    head_types.main(head_types.Config(corpus=args.corpus, sentences=args.sentences, threshold=args.threshold,
+                                      margin=args.margin, model=args.model, out=args.out,
+                                      figures=args.figures or f"{args.out}/figures"))
+
+
+def cmd_lrp_eval(args: argparse.Namespace) -> None:
+    from gradgraph.studies import lrp_eval
+
+    lrp_eval.main(lrp_eval.Config(sentences=args.sentences, sva_items=args.sva_items, relp_items=args.relp_items,
+                                  head_sentences=args.head_sentences, max_words=args.max_words,
+                                  batch_size=args.batch_size, seed=args.seed, model=args.model, out=args.out,
+                                  figures=args.figures or f"{args.out}/figures"))
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    from gradgraph.studies import head_ranking, sva, synthetic
+    from gradgraph.studies import head_ranking, head_types, lrp_eval, sva, synthetic
 
     top = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -134,6 +171,32 @@ def parser() -> argparse.ArgumentParser:
                    help="torch threads (tiny models run fastest on one; more on a busy CPU are far slower)")
     p.add_argument("--progress", action="store_true", help="progress bars while training")
     p.set_defaults(func=cmd_synthetic)
+
+    d = _defaults(head_types.Config)
+    p = sub.add_parser("head-types", help="positional and syntactic heads (Mask-LRP's detection) over a corpus")
+    p.add_argument("--corpus", help="text file, one sentence per line (default: shipped RT and SVA sentences)")
+    p.add_argument("--sentences", type=_positive, default=d["sentences"], help="of the shipped corpus")
+    p.add_argument("--threshold", type=_fraction, default=d["threshold"], help="positional share threshold ξ_pos")
+    p.add_argument("--margin", type=_fraction, default=d["margin"], help="syntactic margin over the baseline ξ_synt")
+    p.add_argument("--model", default=d["model"])
+    p.add_argument("--out", default=d["out"])
+    p.add_argument("--figures", default=None, help="default: OUT/figures")
+    p.set_defaults(func=cmd_head_types)
+
+    d = _defaults(lrp_eval.Config)
+    p = sub.add_parser("lrp-eval", help="LRP, Mask-LRP and baselines by deletion (AOPC, log-odds); RelP vs patching")
+    p.add_argument("--sentences", type=_positive, default=d["sentences"], help="Rotten Tomatoes sentences")
+    p.add_argument("--sva-items", type=_positive, default=d["sva_items"])
+    p.add_argument("--relp-items", type=_count, default=d["relp_items"],
+                   help="SVA items for relevance patching against activation patching (0: skip)")
+    p.add_argument("--head-sentences", type=_positive, default=d["head_sentences"], help="corpus for head types")
+    p.add_argument("--max-words", type=_positive, default=d["max_words"], help="longest review, in words")
+    p.add_argument("--batch-size", type=_positive, default=d["batch_size"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--model", default=d["model"])
+    p.add_argument("--out", default=d["out"])
+    p.add_argument("--figures", default=None, help="default: OUT/figures")
+    p.set_defaults(func=cmd_lrp_eval)
     return top
 
 

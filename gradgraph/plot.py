@@ -184,3 +184,84 @@ def _token_axis(ax, tokens: list[str], n_layers: int) -> None:
     ax.set_xlim(-1.8, n_layers + 1.8)
     ax.set_xlabel("layer (left: embeddings, right: metric)")
     ax.grid(alpha=0.2)
+
+
+def head_types(rows: list[dict], relations: list[str], path: str | Path, *, title: str) -> Path:
+    """Layer × head panels: positional share (the offset written in the cell) and each relation's
+    accuracy; the heads over threshold are outlined."""
+    import numpy as np
+
+    n_layers = max(r["layer"] for r in rows) + 1
+    n_heads = max(r["head"] for r in rows) + 1
+    panels = [("positional", "offset_share")] + [(rel, f"{rel}_accuracy") for rel in relations]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1, max(4, 0.2 * n_layers + 1.5)),
+                             sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, (name, key) in zip(axes, panels):
+        data = np.zeros((n_layers, n_heads))
+        for r in rows:
+            data[r["layer"], r["head"]] = r.get(key, 0.0)
+        image = ax.imshow(data, aspect="auto", cmap="magma", origin="lower", vmin=0, vmax=1)
+        for r in rows:
+            chosen = r["positional"] if name == "positional" else name in r["syntactic"].split(",")
+            if chosen:
+                ax.add_patch(plt.Rectangle((r["head"] - 0.5, r["layer"] - 0.5), 1, 1, fill=False, lw=1.5,
+                                           edgecolor="#00d0ff"))
+                if name == "positional":
+                    ax.text(r["head"], r["layer"], f"+{r['offset']}", ha="center", va="center", fontsize=6,
+                            color="#00d0ff")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(n_heads))
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes), label="share / accuracy", shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def deletion_curves(curves: dict[str, dict[str, list[float]]], levels, path: str | Path, *, title: str,
+                    metric: str = "AOPC") -> Path:
+    """One panel per dataset: the metric after deleting the top fraction of tokens, per method."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, (dataset, methods) in zip(axes[0], curves.items()):
+        for i, (method, values) in enumerate(methods.items()):
+            style = "-" if ("Mask-LRP" in method or "LRP" in method) else "--"
+            ax.plot([100 * x for x in levels], values, style, marker="o", ms=3, color=cmap(i % 20), label=method)
+        ax.set_xlabel("tokens replaced (%)")
+        ax.set_ylabel(metric)
+        ax.set_title(dataset, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def token_scores(tokens: list[str], methods: dict[str, list[float]], path: str | Path, *, title: str) -> Path:
+    """Coloured text, one line per method: red = positive score, blue = negative, each line scaled by
+    its own largest |score|."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    fig, ax = plt.subplots(figsize=(min(18, 1.0 + 0.75 * len(tokens)), 0.45 * len(methods) + 0.9))
+    cmap = plt.get_cmap("coolwarm")
+    for row, (method, scores) in enumerate(methods.items()):
+        top = max(abs(s) for s in scores) or 1.0
+        norm = TwoSlopeNorm(vmin=-top, vcenter=0.0, vmax=top)
+        y = len(methods) - row
+        ax.text(-0.2, y, method, ha="right", va="center", fontsize=8)
+        for i, (token, score) in enumerate(zip(tokens, scores)):
+            ax.text(i, y, token.replace("\n", "⏎"), ha="center", va="center", fontsize=8,
+                    bbox=dict(boxstyle="round,pad=0.2", facecolor=cmap(norm(score)), edgecolor="none"))
+    ax.set_xlim(-0.6, len(tokens) - 0.4)
+    ax.set_ylim(0.4, len(methods) + 0.6)
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -35,7 +35,7 @@ import torch
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Contract, Diag, Identity, Matmul, Pending, Rank1, SignSplit, Spread
 from gradgraph.semirings import Real
-from gradgraph.weights import Weight
+from gradgraph.weights import Weight, _compact
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,8 +89,7 @@ class RuleSet:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, and 0 where den = 0."""
-    zero = den == 0
-    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    return torch.where(den == 0, 0.0, num / den)  # num / 0 is inf or nan, and replaced
 
 
 # --------------------------------------------------------------------------- the true Jacobians
@@ -286,13 +285,13 @@ def alpha1_beta0(block: Matmul, x: torch.Tensor, y: torch.Tensor) -> list[Block]
     w = block.weight.real(dtype)
     positive = dataclasses.replace(block, weight=block.weight.part(+1) if block.weight.shared else Weight(w.clamp(min=0)))
     negative = dataclasses.replace(block, weight=block.weight.part(-1) if block.weight.shared else Weight(w.clamp(max=0)))
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    x_pos, x_neg = torch.where(x > 0, x, zero), torch.where(x < 0, x, zero)
-    z = positive.forward(Real, x_pos[None])[0] + negative.forward(Real, x_neg[None])[0]  # [*y shape]
+    x_c = _compact(x)  # per-head copies of one vector: signs once, broadcast
+    is_pos, is_neg = (x_c > 0).expand_as(x), (x_c < 0).expand_as(x)
+    z = positive.forward(Real, x.clamp(min=0)[None])[0] + negative.forward(Real, x.clamp(max=0)[None])[0]  # [*y]
     scale = Weight(_ratio(y, z))
     return [SignSplit(block.src, block.tgt, block.op, block.layer,
                       dataclasses.replace(positive, tgt_scale=scale), dataclasses.replace(negative, tgt_scale=scale),
-                      x > 0, x < 0)]
+                      is_pos, is_neg)]
 
 
 def normalised_sum(op: SumOp) -> list[Block]:

@@ -92,3 +92,44 @@ def test_sva_study_end_to_end(tmp_path, smol_model):
     with open(out / "items.csv") as handle:
         items = list(csv.DictReader(handle))
     assert len(items) == 8 and len({r["prefix"] for r in items}) == 8
+
+
+@pytest.mark.real
+def test_head_types_writes_a_table_and_a_figure(tmp_path, capsys, smol_model):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The old man reads a long book quietly.\nShe quickly wrote the final letter.\n"
+                      "My brother bought a red car.\nThe children eat sweet apples.\n")
+    out = tmp_path / "types"
+    assert main(["head-types", "--corpus", str(corpus), "--out", str(out)]) == 0
+    with open(out / "head_types.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == smol_model.cfg.n_layers * smol_model.cfg.n_heads
+    assert {"offset", "offset_share", "positional", "nsubj_accuracy", "amod_accuracy"} <= set(rows[0])
+    assert (out / "figures" / "head_types.png").is_file() and (out / "thresholds.csv").is_file()
+    assert "positional heads" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["head-types", "--threshold", "1.5"])
+
+
+@pytest.mark.real
+def test_lrp_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "lrp"
+    assert main(["lrp-eval", "--sentences", "2", "--sva-items", "2", "--relp-items", "2", "--head-sentences", "12",
+                 "--out", str(out)]) == 0
+    with open(out / "evaluation.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    methods = {r["method"] for r in rows}
+    assert {"gradient × input", "raw attention", "attention rollout", "LRP (attn-lrp)", "LRP (chefer2021)",
+            "partial LRP", "Chefer rollout", "Mask-LRP (synt+pos)", "Mask-LRP (random)"} <= methods
+    assert {r["dataset"] for r in rows} == {"Rotten Tomatoes", "SVA"} and all(r["n"] == "2" for r in rows)
+    for r in rows:
+        assert -1 <= float(r["aopc"]) <= 1 and float(r["log_odds"]) == float(r["log_odds"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["results"]["SVA"]["conservation"]["cp-lrp"]["median_abs_relative"] < 1e-4
+    with open(out / "relp.csv") as handle:
+        relp = list(csv.DictReader(handle))
+    assert {r["site"] for r in relp} == {"resid_pre", "attn_out", "mlp_out"} and len(relp) == 6
+    for name in ("lrp_eval_aopc.png", "lrp_eval_log-odds.png", "lrp_eval_tokens_rotten.png", "lrp_eval_tokens_sva.png",
+                 "head_types.png"):
+        assert (out / "figures" / name).is_file(), name
+    assert "Pearson r" in capsys.readouterr().out

@@ -1,0 +1,311 @@
+"""LRP, Mask-LRP and their baselines, measured by deletion (``gradgraph lrp-eval``).
+
+Config → run → write. Two datasets: Rotten Tomatoes sentences classified by the embedded model
+with a two-example prompt (``gradgraph.data.sentiment``; quantity logit(gold label) − logit(other
+label)), and SVA items (logit(correct verb) − logit(wrong verb)). For each item every method scores
+the candidate tokens (the review; the SVA prefix after BOS) from **one recorded forward pass**
+assembled under each rule set and head mask; then AOPC and log-odds after replacing the top
+10 %…90 % of candidates with the pad token (``gradgraph.faithfulness``; Mask-LRP's protocol).
+
+Methods: raw attention (last layer), attention rollout, gradient × input, LRP under each rule set
+(input relevance), partial LRP (last layer, Chefer's rules), Chefer et al.'s rollout, and Mask-LRP
+(the rollout with relevance through the synt / pos / synt+pos / random heads only; heads from
+``gradgraph head-types`` on a corpus disjoint from the evaluated sentences).
+
+Also Relevance Patching: on SVA items with an aligned counterfactual (the subject's number
+flipped), Pearson r of RelP and of attribution patching against activation patching of the residual
+stream, attention outputs and MLP outputs, position by position.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from gradgraph import plot
+from gradgraph.attribution import attention_rollout, chefer_rollout, partial_lrp, raw_attention
+from gradgraph.backprop import backprop
+from gradgraph.build import assemble, record
+from gradgraph.data.sentiment import sentiment_items
+from gradgraph.data.sva import sva_items
+from gradgraph.errors import GradGraphError
+from gradgraph.faithfulness import LEVELS, deletion_scores, replaced, two_way_probability
+from gradgraph.heads import mask
+from gradgraph.interventions import patch_positions, relevance_patching
+from gradgraph.metrics import logit_diff
+from gradgraph.models import load_model
+from gradgraph.rules import ATTN_LRP, CHEFER2021, CP_LRP, GRADIENT, RELP
+from gradgraph.studies import head_types
+from gradgraph.studies.output import staged_run
+
+LRP_RULES = (ATTN_LRP, CP_LRP, RELP, CHEFER2021)
+MASKS = ("synt", "pos", "synt+pos", "random")
+
+
+@dataclass
+class Config:
+    sentences: int = 200  # Rotten Tomatoes sentences
+    sva_items: int = 200
+    relp_items: int = 24  # SVA items for the relevance-patching comparison (activation patching is costly)
+    head_sentences: int = 200  # corpus for head detection (disjoint from the evaluated sentences)
+    max_words: int = 20
+    batch_size: int = 8
+    seed: int = 0
+    model: str = "smollm2-135m"
+    out: str = "results/lrp-eval"
+    figures: str = "results/lrp-eval/figures"
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: tuple[int, ...]
+    candidates: tuple[int, ...]  # positions that may be replaced (never BOS or the prompt)
+    good: int
+    bad: int
+
+
+def rt_examples(model, config: Config) -> list[Example]:
+    items = sentiment_items(model.tokenizer, config.sentences, seed=config.seed, max_words=config.max_words,
+                            prepend_bos=model.cfg.default_prepend_bos)
+    return [Example(i.tokens, i.review_positions, i.good_id, i.bad_id) for i in items]
+
+
+def sva_examples(model, n: int, seed: int) -> tuple[list[Example], list]:
+    items = sva_items(model.tokenizer, seed=seed, prepend_bos=model.cfg.default_prepend_bos)
+    items = [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].tolist()]
+    bos = [model.tokenizer.bos_token_id] if model.cfg.default_prepend_bos else []
+    out = []
+    for item in items:
+        ids = tuple(bos + model.tokenizer.encode(item.prefix, add_special_tokens=False))
+        out.append(Example(ids, tuple(range(len(bos), len(ids))), item.good_id, item.bad_id))
+    return out, items
+
+
+def _pad(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.tokens) for e in examples)
+    tokens = torch.zeros(len(examples), width, dtype=torch.long)
+    mask_ = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, e in enumerate(examples):
+        tokens[i, : len(e.tokens)], mask_[i, : len(e.tokens)] = torch.tensor(e.tokens), 1
+    return tokens, mask_
+
+
+def _input_relevance(graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token Σ activation ⊙ modified gradient at the inputs ``[batch, pos]``, and Σ − metric."""
+    values = backprop(graph, keep=graph.sources)
+    scores = sum((values[s][0] * graph.activations[s]).sum(-1) for s in graph.sources)
+    scores = scores * graph.source_mask.to(scores.dtype)
+    return scores, scores.sum(1) - graph.metric_value
+
+
+def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], clock: dict[str, float]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Every method's token scores ``{method: [batch, pos]}`` from one recording, the LRP
+    conservation errors ``{rules: [batch]}`` and the metric ``[batch]``; ``clock`` adds seconds per method."""
+    tokens, attention_mask = _pad(examples)
+    metric = logit_diff(torch.tensor([e.good for e in examples]), torch.tensor([e.bad for e in examples]))
+    start = time.perf_counter()
+    recording = record(model, tokens, metric, attention_mask=attention_mask)
+    clock["(recording)"] = clock.get("(recording)", 0.0) + time.perf_counter() - start
+    scores, deltas = {}, {}
+
+    def timed(name, make):
+        begin = time.perf_counter()
+        value = make()
+        clock[name] = clock.get(name, 0.0) + time.perf_counter() - begin
+        return value
+
+    gradient = timed("gradient × input", lambda: assemble(recording, GRADIENT))
+    patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    grads = timed("gradient × input", lambda: backprop(gradient, keep=list(patterns) + list(gradient.sources)))
+    scores["gradient × input"] = sum((grads[s][0] * gradient.activations[s]).sum(-1) for s in gradient.sources)
+    scores["raw attention"] = timed("raw attention", lambda: raw_attention(gradient).scores)
+    scores["attention rollout"] = timed("attention rollout", lambda: attention_rollout(gradient).scores)
+    for rules in LRP_RULES:
+        name = f"LRP ({rules.name})"
+        graph = timed(name, lambda: assemble(recording, rules))
+        scores[name], deltas[rules.name] = timed(name, lambda: _input_relevance(graph))
+        if rules is CHEFER2021:
+            scores["partial LRP"] = timed("partial LRP", lambda: partial_lrp(graph).scores)
+            scores["Chefer rollout"] = timed("Chefer rollout",
+                                             lambda: chefer_rollout(gradient, graph, gradients=grads).scores)
+    for kind, head_mask in masks.items():
+        name = f"Mask-LRP ({kind})"
+        graph = timed(name, lambda: assemble(recording, CHEFER2021, head_mask=head_mask))
+        scores[name] = timed(name, lambda: chefer_rollout(gradient, graph, gradients=grads).scores)
+    return scores, deltas, recording.metric_value
+
+
+def deletion(model, example: Example, scores: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """``{method: [1 + levels]}``: p before deletion, then after replacing each level's top tokens.
+    Identical rows (methods that agree on a level) run once; rows share the prompt before the
+    first candidate through a key/value cache."""
+    tokens = torch.tensor(example.tokens)
+    candidates = torch.zeros(len(tokens), dtype=torch.bool)
+    candidates[list(example.candidates)] = True
+    variants = {method: [tokens] + [replaced(tokens, s[: len(tokens)], candidates, f, pad_id) for f in LEVELS]
+                for method, s in scores.items()}
+    unique: dict[tuple, int] = {}
+    for rows in variants.values():
+        for row in rows:
+            unique.setdefault(tuple(row.tolist()), len(unique))
+    batch = torch.tensor(list(unique), dtype=torch.long)
+    prefix = example.candidates[0] if example.candidates[0] > 1 else 0
+    p = two_way_probability(model, batch, example.good, example.bad, prefix=prefix)
+    return {m: p[[unique[tuple(r.tolist())] for r in rows]] for m, rows in variants.items()}
+
+
+def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.Tensor], batch_size: int,
+             pad_id: int) -> dict:
+    """Deletion metrics of every method on one dataset, accuracy, conservation and timings."""
+    curves: dict[str, list[torch.Tensor]] = {}
+    deltas: dict[str, list[torch.Tensor]] = {}
+    metrics, clock, first = [], {}, None
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"lrp-eval {name}", unit="batch"):
+        chunk = examples[start:start + batch_size]
+        scores, batch_deltas, value = score_batch(model, chunk, masks, clock)
+        metrics.append(value.double().cpu())
+        for rules, d in batch_deltas.items():
+            deltas.setdefault(rules, []).append(d.double().cpu())
+        if first is None:
+            first = {m: s[0, : len(chunk[0].tokens)].tolist() for m, s in scores.items()}
+        begin = time.perf_counter()
+        for i, example in enumerate(chunk):
+            for method, p in deletion(model, example, {m: s[i] for m, s in scores.items()}, pad_id).items():
+                curves.setdefault(method, []).append(p)
+        clock["(deletion)"] = clock.get("(deletion)", 0.0) + time.perf_counter() - begin
+    metric = torch.cat(metrics)
+    n = len(examples)
+    rows = []
+    for method, values in curves.items():
+        p = torch.stack(values)  # [n, 1 + levels]
+        row = dict(dataset=name, method=method, n=n, **deletion_scores(p[:, 0], p[:, 1:]),
+                   seconds_per_example=clock[method] / n if method in clock else None)
+        rows.append(row)
+    conservation = {rules: dict(mean_abs_delta=float(torch.cat(d).abs().mean()),
+                                median_abs_relative=float((torch.cat(d).abs() / metric.abs().clamp(min=1e-6)).median()))
+                    for rules, d in deltas.items()}
+    return dict(rows=rows, accuracy=float((metric > 0).double().mean()), n=n, conservation=conservation,
+                seconds={k: v / n for k, v in clock.items()}, first=first, first_tokens=list(examples[0].tokens))
+
+
+def relp_report(model, items, n: int, batch_size: int) -> list[dict]:
+    """Pearson r of RelP and attribution patching against activation patching, per site."""
+    bos = [model.tokenizer.bos_token_id] if model.cfg.default_prepend_bos else []
+    pairs = []
+    for item in items:
+        clean = bos + model.tokenizer.encode(item.prefix, add_special_tokens=False)
+        flipped = bos + model.tokenizer.encode(item.counterfactual, add_special_tokens=False)
+        if len(clean) == len(flipped):
+            pairs.append((clean, flipped, item))
+        if len(pairs) == n:
+            break
+    if not pairs:
+        raise GradGraphError("no SVA item has a counterfactual of its own length")
+    actual, estimates = {}, {}
+    for start in tqdm(range(0, len(pairs), batch_size), desc="relevance patching", unit="batch"):
+        chunk = pairs[start:start + batch_size]
+        width = max(len(c) for c, _, _ in chunk)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        flipped = torch.zeros_like(tokens)
+        attention_mask = torch.zeros_like(tokens)
+        for i, (c, f, _) in enumerate(chunk):
+            tokens[i, : len(c)], flipped[i, : len(f)], attention_mask[i, : len(c)] = torch.tensor(c), torch.tensor(f), 1
+        metric = logit_diff(torch.tensor([it.good_id for _, _, it in chunk]), torch.tensor([it.bad_id for _, _, it in chunk]))
+        truth = patch_positions(model, tokens, attention_mask, flipped, metric, progress=False)
+        first = relevance_patching(model, tokens, attention_mask, flipped, metric)
+        real = attention_mask.bool()[:, None, :].expand(-1, model.cfg.n_layers, -1)
+        for site, value in truth.items():
+            actual.setdefault(site, []).append(value[real])
+            for method in ("relp", "attribution"):
+                estimates.setdefault((site, method), []).append(first[method][site][real])
+    rows = []
+    for (site, method), values in estimates.items():
+        x, y = torch.cat(values), torch.cat(actual[site])
+        r = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+        rows.append(dict(site=site, estimate="relevance patching (RelP)" if method == "relp" else "attribution patching",
+                         pearson_r=r, points=len(x), items=len(pairs)))
+    return rows
+
+
+def run(config: Config) -> dict:
+    for field in ("sentences", "sva_items", "batch_size", "head_sentences"):
+        if getattr(config, field) < 1:
+            raise GradGraphError(f"{field} must be a positive number, got {getattr(config, field)}")
+    started = time.time()
+    model = load_model(config.model)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    corpus = head_types.default_corpus(model.tokenizer, config.head_sentences, seed=config.seed + 1)
+    positional, syntactic = head_types.detect(model, corpus, 0.8, 0.1)
+    masks = {kind: mask(model, kind, positional=positional, syntactic=syntactic, seed=config.seed) for kind in MASKS}
+    rt = evaluate(model, "Rotten Tomatoes", rt_examples(model, config), masks, config.batch_size, pad_id)
+    sva, items = sva_examples(model, config.sva_items, config.seed)
+    sva_result = evaluate(model, "SVA", sva, masks, config.batch_size, pad_id)
+    relp = relp_report(model, items, config.relp_items, config.batch_size) if config.relp_items else []
+    return dict(config=asdict(config), results={"Rotten Tomatoes": rt, "SVA": sva_result}, relp=relp,
+                heads=head_types.table(positional, syntactic), masks={k: int(v.sum()) for k, v in masks.items()},
+                tokenizer=model.tokenizer, seconds=time.time() - started)
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| dataset | method | n | AOPC ↑ | log-odds ↓ | s / example |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = "" if r["seconds_per_example"] is None else f"{r['seconds_per_example']:.3f}"
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['n']} | {r['aopc']:.4f} | {r['log_odds']:.4f} | {seconds} |")
+    return "\n".join(lines)
+
+
+def write(config: Config, result: dict) -> list[dict]:
+    rows = [r for dataset in result["results"].values() for r in dataset["rows"]]
+    tokenizer = result.pop("tokenizer")
+    with staged_run(config.out, config.figures, "gradgraph lrp-eval") as out:
+        fields = ["dataset", "method", "n", "aopc", "log_odds", "seconds_per_example"]
+        with open(out.path("evaluation.csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        out.path("evaluation.md").write_text(_markdown(rows) + "\n")
+        if result["relp"]:
+            with open(out.path("relp.csv"), "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(result["relp"][0]))
+                writer.writeheader()
+                writer.writerows(result["relp"])
+        with open(out.path("head_types.csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result["heads"][0]))
+            writer.writeheader()
+            writer.writerows(result["heads"])
+        summary = {k: v for k, v in result.items() if k not in ("heads",)}
+        out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        for key, label in (("aopc_by_level", "AOPC"), ("log_odds_by_level", "log-odds")):
+            curves = {name: {r["method"]: r[key] for r in data["rows"]} for name, data in result["results"].items()}
+            plot.deletion_curves(curves, LEVELS, out.figure(f"lrp_eval_{label.lower()}.png"), metric=label,
+                                 title=f"{label} after replacing the top-ranked tokens ({config.model})")
+        for name, data in result["results"].items():
+            tokens = [tokenizer.decode([t]) for t in data["first_tokens"]]
+            keep = slice(-24, None)  # the review and the question, not the few-shot examples
+            methods = {m: s[keep] for m, s in data["first"].items()}
+            plot.token_scores(tokens[keep], methods, out.figure(f"lrp_eval_tokens_{name.split()[0].lower()}.png"),
+                              title=f"Token scores by method: {name}, first item")
+        plot.head_types(result["heads"], [r for r in ("nsubj", "obj", "amod", "advmod")
+                                          if f"{r}_accuracy" in result["heads"][0]],
+                        out.figure("head_types.png"), title=f"Head types used by Mask-LRP ({config.model})")
+    return rows
+
+
+def main(config: Config) -> dict:
+    result = run(config)
+    rows = write(config, result)
+    print(_markdown(rows))
+    for name, data in result["results"].items():
+        print(f"{name}: accuracy {data['accuracy']:.3f} on {data['n']} items; conservation (median |Σ R − f| / |f|): "
+              + ", ".join(f"{k} {v['median_abs_relative']:.3g}" for k, v in data["conservation"].items()))
+    for r in result["relp"]:
+        print(f"{r['site']:<10} {r['estimate']:<28} Pearson r = {r['pearson_r']:.3f} ({r['points']} points, "
+              f"{r['items']} items)")
+    print(f"masks: {result['masks']} heads; {result['seconds']:.0f} s; wrote {config.out}")
+    return result
