@@ -9,14 +9,16 @@ tokens at batch 1, and 8 SVA prompts of about 12 tokens. Baselines, measured in 
   returns).
 
 Rows: ``Real`` (build + backprop keeping every node), ``Real→inputs`` (keeping only the input
-nodes, ``keep=graph.sources``), ``Max``, ``Entropy`` (each keeping the inputs). Every job runs in a
+nodes, ``keep=graph.sources``), ``Max``, ``Entropy`` (each keeping the inputs), ``AttnLRP`` and
+``Chefer`` (``gradgraph.attribution.lrp`` with ``ATTN_LRP`` / ``CHEFER2021``: build, backprop and
+the relevance at every node, as a user calls it). Every job runs in a
 fresh process. Its memory is the peak above the process's memory once the model is loaded (RSS on
 the CPU, after handing freed memory back with ``malloc_trim``; allocated memory on CUDA), over a
 warm-up and one run of the job alone. Its time is the
 median of ``--repeats`` runs, and the ratios compare it with both baselines timed in the same
 process, alternating with it: a machine that slows down for a while slows both sides of a ratio.
 
-    .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3]
+    .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3] [--jobs ...]
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import time
 
 import torch
 
-JOBS = ("torch", "torch+hooks", "Real", "Real→inputs", "Max", "Entropy")
+JOBS = ("torch", "torch+hooks", "Real", "Real→inputs", "Max", "Entropy", "AttnLRP", "Chefer")
+DEFAULT_JOBS = JOBS[:-1]
 TARGETS = {("Real", "128"): 1.5, ("Real", "512"): 1.5, ("Real", "8x12"): 1.5, ("Max", "128"): 2.5,
-           ("Max", "512"): 2.5, ("Entropy", "128"): 3.0, ("Entropy", "512"): 3.0}
+           ("Max", "512"): 2.5, ("Entropy", "128"): 3.0, ("Entropy", "512"): 3.0, ("AttnLRP", "8x12"): 1.5}
 
 
 class PeakMemory:
@@ -99,6 +102,7 @@ def prompts(model, length: str):
 def measure(job: str, length: str, device: str, repeats: int) -> dict:
     """Time and memory of one job in this (fresh) process, with both baselines timed beside it."""
     from gradgraph import hooks, load_model
+    from gradgraph.attribution import lrp
     from gradgraph.backprop import backprop
     from gradgraph.build import build_graph
     from gradgraph.metrics import prepare
@@ -127,8 +131,12 @@ def measure(job: str, length: str, device: str, repeats: int) -> dict:
 
         return run
 
+    def lrp_job(rules: str):
+        return lambda: lrp(model, tokens, metric, rules=rules, attention_mask=mask)
+
     jobs = {"torch": baseline(False), "torch+hooks": baseline(True), "Real": graph_job(Real, True),
-            "Real→inputs": graph_job(Real, False), "Max": graph_job(Max, False), "Entropy": graph_job(Entropy, False)}
+            "Real→inputs": graph_job(Real, False), "Max": graph_job(Max, False), "Entropy": graph_job(Entropy, False),
+            "AttnLRP": lrp_job("attn-lrp"), "Chefer": lrp_job("chefer2021")}
 
     def sync():
         if device == "cuda":
@@ -160,7 +168,7 @@ def measure(job: str, length: str, device: str, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", nargs="+", default=["8x12", "64", "128", "512", "1024"])
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
+    parser.add_argument("--jobs", nargs="+", default=list(DEFAULT_JOBS), choices=JOBS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -95,7 +95,9 @@ def component_graph(graph: GradGraph, semiring: Semiring = Abs, *, batch: int = 
         through_q = reduce_last(sr.times(fwd[q_input], bwd[q_input])[:, b, :n_pos])[0]  # [pos, h]
         scores = hooks.name("attn_scores", layer)
         key = hooks.name("rot_k", layer) if hooks.name("rot_k", layer) in graph.shapes else hooks.name("k", layer)
-        via_k = sr.times(_forward_through(graph, sr, key, scores, fwd[key]), bwd[scores])[0, b]  # [h, q, k]
+        into_scores = _forward_through(graph, sr, key, scores, fwd[key])  # None: the rules hold the pattern constant
+        via_k = (sr.zero(bwd[scores].shape[1:], dtype=bwd[scores].dtype, device=bwd[scores].device) if into_scores is None
+                 else sr.times(into_scores, bwd[scores]))[0, b]  # [h, q, k]
         value_blocks = [e for e in graph.edges_into(z) if e.src == hooks.name("v", layer)]
         if not all(isinstance(e, Matmul) and e.weight_node is not None for e in value_blocks):
             raise GradGraphError(f"component_graph reads the value pathway from bilinear blocks into {z}")

@@ -229,3 +229,23 @@ def test_explanation_maps_on_a_tiny_model():
     none = mask_lrp(model, tokens, METRIC, head_mask=torch.zeros(2, 4, dtype=torch.bool))
     assert torch.equal(none.scores, torch.zeros_like(none.scores))
     assert partial_lrp(chefer).scores.shape == tokens.shape
+
+
+def test_component_views_on_lrp_graphs():
+    """The component graph reads relevance flow the same way; CP-LRP's constant pattern leaves the
+    q and k pathways without flow, and Chefer's rescaled residual sums are refused by name."""
+    from gradgraph.branches import branch_shares
+    from gradgraph.component_graph import component_graph
+
+    model, tokens = _model_and_tokens("llama", seed=9)
+    for rules in (ATTN_LRP, CP_LRP, RELP):
+        graph = build_graph(model, tokens[:1], logit_diff(1, 4), rules=rules)
+        flows = component_graph(graph)
+        qk = [w for u, v, w in flows.edges(data="weight") if ".q@" in u or ".k@" in u]
+        assert (not qk) if rules is CP_LRP else qk
+        shares = branch_shares(graph, -1)
+        assert shares.value.shape == (model.cfg.n_layers, 4)
+        if rules is CP_LRP:  # nothing reaches q or k
+            assert (shares.value[:, :2] == 0).all() and (shares.value[:, 2:] > 0).any()
+    with pytest.raises(GradGraphError, match="chefer2021"):
+        component_graph(build_graph(model, tokens[:1], logit_diff(1, 4), rules=CHEFER2021))
