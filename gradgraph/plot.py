@@ -252,7 +252,7 @@ def token_scores(tokens: list[str], methods: dict[str, list[float]], path: str |
         top = max(abs(s) for s in scores) or 1.0
         norm = TwoSlopeNorm(vmin=-top, vcenter=0.0, vmax=top)
         y = len(methods) - row
-        ax.text(-0.2, y, method, ha="right", va="center", fontsize=8)
+        ax.text(-0.01, y, method, ha="right", va="center", fontsize=8, transform=ax.get_yaxis_transform())
         for i, (token, score) in enumerate(zip(tokens, scores)):
             ax.text(i, y, token.replace("\n", "⏎"), ha="center", va="center", fontsize=8,
                     bbox=dict(boxstyle="round,pad=0.2", facecolor=cmap(norm(score)), edgecolor="none"))

@@ -281,10 +281,8 @@ def alpha1_beta0(block: Matmul, x: torch.Tensor, y: torch.Tensor) -> list[Block]
     R_x_i = Σ_j (x⁺_i W⁺_ij + x⁻_i W⁻_ij) R_y_j / Z_j, Z_j = Σ_i x⁺_i W⁺_ij + x⁻_i W⁻_ij (no bias).
     As a modified gradient: ``g_x_i = Σ_j W^{sign x_i}_ij (y_j / Z_j) g_y_j``: W⁺ for positive
     inputs, W⁻ for negative ones (a ``SignSplit`` of two shared-weight maps), scaled per output."""
-    dtype = x.dtype
-    w = block.weight.real(dtype)
-    positive = dataclasses.replace(block, weight=block.weight.part(+1) if block.weight.shared else Weight(w.clamp(min=0)))
-    negative = dataclasses.replace(block, weight=block.weight.part(-1) if block.weight.shared else Weight(w.clamp(max=0)))
+    positive = dataclasses.replace(block, weight=block.weight.part(+1))
+    negative = dataclasses.replace(block, weight=block.weight.part(-1))
     x_c = _compact(x)  # per-head copies of one vector: signs once, broadcast
     is_pos, is_neg = (x_c > 0).expand_as(x), (x_c < 0).expand_as(x)
     z = positive.forward(Real, x.clamp(min=0)[None])[0] + negative.forward(Real, x.clamp(max=0)[None])[0]  # [*y]

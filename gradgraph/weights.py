@@ -72,7 +72,7 @@ class Weight:
 
     def part(self, sign: int) -> "Weight":
         """The positive (``sign=+1``) or negative (``-1``) part, ``max(w, 0)`` / ``min(w, 0)``, as a
-        weight of its own (kept with a shared weight, so every graph of the model reuses it)."""
+        weight of its own (kept, so every graph of a model reuses a shared weight's parts)."""
         key = ("part", sign)
         if key not in self._parts:
             w = self.real(self.dtype)

@@ -172,8 +172,10 @@ def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.T
         metrics.append(value.double().cpu())
         for rules, d in batch_deltas.items():
             deltas.setdefault(rules, []).append(d.double().cpu())
-        if first is None:
-            first = {m: s[0, : len(chunk[0].tokens)].tolist() for m, s in scores.items()}
+        if first is None:  # the first batch's longest item, for the token figure
+            shown = max(range(len(chunk)), key=lambda i: len(chunk[i].tokens))
+            first = {m: s[shown, : len(chunk[shown].tokens)].tolist() for m, s in scores.items()}
+            first_tokens = list(chunk[shown].tokens)
         begin = time.perf_counter()
         for i, example in enumerate(chunk):
             for method, p in deletion(model, example, {m: s[i] for m, s in scores.items()}, pad_id).items():
@@ -191,7 +193,7 @@ def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.T
                                 median_abs_relative=float((torch.cat(d).abs() / metric.abs().clamp(min=1e-6)).median()))
                     for rules, d in deltas.items()}
     return dict(rows=rows, accuracy=float((metric > 0).double().mean()), n=n, conservation=conservation,
-                seconds={k: v / n for k, v in clock.items()}, first=first, first_tokens=list(examples[0].tokens))
+                seconds={k: v / n for k, v in clock.items()}, first=first, first_tokens=first_tokens)
 
 
 def relp_report(model, items, n: int, batch_size: int) -> list[dict]:
@@ -290,7 +292,7 @@ def write(config: Config, result: dict) -> list[dict]:
             keep = slice(-24, None)  # the review and the question, not the few-shot examples
             methods = {m: s[keep] for m, s in data["first"].items()}
             plot.token_scores(tokens[keep], methods, out.figure(f"lrp_eval_tokens_{name.split()[0].lower()}.png"),
-                              title=f"Token scores by method: {name}, first item")
+                              title=f"Token scores by method: {name}")
         plot.head_types(result["heads"], [r for r in ("nsubj", "obj", "amod", "advmod")
                                           if f"{r}_accuracy" in result["heads"][0]],
                         out.figure("head_types.png"), title=f"Head types used by Mask-LRP ({config.model})")
