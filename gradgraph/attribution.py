@@ -60,13 +60,19 @@ def cuts(graph: GradGraph) -> list[str]:
     return out + [hooks.name("resid_post", graph.n_layers - 1)]
 
 
+def token_scores(graph: GradGraph, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[batch, pos]``: Σ over the input nodes and d_model of activation ⊙ value, for ``grads``
+    from ``backprop(graph, Real)`` (gradient × input, or LRP relevance); 0 at padding."""
+    scores = sum((grads[s][0] * graph.activations[s]).sum(-1) for s in graph.sources)
+    return scores * graph.source_mask.to(scores.dtype)
+
+
 def relevance(graph: GradGraph, method: str | None = None) -> Attribution:
     """``activation ⊙ backprop(graph, Real)`` at every node of a (rule-built) graph, with the input
     relevance per token and the conservation error at the input and at every residual cut."""
     grads = backprop(graph, Real)
     values = {n: grads[n][0] * graph.activations[n] for n in graph.order if n != "metric"}
-    real = graph.source_mask.to(graph.dtype)
-    scores = sum(values[s].sum(-1) for s in graph.sources) * real  # [batch, pos]
+    scores = token_scores(graph, grads)
     target = graph.metric_value
     cut_deltas = {n: values[n].flatten(1).sum(1) - target for n in cuts(graph)}
     return Attribution(method or graph.rules, graph.tokens, scores, target, scores.sum(1) - target, values, graph,
@@ -177,4 +183,4 @@ def mask_lrp(
 
 
 __all__ = ["Attribution", "attention_rollout", "chefer_rollout", "cuts", "lrp", "mask_lrp", "partial_lrp",
-           "raw_attention", "relevance"]
+           "raw_attention", "relevance", "token_scores"]

@@ -332,10 +332,7 @@ class Matmul(Block):
         return einops.rearrange(value, f"s {right} -> s {left}", **_used(self.axes, pattern))
 
     def _masked(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
-        if self.tgt_mask is None:
-            return value
-        zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
-        return torch.where(self.tgt_mask, value, zero)
+        return value if self.tgt_mask is None else _where(sr, self.tgt_mask, value)
 
     def _scaled(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
         if self.tgt_scale is None:
@@ -469,17 +466,13 @@ class SignSplit(Block):
     src_positive: torch.Tensor  # bool, broadcast to the source's shape
     src_negative: torch.Tensor
 
-    def _where(self, sr: Semiring, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
-        return torch.where(mask, value, zero)
-
     def backward(self, sr, value):
-        positive = self._where(sr, self.src_positive, self.positive.backward(sr, value))
+        positive = _where(sr, self.src_positive, self.positive.backward(sr, value))
         return torch.where(self.src_negative, self.negative.backward(sr, value), positive)  # disjoint masks
 
     def forward(self, sr, value):
-        return sr.plus(self.positive.forward(sr, self._where(sr, self.src_positive, value)),
-                       self.negative.forward(sr, self._where(sr, self.src_negative, value)))
+        return sr.plus(self.positive.forward(sr, _where(sr, self.src_positive, value)),
+                       self.negative.forward(sr, _where(sr, self.src_negative, value)))
 
     def scalar_edges(self, shapes):
         out = []
@@ -552,6 +545,12 @@ class _Transposed(Weight):
             return torch.special.xlogy(a, a)
 
         return self.base._get("xlogx_T", dtype, make)
+
+
+def _where(sr: Semiring, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` ``[S, ...]`` where ``mask`` (broadcast to its trailing dims), the semiring's zero elsewhere."""
+    zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
+    return torch.where(mask, value, zero)
 
 
 def _no_edges() -> tuple[torch.Tensor, torch.Tensor]:

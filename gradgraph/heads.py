@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from gradgraph import hooks
 from gradgraph.errors import GradGraphError
-from gradgraph.prompts import to_tokens
+from gradgraph.prompts import right_pad, to_tokens
 
 RELATIONS = ("nsubj", "obj", "amod", "advmod")
 _SPACY_LABELS = {"obj": ("obj", "dobj"), "nsubj": ("nsubj",), "amod": ("amod",), "advmod": ("advmod",)}
@@ -55,11 +55,7 @@ def _batch(model, chunk: list) -> tuple[torch.Tensor, torch.Tensor]:
         return to_tokens(model, chunk)
     if not all(isinstance(t, torch.Tensor) for t in chunk):
         raise GradGraphError("a corpus is all strings or all token id tensors, not a mix")
-    width = max(len(t) for t in chunk)
-    tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-    mask = torch.zeros(len(chunk), width, dtype=torch.long)
-    for i, t in enumerate(chunk):
-        tokens[i, : len(t)], mask[i, : len(t)] = t, 1
+    tokens, mask = right_pad(chunk)
     return to_tokens(model, tokens)[0], mask
 
 

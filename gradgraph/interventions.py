@@ -16,9 +16,12 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from gradgraph import hooks
+from gradgraph.backprop import backprop
+from gradgraph.build import assemble, record
 from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import prepare
+from gradgraph.rules import GRADIENT
 
 INTERVENED = ("head", "mlp")
 
@@ -29,6 +32,12 @@ def intervened_components(model: HookedTransformer) -> list[Component]:
 
 
 SITES = ("resid_pre", "attn_out", "mlp_out")
+
+
+def _intervened_hooks(model: HookedTransformer) -> list[str]:
+    """The hook points holding the intervened components (each layer's hook_z and hook_mlp_out)."""
+    reg = Registry.of(model)
+    return list(dict.fromkeys(reg.nodes(c)[0] for c in intervened_components(model)))
 
 
 @torch.no_grad()
@@ -108,8 +117,7 @@ def intervene(
         )
     clean = _cache(model, tokens, embed=embed)
     if means is not None:
-        wrong = [h for h in clean if h.endswith(("hook_z", "hook_mlp_out"))
-                 and (h not in means or means[h].shape != clean[h].shape[2:])]
+        wrong = [h for h in _intervened_hooks(model) if h not in means or means[h].shape != clean[h].shape[2:]]
         if wrong:
             raise GradGraphError(f"means lacks {wrong[0]} (or has the wrong shape); compute them with "
                                  f"gradgraph.interventions.activation_means")
@@ -158,7 +166,7 @@ def activation_means(model: HookedTransformer, tokens: torch.Tensor, mask: torch
     _check(model, tokens, mask)
     cache = _cache(model, tokens)
     real = mask.bool()
-    return {name: value[real].mean(0) for name, value in cache.items() if name.endswith(("hook_z", "hook_mlp_out"))}
+    return {name: cache[name][real].mean(0) for name in _intervened_hooks(model)}
 
 
 def attribution_patching(
@@ -268,10 +276,6 @@ def relevance_patching(
     estimate ``(act_cf − act) · g`` with ``g`` the modified gradient of ``rules`` (RelP's rules by
     default) and with the plain gradient, per head and MLP (``{label: [batch]}``) and per site and
     position (``{site: [batch, n_layers, pos]}``). Returns ``{"relp": {...}, "attribution": {...}}``."""
-    from gradgraph.backprop import backprop
-    from gradgraph.build import assemble, record
-    from gradgraph.rules import GRADIENT
-
     recording = record(model, tokens, metric, attention_mask=mask)
     corrupt = _cache(model, counterfactual)
     wanted = [hooks.name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("z", "mlp_out") + SITES]

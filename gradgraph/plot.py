@@ -51,11 +51,14 @@ def sva_accuracy(table: list[dict], path: str | Path, *, title: str) -> Path:
     return path
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, *, dpi: int = 120, tight_box: bool = False) -> Path:
+    """Write and close ``fig``; ``tight_box`` crops to what is drawn (text outside the axes included)
+    instead of laying the axes out."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if not tight_box:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight_box else None)
     plt.close(fig)
     return path
 
@@ -216,11 +219,7 @@ def head_types(rows: list[dict], relations: list[str], path: str | Path, *, titl
     axes[0].set_ylabel("layer")
     fig.colorbar(image, ax=list(axes), label="share / accuracy", shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight_box=True)
 
 
 def deletion_curves(curves: dict[str, dict[str, list[float]]], levels, path: str | Path, *, title: str,
@@ -260,8 +259,4 @@ def token_scores(tokens: list[str], methods: dict[str, list[float]], path: str |
     ax.set_ylim(0.4, len(methods) + 0.6)
     ax.axis("off")
     ax.set_title(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=130, tight_box=True)

@@ -22,6 +22,18 @@ def single_token_id(tokenizer, word: str) -> int:
     return ids[0]
 
 
+def right_pad(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences of any lengths -> ``(tokens [batch, pos], attention_mask [batch, pos])``,
+    right-padded with id 0 (causal attention never sees the padding after a sequence)."""
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return tokens, mask
+
+
 def to_tokens(
     model: HookedTransformer, prompts: str | list[str] | torch.Tensor, *, prepend_bos: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

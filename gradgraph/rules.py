@@ -240,9 +240,7 @@ def relp(pattern_constant: bool = False) -> RuleSet:
     def bilinear(product: str) -> tuple[float, float]:
         if product == "gate":
             return 0.5, 0.5
-        if pattern_constant and product in ("qk", "pv"):
-            return {"qk": (0.0, 0.0), "pv": (0.0, 1.0)}[product]
-        return 1.0, 1.0
+        return pattern_held_constant(product) if pattern_constant else (1.0, 1.0)
 
     return RuleSet(
         name="relp+ah" if pattern_constant else "relp",

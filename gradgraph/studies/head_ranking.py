@@ -7,7 +7,6 @@ mean ablation over the prompts, and activation patching (needs counterfactual pr
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from gradgraph.metrics import logit_diff
 from gradgraph.models import load_model
 from gradgraph.prompts import single_token_id, to_tokens
 from gradgraph.scores import graph_scores, stack_effects
-from gradgraph.studies.output import staged_run
+from gradgraph.studies.output import staged_run, write_csv
 
 
 @dataclass
@@ -118,10 +117,7 @@ def run(config: Config) -> tuple[list[dict], dict[str, torch.Tensor], int]:
 
 def write(config: Config, rows: list[dict], scores: dict[str, torch.Tensor], n_heads: int) -> None:
     with staged_run(config.out, config.figures, "gradgraph heads") as out:
-        with open(out.path("heads.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out.path("heads.csv"), rows)
         for key, value in scores.items():
             plot.head_heatmap(value[:, :n_heads].abs().numpy(), out.figure(f"heads_{key}.png"), label=f"|{key}|",
                               title=f"{key} per head ({config.good!r} vs {config.bad!r})")

@@ -7,7 +7,6 @@ Config → run → write. The default corpus is what the project ships: Rotten T
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 
 from gradgraph import plot
@@ -16,7 +15,7 @@ from gradgraph.data.sva import sva_items
 from gradgraph.heads import RELATIONS, positional_heads, syntactic_heads
 from gradgraph.models import load_model
 from gradgraph.studies.head_ranking import read_prompts
-from gradgraph.studies.output import staged_run
+from gradgraph.studies.output import staged_run, write_csv
 
 
 @dataclass
@@ -64,20 +63,21 @@ def table(positional: list[dict], syntactic: list[dict]) -> list[dict]:
     return rows
 
 
+def figure(rows: list[dict], path, *, title: str):
+    """The layer × head figure of ``table`` rows (the relations that have an accuracy column)."""
+    return plot.head_types(rows, [r for r in RELATIONS if f"{r}_accuracy" in rows[0]], path, title=title)
+
+
 def write(config: Config, positional: list[dict], syntactic: list[dict], corpus: list[str]) -> list[dict]:
     rows = table(positional, syntactic)
     with staged_run(config.out, config.figures, "gradgraph head-types") as out:
-        with open(out.path("head_types.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out.path("head_types.csv"), rows)
         thresholds = {}
         for s in syntactic:
             thresholds[s["relation"]] = dict(baseline=s["baseline"], threshold=s["threshold"], arcs=s["arcs"])
         out.path("thresholds.csv").write_text("relation,arcs,baseline,threshold\n" + "".join(
             f"{rel},{v['arcs']},{v['baseline']:.4f},{v['threshold']:.4f}\n" for rel, v in thresholds.items()))
-        plot.head_types(rows, [r for r in RELATIONS if r in thresholds], out.figure("head_types.png"),
-                        title=f"Head types, {config.model} ({len(corpus)} sentences)")
+        figure(rows, out.figure("head_types.png"), title=f"Head types, {config.model} ({len(corpus)} sentences)")
     return rows
 
 

@@ -19,7 +19,6 @@ stream, attention outputs and MLP outputs, position by position.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -27,8 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import plot
-from gradgraph.attribution import attention_rollout, chefer_rollout, partial_lrp, raw_attention
+from gradgraph import hooks, plot
+from gradgraph.attribution import attention_rollout, chefer_rollout, partial_lrp, raw_attention, token_scores
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record
 from gradgraph.data.sentiment import sentiment_items
@@ -39,9 +38,10 @@ from gradgraph.heads import mask
 from gradgraph.interventions import patch_positions, relevance_patching
 from gradgraph.metrics import logit_diff
 from gradgraph.models import load_model
+from gradgraph.prompts import right_pad
 from gradgraph.rules import ATTN_LRP, CHEFER2021, CP_LRP, GRADIENT, RELP
 from gradgraph.studies import head_types
-from gradgraph.studies.output import staged_run
+from gradgraph.studies.output import staged_run, write_csv
 
 LRP_RULES = (ATTN_LRP, CP_LRP, RELP, CHEFER2021)
 MASKS = ("synt", "pos", "synt+pos", "random")
@@ -86,20 +86,9 @@ def sva_examples(model, n: int, seed: int) -> tuple[list[Example], list]:
     return out, items
 
 
-def _pad(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(e.tokens) for e in examples)
-    tokens = torch.zeros(len(examples), width, dtype=torch.long)
-    mask_ = torch.zeros(len(examples), width, dtype=torch.long)
-    for i, e in enumerate(examples):
-        tokens[i, : len(e.tokens)], mask_[i, : len(e.tokens)] = torch.tensor(e.tokens), 1
-    return tokens, mask_
-
-
 def _input_relevance(graph) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token Σ activation ⊙ modified gradient at the inputs ``[batch, pos]``, and Σ − metric."""
-    values = backprop(graph, keep=graph.sources)
-    scores = sum((values[s][0] * graph.activations[s]).sum(-1) for s in graph.sources)
-    scores = scores * graph.source_mask.to(scores.dtype)
+    scores = token_scores(graph, backprop(graph, keep=graph.sources))
     return scores, scores.sum(1) - graph.metric_value
 
 
@@ -107,7 +96,7 @@ def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], 
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Every method's token scores ``{method: [batch, pos]}`` from one recording, the LRP
     conservation errors ``{rules: [batch]}`` and the metric ``[batch]``; ``clock`` adds seconds per method."""
-    tokens, attention_mask = _pad(examples)
+    tokens, attention_mask = right_pad([e.tokens for e in examples])
     metric = logit_diff(torch.tensor([e.good for e in examples]), torch.tensor([e.bad for e in examples]))
     start = time.perf_counter()
     recording = record(model, tokens, metric, attention_mask=attention_mask)
@@ -121,9 +110,9 @@ def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], 
         return value
 
     gradient = timed("gradient × input", lambda: assemble(recording, GRADIENT))
-    patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    patterns = [hooks.name("pattern", layer) for layer in range(model.cfg.n_layers)]
     grads = timed("gradient × input", lambda: backprop(gradient, keep=list(patterns) + list(gradient.sources)))
-    scores["gradient × input"] = sum((grads[s][0] * gradient.activations[s]).sum(-1) for s in gradient.sources)
+    scores["gradient × input"] = token_scores(gradient, grads)
     scores["raw attention"] = timed("raw attention", lambda: raw_attention(gradient).scores)
     scores["attention rollout"] = timed("attention rollout", lambda: attention_rollout(gradient).scores)
     for rules in LRP_RULES:
@@ -212,12 +201,8 @@ def relp_report(model, items, n: int, batch_size: int) -> list[dict]:
     actual, estimates = {}, {}
     for start in tqdm(range(0, len(pairs), batch_size), desc="relevance patching", unit="batch"):
         chunk = pairs[start:start + batch_size]
-        width = max(len(c) for c, _, _ in chunk)
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        flipped = torch.zeros_like(tokens)
-        attention_mask = torch.zeros_like(tokens)
-        for i, (c, f, _) in enumerate(chunk):
-            tokens[i, : len(c)], flipped[i, : len(f)], attention_mask[i, : len(c)] = torch.tensor(c), torch.tensor(f), 1
+        tokens, attention_mask = right_pad([c for c, _, _ in chunk])
+        flipped, _ = right_pad([f for _, f, _ in chunk])
         metric = logit_diff(torch.tensor([it.good_id for _, _, it in chunk]), torch.tensor([it.bad_id for _, _, it in chunk]))
         truth = patch_positions(model, tokens, attention_mask, flipped, metric, progress=False)
         first = relevance_patching(model, tokens, attention_mask, flipped, metric)
@@ -266,21 +251,10 @@ def write(config: Config, result: dict) -> list[dict]:
     rows = [r for dataset in result["results"].values() for r in dataset["rows"]]
     tokenizer = result.pop("tokenizer")
     with staged_run(config.out, config.figures, "gradgraph lrp-eval") as out:
-        fields = ["dataset", "method", "n", "aopc", "log_odds", "seconds_per_example"]
-        with open(out.path("evaluation.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out.path("evaluation.csv"), rows, ["dataset", "method", "n", "aopc", "log_odds", "seconds_per_example"])
         out.path("evaluation.md").write_text(_markdown(rows) + "\n")
-        if result["relp"]:
-            with open(out.path("relp.csv"), "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(result["relp"][0]))
-                writer.writeheader()
-                writer.writerows(result["relp"])
-        with open(out.path("head_types.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(result["heads"][0]))
-            writer.writeheader()
-            writer.writerows(result["heads"])
+        write_csv(out.path("relp.csv"), result["relp"])
+        write_csv(out.path("head_types.csv"), result["heads"])
         summary = {k: v for k, v in result.items() if k not in ("heads",)}
         out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str))
         for key, label in (("aopc_by_level", "AOPC"), ("log_odds_by_level", "log-odds")):
@@ -293,9 +267,8 @@ def write(config: Config, result: dict) -> list[dict]:
             methods = {m: s[keep] for m, s in data["first"].items()}
             plot.token_scores(tokens[keep], methods, out.figure(f"lrp_eval_tokens_{name.split()[0].lower()}.png"),
                               title=f"Token scores by method: {name}")
-        plot.head_types(result["heads"], [r for r in ("nsubj", "obj", "amod", "advmod")
-                                          if f"{r}_accuracy" in result["heads"][0]],
-                        out.figure("head_types.png"), title=f"Head types used by Mask-LRP ({config.model})")
+        head_types.figure(result["heads"], out.figure("head_types.png"),
+                          title=f"Head types used by Mask-LRP ({config.model})")
     return rows
 
 

@@ -17,6 +17,7 @@ manifest (``.gradgraph-manifest.json``); a file the command did not write is nev
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -57,6 +58,16 @@ class Staging:
         relative = path.relative_to(self.root)
         base = self._shown[0] if relative.parts[0] == "results" else self._shown[1]
         return base.joinpath(*relative.parts[1:])
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """A table of dicts as CSV (columns: ``fields``, default the first row's keys); nothing when empty."""
+    if not rows:
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _files(folder: Path) -> set[str]:

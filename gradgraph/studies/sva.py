@@ -10,13 +10,11 @@ publishes them together (``gradgraph.studies.output``).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import networkx as nx
 import torch
@@ -38,7 +36,7 @@ from gradgraph.paths import path_entropy
 from gradgraph.prompts import to_tokens
 from gradgraph.scores import graph_scores, stack_effects
 from gradgraph.semirings import Abs
-from gradgraph.studies.output import staged_run
+from gradgraph.studies.output import staged_run, write_csv
 
 
 @dataclass
@@ -85,15 +83,6 @@ def _batches(indexed: list[tuple[int, SVAItem]], size: int) -> list[list[tuple[i
 
 def _metric(batch: list[SVAItem]):
     return logit_diff(torch.tensor([i.good_id for i in batch]), torch.tensor([i.bad_id for i in batch]))
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 @dataclass
@@ -264,12 +253,12 @@ def write(result: Result) -> dict:
         for name, s in result.shares.items():
             for row in s.rows():
                 share_rows.append(dict(where=name.split("/")[0], agg=name.split("/")[1], **row))
-        _write_csv(out.path("accuracy.csv"), result.accuracy)
-        _write_csv(out.path("branch_shares.csv"), share_rows)
-        _write_csv(out.path("components.csv"), result.head_rows)
-        _write_csv(out.path("correlations.csv"), result.correlations)
-        _write_csv(out.path("entropy.csv"), result.entropy_rows)
-        _write_csv(out.path("items.csv"), result.per_item)
+        write_csv(out.path("accuracy.csv"), result.accuracy)
+        write_csv(out.path("branch_shares.csv"), share_rows)
+        write_csv(out.path("components.csv"), result.head_rows)
+        write_csv(out.path("correlations.csv"), result.correlations)
+        write_csv(out.path("entropy.csv"), result.entropy_rows)
+        write_csv(out.path("items.csv"), result.per_item)
         out.path("examples.json").write_text(json.dumps(result.examples, indent=1))
         sub = torch.tensor(result.intervened)
         ablation = result.truths["mean ablation |Δ|"].mean(0).abs()
