@@ -40,7 +40,8 @@ change the norm, activation, softmax, linear, bilinear and residual blocks and n
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Mapping
 
 import einops
@@ -116,7 +117,9 @@ class Recording:
 
     ``activations`` are keyed by node name; the logits keep only ``logit_ids``, the vocabulary
     columns the metric reads, and so does ``grad_logits`` ``[batch, pos, len(logit_ids)]``.
-    A recording can be assembled under several rule sets (``assemble``)."""
+    A recording can be assembled under several rule sets (``assemble``); it keeps the blocks of
+    ops no head mask changes (norms, softmaxes, linear maps), so that assembling it again under
+    another head mask recomputes none of them (α1β0's denominators, say)."""
 
     model: HookedTransformer
     tokens: torch.Tensor  # [batch, pos]
@@ -125,6 +128,7 @@ class Recording:
     metric_value: torch.Tensor  # [batch]
     grad_logits: torch.Tensor  # [batch, pos, n kept]
     logit_ids: torch.Tensor  # [n kept]
+    derived: dict = field(default_factory=dict, repr=False)  # blocks a rule set made of a norm, softmax or linear op
 
 
 def _right_padded(mask: torch.Tensor) -> bool:
@@ -253,6 +257,13 @@ class _Assembly:
     def add(self, blocks: list[Block]) -> None:
         self.blocks += blocks
 
+    def add_derived(self, op: str, key: tuple, make) -> None:
+        """``make()``'s blocks, made once per recording, rule set and op (no head mask enters them)."""
+        key = (self.rules, op) + key
+        if key not in self.rec.derived:
+            self.rec.derived[key] = make()
+        self.add(self.rec.derived[key])
+
     def shared(self, key: tuple, make) -> Weight:
         """A model matrix (with a norm's weight folded in), shared by every graph of the model."""
         return shared_weight(self.weights, key, make)
@@ -277,14 +288,15 @@ def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, firing: str | 
         centered = asm.node(hooks.name(f"{prefix}_centered", layer, firing), x_tilde)
     scale = asm.node(hooks.name(f"{prefix}_scale", layer, firing))
     y = asm.node(hooks.name(f"{prefix}_normalized", layer, firing))
-    asm.add(asm.rules.norm(NormOp(x, centered, scale, y, asm.stored[x], x_tilde, asm.stored[scale], layer)))
+    asm.add_derived("norm", (x, y), lambda: asm.rules.norm(
+        NormOp(x, centered, scale, y, asm.stored[x], x_tilde, asm.stored[scale], layer)))
     return y
 
 
 def _linear(asm: _Assembly, src: str, tgt: str, layer: int | None, weight: Weight, src_pattern: str,
             tgt_pattern: str, axes: dict) -> str:
     block = Matmul(src, tgt, "linear", layer, weight, True, src_pattern, tgt_pattern, axes)
-    asm.add(asm.rules.linear(block, asm.stored[src], asm.stored[tgt]))
+    asm.add_derived("linear", (src, tgt), lambda: asm.rules.linear(block, asm.stored[src], asm.stored[tgt]))
     return tgt
 
 
@@ -354,7 +366,8 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     ]))
     # pattern = softmax(scores)
     pattern = asm.node(hooks.name("pattern", layer))
-    asm.add(asm.rules.softmax(SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores])))
+    asm.add_derived("softmax", (scores, pattern), lambda: asm.rules.softmax(
+        SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores])))
     # z = pattern · v; padded queries carry nothing, nor (Mask-LRP) the heads the mask leaves out
     z = asm.node(hooks.name("z", layer))
     f_p, f_v = asm.rules.bilinear("pv")
@@ -505,12 +518,15 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
 
 def _frozen(graph: GradGraph) -> GradGraph:
     """Fix the blocks whose weights depend on the relevance arriving (``Pending``): one Real
-    backprop in which each hands itself the value at its target, then the graph with fixed blocks."""
+    backprop in which each hands itself the value at its target, then the graph with fixed blocks.
+    That pass's values at the sources and attention patterns stay with the graph (``settled``): a
+    later Real backprop that keeps only those returns them instead of running again."""
     if not any(isinstance(edge, Pending) for edge in graph.edges):
         return graph
-    backprop(graph, keep=())
+    patterns = [hooks.name("pattern", layer) for layer in range(graph.n_layers)]
+    settled = backprop(graph, keep=list(graph.sources) + [p for p in patterns if p in graph.shapes])
     edges = tuple(edge.frozen() if isinstance(edge, Pending) else edge for edge in graph.edges)
-    return dataclasses.replace(graph, edges=edges)
+    return dataclasses.replace(graph, edges=edges, settled=MappingProxyType(settled))
 
 
 def build_graph(

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from gradgraph import hooks
 from gradgraph.errors import GradGraphError
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -42,33 +43,36 @@ def two_way_probability(model, rows: torch.Tensor, good: int, bad: int, *, prefi
     """``σ(logit(good) − logit(bad))`` at the last position of each row ``[n, pos]`` (no padding).
     Rows that share their first ``prefix`` tokens reuse one run of that prefix (a frozen key/value
     cache), so only the differing suffixes run per row."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise GradGraphError(f"rows must be a non-empty [n, pos] tensor of token ids, got {tuple(rows.shape)}")
     if prefix and not bool((rows[:, :prefix] == rows[:1, :prefix]).all()):
         raise GradGraphError("two_way_probability: the rows differ inside the shared prefix")
-    out = []
-    ids = torch.tensor([good, bad], device=rows.device)
-    for start in range(0, rows.shape[0], batch_size):
-        chunk = rows[start:start + batch_size]
-        if prefix:
-            cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
-            # explicit all-ones masks: TransformerLens would otherwise take replaced (pad) tokens for padding
-            model(chunk[:1, :prefix], past_kv_cache=cache, attention_mask=torch.ones_like(chunk[:1, :prefix]))
-            for entry in cache.entries:  # the prefix once, shared by every row of the chunk
-                entry.past_keys = entry.past_keys.expand(len(chunk), -1, -1, -1)
-                entry.past_values = entry.past_values.expand(len(chunk), -1, -1, -1)
-            cache.previous_attention_mask = cache.previous_attention_mask.expand(len(chunk), -1)
-            cache.freeze()
-            suffix = chunk[:, prefix:]
-            resid = model(suffix, past_kv_cache=cache, attention_mask=torch.ones_like(suffix),
-                          stop_at_layer=model.cfg.n_layers)
-        else:
-            resid = model(chunk, stop_at_layer=model.cfg.n_layers)
-        logits = model.ln_final(resid[:, -1:]) @ model.W_U[:, ids] + model.b_U[ids]  # [n, 1, 2]
-        out.append(torch.sigmoid(logits[:, 0, 0] - logits[:, 0, 1]).double().cpu())
-    return torch.cat(out)
+    with hooks.plain_forward(model):
+        return torch.cat([_two_way(model, rows[start:start + batch_size], good, bad, prefix)
+                          for start in range(0, rows.shape[0], batch_size)])
+
+
+def _two_way(model, chunk: torch.Tensor, good: int, bad: int, prefix: int) -> torch.Tensor:
+    """``two_way_probability`` of one batch of rows ``[n, pos]``."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if prefix:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+        # explicit all-ones masks: TransformerLens would otherwise take replaced (pad) tokens for padding
+        model(chunk[:1, :prefix], past_kv_cache=cache, attention_mask=torch.ones_like(chunk[:1, :prefix]))
+        for entry in cache.entries:  # the prefix once, shared by every row of the chunk
+            entry.past_keys = entry.past_keys.expand(len(chunk), -1, -1, -1)
+            entry.past_values = entry.past_values.expand(len(chunk), -1, -1, -1)
+        cache.previous_attention_mask = cache.previous_attention_mask.expand(len(chunk), -1)
+        cache.freeze()
+        suffix = chunk[:, prefix:]
+        resid = model(suffix, past_kv_cache=cache, attention_mask=torch.ones_like(suffix),
+                      stop_at_layer=model.cfg.n_layers)
+    else:
+        resid = model(chunk, stop_at_layer=model.cfg.n_layers)
+    ids = torch.tensor([good, bad], device=chunk.device)
+    logits = model.ln_final(resid[:, -1:]) @ model.W_U[:, ids] + model.b_U[ids]  # [n, 1, 2]
+    return torch.sigmoid(logits[:, 0, 0] - logits[:, 0, 1]).double().cpu()
 
 
 def deletion_scores(p: torch.Tensor, p_deleted: torch.Tensor) -> dict[str, float | list[float]]:

@@ -332,7 +332,7 @@ class Matmul(Block):
         return einops.rearrange(value, f"s {right} -> s {left}", **_used(self.axes, pattern))
 
     def _masked(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
-        return value if self.tgt_mask is None else _where(sr, self.tgt_mask, value)
+        return value if self.tgt_mask is None else sr.select(self.tgt_mask, value, self._cache)
 
     def _scaled(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor:
         if self.tgt_scale is None:
@@ -467,12 +467,12 @@ class SignSplit(Block):
     src_negative: torch.Tensor
 
     def backward(self, sr, value):
-        positive = _where(sr, self.src_positive, self.positive.backward(sr, value))
-        return torch.where(self.src_negative, self.negative.backward(sr, value), positive)  # disjoint masks
+        return sr.plus(sr.select(self.src_positive, self.positive.backward(sr, value), self._cache),
+                       sr.select(self.src_negative, self.negative.backward(sr, value), self._cache))  # disjoint
 
     def forward(self, sr, value):
-        return sr.plus(self.positive.forward(sr, _where(sr, self.src_positive, value)),
-                       self.negative.forward(sr, _where(sr, self.src_negative, value)))
+        return sr.plus(self.positive.forward(sr, sr.select(self.src_positive, value, self._cache)),
+                       self.negative.forward(sr, sr.select(self.src_negative, value, self._cache)))
 
     def scalar_edges(self, shapes):
         out = []
@@ -547,12 +547,6 @@ class _Transposed(Weight):
         return self.base._get("xlogx_T", dtype, make)
 
 
-def _where(sr: Semiring, mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` ``[S, ...]`` where ``mask`` (broadcast to its trailing dims), the semiring's zero elsewhere."""
-    zero = sr.zero((), dtype=value.dtype, device=value.device).reshape((-1,) + (1,) * (value.ndim - 1))
-    return torch.where(mask, value, zero)
-
-
 def _no_edges() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
 
@@ -606,6 +600,7 @@ class GradGraph:
     n_key_value_heads: int
     rules: str = "gradient"
     head_mask: torch.Tensor | None = None  # [n_layers, n_heads] bool: Mask-LRP's heads (None: all)
+    settled: Mapping[str, torch.Tensor] | None = None  # Real backprop at sources and patterns, from fixing Pending blocks
     _out: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
     _in: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
 

@@ -35,6 +35,7 @@ def test_shared_prefix_probability_equals_full_runs(arch):
     assert torch.allclose(two_way_probability(model, rows, 1, 2), expected, atol=1e-12)
     with pytest.raises(GradGraphError, match="prefix"):
         two_way_probability(model, rows, 1, 2, prefix=8)
+    assert model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in  # plain forwards inside only
 
 
 def test_aopc_and_log_odds():

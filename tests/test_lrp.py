@@ -160,7 +160,25 @@ def test_chefer2021_equals_relevance_space_reference(arch):
     ours = values["hook_embed"][0] * graph.activations["hook_embed"]
     reference = chefer_relevance(model, tokens, METRIC)
     assert torch.allclose(ours, reference, atol=1e-10, rtol=0), (ours - reference).abs().max()
+    settled = backprop(graph, Real, keep=["hook_embed", "blocks.0.attn.hook_pattern"])  # kept from fixing the graph
+    for node, value in settled.items():
+        assert torch.equal(value, values[node])
     assert no_hooks_left(model)
+
+
+def test_reassembling_one_recording_under_other_masks_equals_fresh_graphs():
+    from gradgraph.build import assemble, record
+
+    model, tokens = _model_and_tokens("llama", seed=7)
+    recording = record(model, tokens, METRIC)
+    masks = [torch.rand(model.cfg.n_layers, model.cfg.n_heads, generator=torch.Generator().manual_seed(i)) > 0.5
+             for i in range(2)]
+    for rules in (CHEFER2021, ATTN_LRP):
+        first = assemble(recording, rules, head_mask=masks[0])
+        again = backprop(assemble(recording, rules, head_mask=masks[1]), Real)["hook_embed"]
+        fresh = backprop(build_graph(model, tokens, METRIC, rules=rules, head_mask=masks[1]), Real)["hook_embed"]
+        assert torch.allclose(again, fresh, atol=1e-12, rtol=0)
+        assert not torch.allclose(backprop(first, Real)["hook_embed"], fresh)  # the masks differ, and so do results
 
 
 def test_lrp_returns_an_attribution_with_its_errors():
