@@ -1,4 +1,5 @@
-"""Attributions: the one result type every method returns, and LRP on the gradient graph.
+"""Attributions: the one result type every method returns; input attributions (saliency, gradient
+× input, SmoothGrad, IG, DIG, UDIG, LAFA) and their flow through every node; LRP on the gradient graph.
 
 ``lrp`` builds the graph under an LRP rule set (``gradgraph.rules``) and runs the one recursion with
 the real semiring: the value at each node is a modified gradient ``g`` and the relevance there is
@@ -14,13 +15,15 @@ from typing import Mapping
 
 import torch
 
-from gradgraph import hooks
+from gradgraph import hooks, ig_paths, integrated
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
 from gradgraph.components import KINDS, component_values
+from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.prompts import to_tokens
 from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RuleSet
-from gradgraph.semirings import Real
+from gradgraph.semirings import Real, Semiring
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +100,207 @@ def lrp(
     rule and biases do not, and ``delta`` says by how much."""
     graph = build_graph(model, tokens, metric, attention_mask=attention_mask, rules=rules, head_mask=head_mask)
     return relevance(graph)
+
+
+# --------------------------------------------------------------------------- input attributions
+
+METHODS = {  # method -> its options and their defaults
+    "saliency": {},
+    "grad_x_input": {},
+    "smoothgrad": dict(samples=25, noise=0.15, seed=0),
+    "ig": dict(steps=32, rule="gausslegendre"),
+    "dig": dict(steps=30, strategy="greedy", factor=0, neighbours=500),
+    "udig": dict(steps=30, strategy="greedy", factor=0, neighbours=50),
+    "lafa": dict(corpus=None, base="smoothgrad", lam=0.44, kernel="indicator", n_neighbours=10, layer=None),
+}
+BASELINES = ("pad", "eos", "zeros")
+
+
+def _options(method: str, options: dict) -> dict:
+    if method not in METHODS:
+        raise GradGraphError(f"unknown attribution method {method!r}; choose one of {sorted(METHODS)}")
+    unknown = set(options) - set(METHODS[method])
+    if unknown:
+        raise GradGraphError(f"{method} takes the options {sorted(METHODS[method])}; got {sorted(unknown)}")
+    return {**METHODS[method], **options}
+
+
+def _baseline(model, ids: torch.Tensor, baseline, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(baseline embeddings [pos, d_model], baseline word ids [pos] or None)``; positions in
+    ``keep`` keep their own token (BOS is not attributed unless asked)."""
+    W = model.W_E.detach()
+    if isinstance(baseline, torch.Tensor):
+        if tuple(baseline.shape) != (len(ids), W.shape[1]):
+            raise GradGraphError(f"a baseline tensor is [pos, d_model] = [{len(ids)}, {W.shape[1]}] embeddings, "
+                                 f"got {tuple(baseline.shape)}; or pass one of {BASELINES}")
+        return torch.where(keep[:, None], W[ids], baseline.to(W.dtype)), None
+    if isinstance(baseline, int) and not isinstance(baseline, bool):
+        if not 0 <= baseline < W.shape[0]:
+            raise GradGraphError(f"a baseline token id must lie in [0, {W.shape[0]}), got {baseline}")
+        words = torch.where(keep, ids, torch.full_like(ids, baseline))
+        return W[words], words
+    if baseline not in BASELINES:
+        raise GradGraphError(f"baseline must be one of {BASELINES}, a token id or a [pos, d_model] tensor, "
+                             f"got {baseline!r}")
+    if baseline == "zeros":
+        return torch.where(keep[:, None], W[ids], torch.zeros_like(W[ids])), None
+    tokenizer = model.tokenizer
+    word = None if tokenizer is None else (tokenizer.pad_token_id if baseline == "pad" else None)
+    word = word if word is not None else (None if tokenizer is None else tokenizer.eos_token_id)
+    if word is None:
+        raise GradGraphError(f"baseline={baseline!r} needs a tokenizer with a pad or end-of-text token; use 'zeros'")
+    words = torch.where(keep, ids, torch.full_like(ids, word))
+    return W[words], words
+
+
+@dataclass(frozen=True)
+class _One:
+    """One prompt's attribution: per-element ``[pos, d]``, target F(x) − F(x′), the path rows."""
+
+    elements: torch.Tensor
+    target: float
+    path: torch.Tensor | None
+    scores: torch.Tensor | None = None  # [pos], where not the sum of elements over d (saliency, LAFA)
+    kind: str = ""
+
+
+def _kept(model, ids: torch.Tensor, attribute_bos: bool) -> torch.Tensor:
+    """``[pos]`` bool: positions that keep their own token on every path (BOS, unless attributed)."""
+    keep = torch.zeros(len(ids), dtype=torch.bool)
+    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
+    keep[0] = bool(model.cfg.default_prepend_bos and bos is not None and int(ids[0]) == bos and not attribute_bos)
+    return keep
+
+
+def _path_of(model, ids: torch.Tensor, method: str, opts: dict, baseline, keep: torch.Tensor) -> ig_paths.Path:
+    """The IG, DIG or UDIG path of one prompt ``ids`` ``[pos]``."""
+    x = model.W_E.detach()[ids]
+    x0, words = _baseline(model, ids, baseline, keep)
+    if method == "ig":
+        return ig_paths.straight(x, x0, opts["steps"], opts["rule"])
+    if words is None:
+        raise GradGraphError(f"{method} walks through vocabulary words: the baseline must be a word ('pad' or 'eos'), "
+                             f"not {'a tensor' if isinstance(baseline, torch.Tensor) else repr(baseline)}")
+    return ig_paths.discretized(model, ids, words, method=method, strategy=opts["strategy"], m=opts["steps"],
+                                factor=opts["factor"], k=opts["neighbours"])[0]
+
+
+def _attribute_one(model, ids: torch.Tensor, metric, method: str, opts: dict, baseline, attribute_bos: bool,
+                   batch_size: int) -> _One:
+    keep = _kept(model, ids, attribute_bos)
+    if int((~keep).sum()) < 2:
+        raise GradGraphError(f"the text has {int((~keep).sum())} token(s) to attribute; attributions need at least "
+                             f"two (the metric reads the prediction after them)")
+    x = model.W_E.detach()[ids]  # [pos, d]
+    x0, _ = _baseline(model, ids, baseline, keep)
+    grads = lambda rows: integrated.gradients(model, ids, metric, rows, batch_size=batch_size)  # noqa: E731
+    if method in ("saliency", "grad_x_input"):
+        g, f = grads(torch.stack([x, x0]))
+        elements = g[0] * x
+        scores = g[0].abs().sum(-1) * (~keep) if method == "saliency" else None
+        return _One(elements * (~keep)[:, None], float(f[0] - f[1]), None, scores, method)
+    if method == "smoothgrad":
+        if opts["samples"] < 1:
+            raise GradGraphError(f"samples must be ≥ 1, got {opts['samples']}")
+        sigma = opts["noise"] * float(x.max() - x.min())
+        noise = torch.randn((opts["samples"], *x.shape), generator=torch.Generator().manual_seed(opts["seed"]),
+                            dtype=x.dtype) * sigma * (~keep)[:, None]
+        g, f = grads(torch.cat([x + noise, torch.stack([x, x0])]))
+        return _One(g[:-2].mean(0) * x * (~keep)[:, None], float(f[-2] - f[-1]), x + noise, None,
+                    f"smoothgrad ({opts['samples']} samples, noise {opts['noise']})")
+    path = _path_of(model, ids, method, opts, baseline, keep)
+    rows = torch.cat([path.points, torch.stack([path.end, path.start])])
+    g, f = grads(rows)
+    elements = (g[:-2] * path.steps).sum(0)
+    return _One(elements, float(f[-2] - f[-1]), path.polyline if path.polyline is not None else path.points, None,
+                path.kind)
+
+
+def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attribute_bos: bool = False,
+              batch_size: int = 64, **options) -> Attribution:
+    """Token attributions of ``metric`` by ``method``, one prompt at a time, all path points of a
+    prompt in batched passes through the gradient graph.
+
+    Methods and options (defaults in ``METHODS``): ``saliency`` (Σ_d |∂F/∂x|), ``grad_x_input``
+    (Σ_d ∂F/∂x ⊙ x), ``smoothgrad`` (gradient × input averaged over ``samples`` noisy copies, noise
+    σ = ``noise`` · (max − min) of the embeddings), ``ig`` (straight line, ``steps`` points of a
+    quadrature ``rule``: ``gausslegendre``, ``riemann_left|right|middle|trapezoid``), ``dig`` and
+    ``udig`` (``steps`` = m anchors, ``strategy`` greedy or maxcount, up-scaling ``factor``,
+    ``neighbours`` candidates per step), ``lafa`` (``gradgraph.lafa``). The embeddings of the token
+    ids are what moves (``hook_embed``); positional information stays the input's. ``baseline``:
+    the ``pad`` token's embedding (the tokenizer's end-of-text token where it has no pad token),
+    ``eos``, ``zeros``, a token id, or a ``[pos, d_model]`` tensor; BOS keeps its own embedding and gets 0 unless
+    ``attribute_bos``. ``delta`` = Σ scores − (F(x) − F(x′)) for every method (complete ones: ≈ 0).
+    ``values["hook_embed"]`` holds the per-element attributions ``[batch, pos, d_model]``."""
+    opts = _options(method, options)
+    token_ids, mask = to_tokens(model, tokens)
+    if method == "lafa":
+        from gradgraph.lafa import lafa
+
+        return lafa(model, token_ids, mask, metric, baseline=baseline, attribute_bos=attribute_bos,
+                    batch_size=batch_size, **opts)
+    ones = [_attribute_one(model, ids[: int(m.sum())], metric, method, opts, baseline, attribute_bos, batch_size)
+            for ids, m in zip(token_ids, mask)]
+    return _pack(method, token_ids, mask, ones)
+
+
+def _pack(method: str, token_ids: torch.Tensor, mask: torch.Tensor, ones: list[_One]) -> Attribution:
+    B, P = token_ids.shape
+    d = ones[0].elements.shape[-1]
+    elements = torch.zeros(B, P, d, dtype=ones[0].elements.dtype)
+    scores = torch.zeros(B, P, dtype=ones[0].elements.dtype)
+    for b, one in enumerate(ones):
+        n = len(one.elements)
+        elements[b, :n] = one.elements
+        scores[b, :n] = one.scores if one.scores is not None else one.elements.sum(-1)
+    target = torch.tensor([one.target for one in ones], dtype=scores.dtype)
+    path = None
+    if all(one.path is not None for one in ones) and len({len(one.path) for one in ones}) == 1:
+        path = torch.zeros(B, len(ones[0].path), P, d, dtype=elements.dtype)
+        for b, one in enumerate(ones):
+            path[b, :, : one.path.shape[1]] = one.path
+    return Attribution(ones[0].kind or method, token_ids, scores, target, scores.sum(1) - target,
+                       {hooks.name("embed"): elements}, None, {}, path)
+
+
+def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straight", semiring: Semiring = Real,
+                    baseline="pad", attribute_bos: bool = False, steps: int = 32, strategy: str = "greedy",
+                    factor: int = 0, batch_size: int = 8, progress: bool = True) -> Attribution:
+    """The path-integrated attribution at every node of the gradient graph (conductance,
+    Dhamdhere et al. 2019): ``Σ_k ∂F/∂h(x_k) ⊙ (h(x_{k+1}) − h(x_k))`` along the path from the baseline
+    to the input, for one prompt. ``path``: ``"straight"`` (``steps`` equal steps), ``"dig"``,
+    ``"udig"`` (``steps`` = m anchors) or a ``[N, pos, d_model]`` polyline of token embeddings,
+    baseline first. At the input embeddings this is IG's left Riemann sum; at every residual cut the
+    node values sum to F(x) − F(x′) up to ``cut_deltas`` (the path's discretisation error).
+    ``by_component()`` says how much passes through each head, q/k/v pathway, MLP and position.
+    ``semiring=Abs`` gives the total absolute flow instead (an upper bound on |conductance|)."""
+    token_ids, mask = to_tokens(model, tokens)
+    if len(token_ids) != 1:
+        raise GradGraphError(f"integrated_flow explains one prompt, got {len(token_ids)}; call it once per prompt")
+    ids = token_ids[0]
+    if isinstance(path, torch.Tensor):
+        d = model.cfg.d_model
+        if path.ndim != 3 or path.shape[1:] != (len(ids), d) or len(path) < 2:
+            raise GradGraphError(f"a path is a [N ≥ 2, pos, d_model] = [N, {len(ids)}, {d}] tensor of token "
+                                 f"embeddings, got {tuple(path.shape)}")
+        polyline, kind = path.to(model.W_E.dtype), "given path"
+    elif path in ("straight", "dig", "udig"):
+        method = "ig" if path == "straight" else path
+        opts = {**METHODS[method], "steps": steps, "strategy": strategy, "factor": factor, "rule": "riemann_left"}
+        one = _path_of(model, ids, method, opts, baseline, _kept(model, ids, attribute_bos))
+        polyline, kind = one.polyline, one.kind
+    else:
+        raise GradGraphError(f"path must be 'straight', 'dig', 'udig' or a [N, pos, d_model] tensor, got {path!r}")
+    totals, f = integrated.flow(model, ids, metric, polyline, semiring=semiring, batch_size=batch_size,
+                                progress=progress)
+    graph = build_graph(model, ids[None], metric)
+    values = totals  # node -> [1, *shape]
+    scores = values[hooks.name("embed")].sum(-1)  # [1, pos]
+    target = (f[-1] - f[0]).reshape(1)
+    cut_deltas = {} if semiring is not Real else {n: values[n].flatten(1).sum(1) - target for n in cuts(graph)}
+    name = f"integrated flow ({kind})" if semiring is Real else f"integrated {semiring.name} flow ({kind})"
+    return Attribution(name, ids[None], scores, target, scores.sum(1) - target, values, graph, cut_deltas,
+                       polyline[None])
 
 
 # --------------------------------------------------------------------------- attention maps
@@ -182,5 +386,5 @@ def mask_lrp(
     return chefer_rollout(assemble(recording, GRADIENT), rule_graph, f"Mask-LRP ({rule_graph.rules})")
 
 
-__all__ = ["Attribution", "attention_rollout", "chefer_rollout", "cuts", "lrp", "mask_lrp", "partial_lrp",
+__all__ = ["METHODS", "Attribution", "attention_rollout", "attribute", "integrated_flow", "chefer_rollout", "cuts", "lrp", "mask_lrp", "partial_lrp",
            "raw_attention", "relevance", "token_scores"]

@@ -33,7 +33,7 @@ from gradgraph.build import assemble, record
 from gradgraph.data.sentiment import sentiment_items
 from gradgraph.data.sva import sva_items
 from gradgraph.errors import GradGraphError
-from gradgraph.faithfulness import LEVELS, deletion_scores, replaced, two_way_probability
+from gradgraph.faithfulness import LEVELS, Example, deletion_scores, measure
 from gradgraph.heads import mask
 from gradgraph.interventions import patch_positions, relevance_patching
 from gradgraph.metrics import logit_diff
@@ -59,14 +59,6 @@ class Config:
     model: str = "smollm2-135m"
     out: str = "results/lrp-eval"
     figures: str = "results/lrp-eval/figures"
-
-
-@dataclass(frozen=True)
-class Example:
-    tokens: tuple[int, ...]
-    candidates: tuple[int, ...]  # positions that may be replaced (never BOS or the prompt)
-    good: int
-    bad: int
 
 
 def rt_examples(model, config: Config) -> list[Example]:
@@ -130,25 +122,6 @@ def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], 
     return scores, deltas, recording.metric_value
 
 
-def deletion(model, example: Example, scores: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """``{method: [1 + levels]}``: p before deletion, then after replacing each level's top tokens.
-    Identical rows (methods that agree on a level) run once; rows share the prompt before the
-    first candidate through a key/value cache."""
-    tokens = torch.tensor(example.tokens)
-    candidates = torch.zeros(len(tokens), dtype=torch.bool)
-    candidates[list(example.candidates)] = True
-    variants = {method: [tokens] + [replaced(tokens, s[: len(tokens)], candidates, f, pad_id) for f in LEVELS]
-                for method, s in scores.items()}
-    unique: dict[tuple, int] = {}
-    for rows in variants.values():
-        for row in rows:
-            unique.setdefault(tuple(row.tolist()), len(unique))
-    batch = torch.tensor(list(unique), dtype=torch.long)
-    prefix = example.candidates[0] if example.candidates[0] > 1 else 0
-    p = two_way_probability(model, batch, example.good, example.bad, prefix=prefix)
-    return {m: p[[unique[tuple(r.tolist())] for r in rows]] for m, rows in variants.items()}
-
-
 def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.Tensor], batch_size: int,
              pad_id: int) -> dict:
     """Deletion metrics of every method on one dataset, accuracy, conservation and timings."""
@@ -167,8 +140,8 @@ def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.T
             first_tokens = list(chunk[shown].tokens)
         begin = time.perf_counter()
         for i, example in enumerate(chunk):
-            for method, p in deletion(model, example, {m: s[i] for m, s in scores.items()}, pad_id).items():
-                curves.setdefault(method, []).append(p)
+            for method, m in measure(model, example, {k: s[i] for k, s in scores.items()}, pad_id, top=None).items():
+                curves.setdefault(method, []).append(torch.cat([torch.tensor([m["p"]], dtype=torch.float64), m["levels"]]))
         clock["(deletion)"] = clock.get("(deletion)", 0.0) + time.perf_counter() - begin
     metric = torch.cat(metrics)
     n = len(examples)
