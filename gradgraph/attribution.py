@@ -164,11 +164,17 @@ class _One:
     kind: str = ""
 
 
-def _kept(model, ids: torch.Tensor, attribute_bos: bool) -> torch.Tensor:
-    """``[pos]`` bool: positions that keep their own token on every path (BOS, unless attributed)."""
+def _kept(model, ids: torch.Tensor, attribute_bos: bool, positions=None) -> torch.Tensor:
+    """``[pos]`` bool: positions that keep their own token on every path (BOS, unless attributed;
+    every position not in ``positions`` where given)."""
     keep = torch.zeros(len(ids), dtype=torch.bool)
     bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
     keep[0] = bool(model.cfg.default_prepend_bos and bos is not None and int(ids[0]) == bos and not attribute_bos)
+    if positions is not None:
+        chosen = torch.as_tensor(list(positions), dtype=torch.long)
+        if len(chosen) == 0 or int(chosen.min()) < 0 or int(chosen.max()) >= len(ids):
+            raise GradGraphError(f"positions must name token positions in 0..{len(ids) - 1}, got {list(positions)}")
+        keep |= torch.ones(len(ids), dtype=torch.bool).index_fill(0, chosen, False)
     return keep
 
 
@@ -186,8 +192,8 @@ def _path_of(model, ids: torch.Tensor, method: str, opts: dict, baseline, keep: 
 
 
 def _attribute_one(model, ids: torch.Tensor, metric, method: str, opts: dict, baseline, attribute_bos: bool,
-                   batch_size: int) -> _One:
-    keep = _kept(model, ids, attribute_bos)
+                   batch_size: int, positions) -> _One:
+    keep = _kept(model, ids, attribute_bos, positions)
     if int((~keep).sum()) < 2:
         raise GradGraphError(f"the text has {int((~keep).sum())} token(s) to attribute; attributions need at least "
                              f"two (the metric reads the prediction after them)")
@@ -217,7 +223,7 @@ def _attribute_one(model, ids: torch.Tensor, metric, method: str, opts: dict, ba
 
 
 def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attribute_bos: bool = False,
-              batch_size: int = 64, **options) -> Attribution:
+              positions=None, batch_size: int = 64, **options) -> Attribution:
     """Token attributions of ``metric`` by ``method``, one prompt at a time, all path points of a
     prompt in batched passes through the gradient graph.
 
@@ -230,7 +236,8 @@ def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attr
     ids are what moves (``hook_embed``); positional information stays the input's. ``baseline``:
     the ``pad`` token's embedding (the tokenizer's end-of-text token where it has no pad token),
     ``eos``, ``zeros``, a token id, or a ``[pos, d_model]`` tensor; BOS keeps its own embedding and gets 0 unless
-    ``attribute_bos``. ``delta`` = Σ scores − (F(x) − F(x′)) for every method (complete ones: ≈ 0).
+    ``attribute_bos``; with ``positions`` (indices) only those move, the rest of the prompt (a
+    few-shot prefix, say) keeps its tokens on every path. ``delta`` = Σ scores − (F(x) − F(x′)) for every method (complete ones: ≈ 0).
     ``values["hook_embed"]`` holds the per-element attributions ``[batch, pos, d_model]``."""
     opts = _options(method, options)
     token_ids, mask = to_tokens(model, tokens)
@@ -238,9 +245,9 @@ def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attr
         from gradgraph.lafa import lafa
 
         return lafa(model, token_ids, mask, metric, baseline=baseline, attribute_bos=attribute_bos,
-                    batch_size=batch_size, **opts)
-    ones = [_attribute_one(model, ids[: int(m.sum())], metric, method, opts, baseline, attribute_bos, batch_size)
-            for ids, m in zip(token_ids, mask)]
+                    positions=positions, batch_size=batch_size, **opts)
+    ones = [_attribute_one(model, ids[: int(m.sum())], metric, method, opts, baseline, attribute_bos, batch_size,
+                           positions) for ids, m in zip(token_ids, mask)]
     return _pack(method, token_ids, mask, ones)
 
 

@@ -107,6 +107,47 @@ def cmd_lrp_eval(args: argparse.Namespace) -> None:
                                   figures=args.figures or f"{args.out}/figures"))
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from gradgraph import plot
+    from gradgraph.attribution import attribute
+    from gradgraph.metrics import logit_diff
+    from gradgraph.models import load_model
+    from gradgraph.prompts import single_token_id
+
+    model = load_model(args.model)
+    good, bad = single_token_id(model.tokenizer, args.good), single_token_id(model.tokenizer, args.bad)
+    metric = logit_diff(good, bad)
+    options = {"ig": dict(steps=args.steps), "dig": dict(steps=args.steps, strategy=args.strategy),
+               "udig": dict(steps=args.steps, strategy=args.strategy), "smoothgrad": dict(samples=args.steps)}
+    lines, tokens = {}, None
+    for method in args.method:
+        start = time.time()
+        result = attribute(model, args.text, metric, method=method, baseline=args.baseline,
+                           **options.get(method, {}))
+        tokens = [model.tokenizer.decode([t]) for t in result.tokens[0].tolist()]
+        scores = result.scores[0].tolist()
+        lines[result.method] = scores
+        print(f"{result.method}  ({time.time() - start:.1f} s)")
+        if sys.stdout.isatty():
+            print("  " + plot.ansi_tokens(tokens, scores))
+        else:  # no colours in a file or pipe: the scores in brackets
+            print("  " + " ".join(f"{t!r}[{v:+.3f}]" for t, v in zip(tokens, scores)))
+        print(f"  F(x) − F(x′) = {float(result.target[0]):+.4f}   Σ scores = {float(result.scores[0].sum()):+.4f}   "
+              f"delta = {float(result.delta[0]):+.4f}")
+    path = plot.token_scores(tokens, lines, args.figure,
+                             title=f"{args.text!r}: logit({args.good!r}) − logit({args.bad!r}), {args.model}")
+    print(f"wrote {path}")
+
+
+def cmd_attr_eval(args: argparse.Namespace) -> None:
+    from gradgraph.studies import attr_eval
+
+    attr_eval.main(attr_eval.Config(sentences=args.sentences, sva_items=args.sva_items, corpus=args.corpus,
+                                    steps=args.steps, samples=args.samples, max_words=args.max_words,
+                                    seed=args.seed, model=args.model, out=args.out,
+                                    figures=args.figures or f"{args.out}/figures"))
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -118,7 +159,7 @@ def _fraction(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    from gradgraph.studies import head_ranking, head_types, lrp_eval, sva, synthetic
+    from gradgraph.studies import attr_eval, head_ranking, head_types, lrp_eval, sva, synthetic
 
     top = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -182,6 +223,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="default: OUT/figures")
     p.set_defaults(func=cmd_head_types)
 
+    p = sub.add_parser("explain", help="token attributions of one prediction, coloured in the terminal and drawn")
+    p.add_argument("text", help="the prompt; the prediction explained is the next token after it")
+    p.add_argument("--good", required=True, help="the expected next token, e.g. ' are' (one token)")
+    p.add_argument("--bad", required=True, help="the contrasting token, e.g. ' is' (one token)")
+    p.add_argument("--method", nargs="+", default=["udig"],
+                   choices=["saliency", "grad_x_input", "smoothgrad", "ig", "dig", "udig"],
+                   help="one or more methods (default: udig)")
+    p.add_argument("--steps", type=_positive, default=30, help="IG steps, DIG/UDIG anchors m, SmoothGrad samples")
+    p.add_argument("--strategy", choices=["greedy", "maxcount"], default="greedy", help="DIG/UDIG anchor choice")
+    p.add_argument("--baseline", choices=["pad", "eos", "zeros"], default="pad")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--figure", default="results/explain/explain.png", help="where the figure goes")
+    p.set_defaults(func=cmd_explain)
+
     d = _defaults(lrp_eval.Config)
     p = sub.add_parser("lrp-eval", help="LRP, Mask-LRP and baselines by deletion (AOPC, log-odds); RelP vs patching")
     p.add_argument("--sentences", type=_positive, default=d["sentences"], help="Rotten Tomatoes sentences")
@@ -196,6 +251,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d["out"])
     p.add_argument("--figures", default=None, help="default: OUT/figures")
     p.set_defaults(func=cmd_lrp_eval)
+
+    d = _defaults(attr_eval.Config)
+    p = sub.add_parser("attr-eval", help="IG, DIG, UDIG, LAFA, SmoothGrad, saliency: log-odds, comp, suff, AOPC")
+    p.add_argument("--sentences", type=_positive, default=d["sentences"], help="Rotten Tomatoes sentences")
+    p.add_argument("--sva-items", type=_positive, default=d["sva_items"])
+    p.add_argument("--corpus", type=_positive, default=d["corpus"], help="LAFA's reference texts per dataset")
+    p.add_argument("--steps", type=_positive, default=d["steps"], help="DIG/UDIG anchors m (IG: m + 2 points)")
+    p.add_argument("--samples", type=_positive, default=d["samples"], help="SmoothGrad samples")
+    p.add_argument("--max-words", type=_positive, default=d["max_words"], help="longest review, in words")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--model", default=d["model"])
+    p.add_argument("--out", default=d["out"])
+    p.add_argument("--figures", default=None, help="default: OUT/figures")
+    p.set_defaults(func=cmd_attr_eval)
     return top
 
 

@@ -54,9 +54,11 @@ def _states(model, tokens: torch.Tensor, mask: torch.Tensor, metric, layer: int,
 
 
 def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, base: str, lam: float,
-         kernel: str, n_neighbours: int, layer: int | None, baseline, attribute_bos: bool, batch_size: int):
+         kernel: str, n_neighbours: int, layer: int | None, baseline, attribute_bos: bool, positions,
+         batch_size: int):
     """``attribute(..., method="lafa", corpus=[texts], base=..., lam=..., kernel=..., n_neighbours=...,
-    layer=...)``: see the module docstring. ``layer`` defaults to a third of the way up."""
+    layer=...)``: see the module docstring. ``layer`` defaults to a third of the way up; ``positions``
+    limit the input's attributed tokens (neighbours are attributed whole)."""
     from gradgraph.attribution import Attribution, _kept, attribute
 
     if corpus is None or len(corpus) == 0:
@@ -82,7 +84,7 @@ def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, 
         n = int(mask[b].sum())
         ids = token_ids[b, :n]
         own = attribute(model, ids[None], metric, method=base, baseline=baseline, attribute_bos=attribute_bos,
-                        batch_size=batch_size)
+                        positions=positions, batch_size=batch_size)
         scores[b, :n], target[b] = own.scores[0], own.target[0]
         elements[b, :n] = own.values[hooks.name("embed")][0]
         distance = torch.cdist(states[b][None], pool)[0]
@@ -104,7 +106,7 @@ def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, 
             other_ids, other_scores = cache[i]
             k = _kernel_values(kernel, W, ids, other_ids)  # [n, T_i]
             spread += (k * other_scores[None]).sum(1) / max(len(other_ids), 1)
-        scores[b, :n] += lam * spread / len(order) * ~_kept(model, ids, attribute_bos)
+        scores[b, :n] += lam * spread / len(order) * ~_kept(model, ids, attribute_bos, positions)
     name = f"lafa ({own.method}, λ={lam}, {kernel}, {n_neighbours} neighbours)"
     return Attribution(name, token_ids, scores, target, scores.sum(1) - target, {hooks.name("embed"): elements})
 

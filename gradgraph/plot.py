@@ -260,3 +260,40 @@ def token_scores(tokens: list[str], methods: dict[str, list[float]], path: str |
     ax.axis("off")
     ax.set_title(title, fontsize=10)
     return _save(fig, path, dpi=130, tight_box=True)
+
+
+def ansi_tokens(tokens: list[str], scores: list[float]) -> str:
+    """The tokens on coloured backgrounds for a terminal (24-bit colour): red = positive score,
+    blue = negative, intensity ∝ |score| / max |score|."""
+    top = max((abs(s) for s in scores), default=0.0) or 1.0
+    out = []
+    for token, score in zip(tokens, scores):
+        level = min(1.0, abs(score) / top)
+        fade = int(255 * (1 - 0.75 * level))
+        red, blue = (255, fade) if score >= 0 else (fade, 255)
+        out.append(f"\x1b[48;2;{red};{fade};{blue}m\x1b[38;2;0;0;0m{token.replace(chr(10), '⏎')}\x1b[0m")
+    return "".join(out)
+
+
+def metric_bars(rows: list[dict], metrics, path: str | Path, *, title: str) -> Path:
+    """One panel per metric, grouped bars: methods within each dataset (rows: tidy, one per dataset
+    and method, with a value for each metric)."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 2.5, 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, method in enumerate(methods):
+            values = [next((r[metric] for r in rows if r["dataset"] == d and r["method"] == method), float("nan"))
+                      for d in datasets]
+            ax.bar([j + i * width for j in range(len(datasets))], values, width, color=cmap(i % 10), label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, fontsize=8)
+        better = {"log_odds": "lower is better", "sufficiency": "lower is better"}.get(metric, "higher is better")
+        ax.set_title(f"{metric.replace('_', '-')} ({better})", fontsize=9)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
