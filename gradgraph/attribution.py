@@ -178,6 +178,13 @@ def _kept(model, ids: torch.Tensor, attribute_bos: bool, positions=None) -> torc
     return keep
 
 
+def _check_length(model, ids: torch.Tensor) -> None:
+    words = int((~_kept(model, ids, False)).sum())  # the text's tokens, BOS aside
+    if words < 2:
+        raise GradGraphError(f"the text has {words} token(s); attributions need at least two (the metric reads "
+                             f"the prediction that follows them)")
+
+
 def _path_of(model, ids: torch.Tensor, method: str, opts: dict, baseline, keep: torch.Tensor) -> ig_paths.Path:
     """The IG, DIG or UDIG path of one prompt ``ids`` ``[pos]``."""
     x = model.W_E.detach()[ids]
@@ -193,10 +200,8 @@ def _path_of(model, ids: torch.Tensor, method: str, opts: dict, baseline, keep: 
 
 def _attribute_one(model, ids: torch.Tensor, metric, method: str, opts: dict, baseline, attribute_bos: bool,
                    batch_size: int, positions) -> _One:
+    _check_length(model, ids)
     keep = _kept(model, ids, attribute_bos, positions)
-    if int((~keep).sum()) < 2:
-        raise GradGraphError(f"the text has {int((~keep).sum())} token(s) to attribute; attributions need at least "
-                             f"two (the metric reads the prediction after them)")
     x = model.W_E.detach()[ids]  # [pos, d]
     x0, _ = _baseline(model, ids, baseline, keep)
     grads = lambda rows: integrated.gradients(model, ids, metric, rows, batch_size=batch_size)  # noqa: E731
@@ -285,6 +290,7 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
     if len(token_ids) != 1:
         raise GradGraphError(f"integrated_flow explains one prompt, got {len(token_ids)}; call it once per prompt")
     ids = token_ids[0]
+    _check_length(model, ids)
     if isinstance(path, torch.Tensor):
         d = model.cfg.d_model
         if path.ndim != 3 or path.shape[1:] != (len(ids), d) or len(path) < 2:

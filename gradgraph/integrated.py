@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import hooks
+from gradgraph import hooks, memory
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record
 from gradgraph.errors import GradGraphError
@@ -18,12 +18,20 @@ from gradgraph.rules import GRADIENT
 from gradgraph.semirings import Abs, Real, Semiring
 
 
+def fitting(model, positions: int, wanted: int) -> int:
+    """Rows per batch: at most ``wanted``, and as many as take half the free memory (at least one)."""
+    per_row = memory.graph_bytes(model.cfg, 1, positions, model.cfg.dtype)
+    return max(1, min(wanted, memory.available_bytes(model.cfg.device) // (2 * per_row)))
+
+
 def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_size: int = 64,
               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂F/∂embed [R, pos, d_model], F [R])`` at each row ``[R, pos, d_model]`` of token
-    embeddings for the prompt ``tokens`` ``[pos]``."""
+    embeddings for the prompt ``tokens`` ``[pos]``; ``batch_size`` rows per pass at most, fewer
+    where memory is short."""
     grads, values = [], []
     embed = hooks.name("embed")
+    batch_size = fitting(model, len(tokens), batch_size)
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="path gradients", unit="batch", disable=not progress or len(starts) < 2):
         chunk = rows[start:start + batch_size]
@@ -46,6 +54,7 @@ def flow(model, tokens: torch.Tensor, metric, polyline: torch.Tensor, *, semirin
                              f"come from backprop on build_graph")
     totals: dict[str, torch.Tensor] = {}
     values = []
+    batch_size = fitting(model, len(tokens), batch_size + 1) - 1 or 1
     starts = range(0, len(polyline) - 1, batch_size)
     for start in tqdm(starts, desc="integrated flow", unit="batch", disable=not progress or len(starts) < 2):
         chunk = polyline[start:start + batch_size + 1]  # one more row: the step's end point
