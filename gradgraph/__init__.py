@@ -1,6 +1,7 @@
 """gradgraph: gradient graphs, semiring backpropagation and attributions for TransformerLens models."""
 
 from gradgraph import data, metrics, models, rules, semirings
+from gradgraph.attribution import Attribution, attribute, integrated_flow, lrp
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import assemble, build_graph, record
 from gradgraph.errors import GradGraphError
@@ -10,18 +11,22 @@ from gradgraph.paths import GradientPath, gradient_flow, path_entropy, top_paths
 from gradgraph.rules import GRADIENT, RuleSet
 
 __all__ = [
+    "Attribution",
     "GRADIENT",
     "GradGraph",
     "GradGraphError",
     "GradientPath",
     "RuleSet",
     "assemble",
+    "attribute",
     "backprop",
     "build_graph",
     "data",
     "forward",
     "gradient_flow",
+    "integrated_flow",
     "load_model",
+    "lrp",
     "metrics",
     "models",
     "path_entropy",
