@@ -217,6 +217,11 @@ def patch_positions(
     if unknown or counterfactual.shape != tokens.shape:
         raise GradGraphError(f"patch_positions: sites from {SITES} and counterfactual tokens of the clean shape "
                              f"{tuple(tokens.shape)}; got {unknown or tuple(counterfactual.shape)}")
+    with hooks.plain_forward(model):  # these sites need no split q/k/v copies
+        return _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress)
+
+
+def _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:
     clean, corrupt = _cache(model, tokens), _cache(model, counterfactual)
     last = model(tokens, stop_at_layer=model.cfg.n_layers)
     ids = _read_columns(model, last, metric, mask)

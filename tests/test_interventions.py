@@ -164,7 +164,7 @@ def test_position_patching_equals_one_patch_at_a_time():
             assert torch.allclose(effects[site][:, layer, pos], expected, atol=1e-10), (site, layer, pos)
     # patching an unchanged position does nothing; nor does the padding
     assert effects["resid_pre"][:, 0, 0].abs().max() < 1e-12 and effects["mlp_out"][1, :, 3].abs().max() < 1e-12
-    assert no_hooks_left(model)
+    assert no_hooks_left(model) and model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
 
 
 def test_relevance_patching_with_gradient_rules_is_attribution_patching():
