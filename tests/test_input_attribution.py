@@ -99,6 +99,9 @@ def test_conductance_at_every_cut_matches_the_input_attribution(arch):
     rows = fine.by_component()
     heads = sum(r["value"] for r in rows if r["kind"] == "head" and r["layer"] == 0)
     assert heads == pytest.approx(float(fine.values["blocks.0.attn.hook_z"].sum()))
+    udig = attribute(model, IDS, METRIC, method="udig", steps=4, baseline=BASE)
+    through = integrated_flow(model, IDS, METRIC, path="udig", steps=4, baseline=BASE, progress=False)
+    assert torch.allclose(through.scores, udig.scores, atol=1e-12)  # the same polyline, the same left sum
     bound = integrated_flow(model, IDS, METRIC, baseline=BASE, steps=8, semiring=Abs, progress=False)
     assert bool((bound.values["hook_embed"] >= coarse.values["hook_embed"].abs() - 1e-12).all())
     with pytest.raises(GradGraphError, match="Real .* or Abs"):
