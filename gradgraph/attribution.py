@@ -70,16 +70,32 @@ def token_scores(graph: GradGraph, grads: Mapping[str, torch.Tensor]) -> torch.T
     return scores * graph.source_mask.to(scores.dtype)
 
 
+def cached_relevance(graph: GradGraph, grads: Mapping[str, torch.Tensor], from_layer: int = 0) -> torch.Tensor:
+    """``[batch]``: Σ activation ⊙ value over a cached prefix's keys and values (the graph's inputs
+    that are not tokens) in layers ``from_layer`` and up; 0 without a prefix."""
+    total = torch.zeros_like(graph.metric_value)
+    for node in graph.cached:
+        if int(node.split(".")[1]) >= from_layer:
+            total = total + (grads[node][0] * graph.activations[node]).flatten(1).sum(1)
+    return total
+
+
 def relevance(graph: GradGraph, method: str | None = None) -> Attribution:
     """``activation ⊙ backprop(graph, Real)`` at every node of a (rule-built) graph, with the input
-    relevance per token and the conservation error at the input and at every residual cut."""
+    relevance per token and the conservation error at the input and at every residual cut. After
+    a cached prefix, the inputs are the tokens and the prefix's keys and values (``cached``): what
+    arrives there counts towards conservation, at a cut only where it enters above the cut."""
     grads = backprop(graph, Real)
     values = {n: grads[n][0] * graph.activations[n] for n in graph.order if n != "metric"}
     scores = token_scores(graph, grads)
     target = graph.metric_value
-    cut_deltas = {n: values[n].flatten(1).sum(1) - target for n in cuts(graph)}
-    return Attribution(method or graph.rules, graph.tokens, scores, target, scores.sum(1) - target, values, graph,
-                       cut_deltas)
+    cut_deltas = {}
+    for n in cuts(graph):
+        layer = int(n.split(".")[1])
+        above = layer if n == hooks.name("resid_pre", layer) else layer + 1  # cached k/v of layer L enter at its attention
+        cut_deltas[n] = values[n].flatten(1).sum(1) + cached_relevance(graph, grads, above) - target
+    delta = scores.sum(1) + cached_relevance(graph, grads) - target
+    return Attribution(method or graph.rules, graph.tokens, scores, target, delta, values, graph, cut_deltas)
 
 
 def lrp(
@@ -326,10 +342,11 @@ def _patterns(graph: GradGraph) -> list[str]:
 def _map(method: str, graph: GradGraph, rows: torch.Tensor, drop_self: bool = False) -> Attribution:
     """An explanation map's row for each item's last real token (the position a next-token metric
     reads) as token scores; ``drop_self`` zeroes that token's own entry (Mask-LRP's code zeroes the
-    explained token's self-entry). Maps do not claim completeness: ``delta`` is Σ scores − metric."""
+    explained token's self-entry). Maps do not claim completeness: ``delta`` is Σ scores − metric.
+    ``rows`` ``[batch, pos, prefix + pos]``: after a cached prefix, the graph's own columns are scored."""
     last = graph.attention_mask.sum(1) - 1  # [batch]
     items = torch.arange(len(last))
-    scores = rows[items, last] * graph.source_mask.to(rows.dtype)  # [batch, pos]
+    scores = rows[items, last, graph.prefix:] * graph.source_mask.to(rows.dtype)  # [batch, pos]
     if drop_self:
         scores = scores.clone()
         scores[items, last] = 0
@@ -338,13 +355,17 @@ def _map(method: str, graph: GradGraph, rows: torch.Tensor, drop_self: bool = Fa
 
 
 def _rollout(maps: list[torch.Tensor]) -> torch.Tensor:
-    """``Π_l normalise(I + A_l)`` from the first layer up (rows normalised), ``[batch, pos, pos]``."""
-    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype, device=maps[0].device)
-    out = eye.expand_as(maps[0])
+    """``Π_l normalise(I + A_l)`` from the first layer up (rows normalised), ``[batch, pos, pos]``.
+    Maps ``[batch, pos, prefix + pos]`` after a cached prefix: the product keeps the graph's own
+    columns, which is exact there (a chain to position j ≥ prefix passes positions ≥ j only), each
+    row still normalised over all of its columns."""
+    n = maps[0].shape[-2]
+    eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
+    out = eye.expand(*maps[0].shape[:-1], n)
     for a in maps:
-        step = eye + a
-        out = (step / step.sum(-1, keepdim=True)) @ out
-    return out
+        step = eye + a[..., -n:]
+        out = (step / (1 + a.sum(-1, keepdim=True))) @ out
+    return torch.cat([torch.zeros_like(maps[0][..., :-n]), out], -1)
 
 
 def raw_attention(graph: GradGraph) -> Attribution:
@@ -366,12 +387,17 @@ def chefer_rollout(gradient_graph: GradGraph, rule_graph: GradGraph, method: str
     from ``gradient_graph`` (``GRADIENT``),
     the relevance from ``rule_graph`` (``CHEFER2021``, with Mask-LRP's head mask where given);
     both from one recording. ``gradients`` may pass ``backprop(gradient_graph)`` values already
-    computed (at least at the patterns)."""
+    computed (at least at the patterns). One graph may follow a cached prefix the other includes
+    (``build.after_prefix``): the map is then the rows after the prefix, which is all the rollout
+    needs for the tokens there."""
     patterns = _patterns(rule_graph)
     grads = gradients if gradients is not None else backprop(gradient_graph, keep=patterns)
     mods = backprop(rule_graph, keep=patterns)
-    maps = [(grads[p][0] * mods[p][0] * rule_graph.activations[p]).clamp(min=0).mean(1) for p in patterns]
-    return _map(method or f"rollout ({rule_graph.rules})", rule_graph, _rollout(maps), drop_self=True)
+    late = max(gradient_graph, rule_graph, key=lambda g: g.prefix)
+    rows = lambda graph, value: value[:, :, late.prefix - graph.prefix:]  # noqa: E731  the later graph's queries
+    maps = [(rows(gradient_graph, grads[p][0]) * rows(rule_graph, mods[p][0] * rule_graph.activations[p]))
+            .clamp(min=0).mean(1) for p in patterns]
+    return _map(method or f"rollout ({rule_graph.rules})", late, _rollout(maps), drop_self=True)
 
 
 def partial_lrp(rule_graph: GradGraph) -> Attribution:
@@ -399,5 +425,6 @@ def mask_lrp(
     return chefer_rollout(assemble(recording, GRADIENT), rule_graph, f"Mask-LRP ({rule_graph.rules})")
 
 
-__all__ = ["METHODS", "Attribution", "attention_rollout", "attribute", "integrated_flow", "chefer_rollout", "cuts", "lrp", "mask_lrp", "partial_lrp",
+__all__ = ["METHODS", "Attribution", "attention_rollout", "attribute", "cached_relevance", "integrated_flow",
+           "chefer_rollout", "cuts", "lrp", "mask_lrp", "partial_lrp",
            "raw_attention", "relevance", "token_scores"]

@@ -68,25 +68,33 @@ def backprop(
     dtype, device = dtype or graph.dtype, graph.metric_value.device
     if graph.settled is not None and inner is Real and dtype == graph.dtype and kept <= graph.settled.keys():
         return {node: graph.settled[node].clone() for node in kept}  # the pass that fixed the graph
-    values: dict[str, torch.Tensor] = {"metric": semiring.one(graph.shapes["metric"], dtype=dtype, device=device)}
+    values: dict[str, torch.Tensor | None] = {"metric": semiring.one(graph.shapes["metric"], dtype=dtype, device=device)}
     readers = {node: len(graph.edges_into(node)) for node in graph.order}  # sources still to read it
     checkpoints = _checkpoints(graph)
     for node in reversed(graph.order):
         if node == "metric":
             continue
+        needed = readers[node] > 0 or node in kept  # no block reads a node without incoming edges
         total = None
         for edge in graph.edges_from(node):
-            contribution = edge.backward(inner, values[edge.tgt])
-            total = contribution if total is None else semiring.plus(total, contribution)
+            if needed and values[edge.tgt] is not None:
+                contribution = edge.backward(inner, values[edge.tgt])
+                total = contribution if total is None else semiring.plus(total, contribution)
             readers[edge.tgt] -= 1
             if readers[edge.tgt] == 0 and edge.tgt not in kept:
                 del values[edge.tgt]
-        values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
-        if node in checkpoints:
-            _check_range(semiring, values[node], node, dtype)
+        values[node] = total  # None: no path to the metric (the semiring's zero, formed only if returned)
+        if total is not None and node in checkpoints:
+            _check_range(semiring, total, node, dtype)
         if readers[node] == 0 and node not in kept:
             del values[node]
-    return values
+    return _formed(graph, semiring, values, dtype, device)
+
+
+def _formed(graph: GradGraph, semiring: Semiring, values: dict, dtype, device) -> dict[str, torch.Tensor]:
+    """The values, with the semiring's zero where no path reached a node."""
+    return {node: value if value is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
+            for node, value in values.items()}
 
 
 def forward(
@@ -103,7 +111,7 @@ def forward(
     inner = _check(graph, semiring, granularity)
     kept = _kept(graph, keep)
     dtype, device = dtype or graph.dtype, graph.metric_value.device
-    values: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor | None] = {}
     readers = {node: len(graph.edges_from(node)) for node in graph.order}
     checkpoints = _checkpoints(graph)
     for node in graph.order:
@@ -114,19 +122,21 @@ def forward(
             real = graph.source_mask.reshape(graph.source_mask.shape + (1,) * (len(shape) - 2))
             values[node] = torch.where(real, one, zero)
         else:
+            needed = readers[node] > 0 or node in kept
             total = None
             for edge in graph.edges_into(node):
-                contribution = edge.forward(inner, values[edge.src])
-                total = contribution if total is None else semiring.plus(total, contribution)
+                if needed and values[edge.src] is not None:
+                    contribution = edge.forward(inner, values[edge.src])
+                    total = contribution if total is None else semiring.plus(total, contribution)
                 readers[edge.src] -= 1
                 if readers[edge.src] == 0 and edge.src not in kept:
                     del values[edge.src]
-            values[node] = total if total is not None else semiring.zero(graph.shapes[node], dtype=dtype, device=device)
-        if node in checkpoints:
+            values[node] = total  # None: no path from an input
+        if values[node] is not None and node in checkpoints:
             _check_range(semiring, values[node], node, dtype)
         if readers[node] == 0 and node not in kept:
             del values[node]
-    return values
+    return _formed(graph, semiring, values, dtype, device)
 
 
 def _checkpoints(graph: GradGraph) -> set[str]:

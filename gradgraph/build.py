@@ -51,17 +51,17 @@ from transformer_lens import HookedTransformer
 from gradgraph import hooks, memory
 from gradgraph.errors import GradGraphError
 from gradgraph.backprop import backprop
-from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending
+from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending, Place
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
 from gradgraph.rules import GRADIENT, NormOp, RuleSet, SoftmaxOp, SumOp, rule_set
 from gradgraph.weights import Weight, model_weights, shared_weight
 
 
-def check_supported(model: HookedTransformer) -> None:
-    """Raise ``GradGraphError`` naming the first feature the graph builder does not cover."""
+def unsupported_features(model) -> list[str]:
+    """What in ``model``'s architecture the graph builder does not cover (empty: all of it)."""
     if not isinstance(model, HookedTransformer):
-        raise GradGraphError(f"build_graph needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
+        return [f"a {type(model).__name__}, not a transformer_lens.HookedTransformer"]
     cfg = model.cfg
     problems = []
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
@@ -96,12 +96,20 @@ def check_supported(model: HookedTransformer) -> None:
         problems.append("q/k/v clipping")
     if getattr(cfg, "original_architecture", None) in {"BertForMaskedLM", "OlmoForCausalLM", "Olmo2ForCausalLM"}:
         problems.append(f"architecture {cfg.original_architecture}")
+    return problems
+
+
+def check_supported(model: HookedTransformer) -> None:
+    """Raise ``GradGraphError`` naming the first feature the graph builder does not cover."""
+    if not isinstance(model, HookedTransformer):
+        raise GradGraphError(f"build_graph needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
+    problems = unsupported_features(model)
     if problems:
         raise GradGraphError(
             "build_graph supports pre-norm GPT-2- and Llama-family models; this model has "
             + "; ".join(problems)
         )
-    if not (cfg.use_split_qkv_input and cfg.use_hook_mlp_in):
+    if not (model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in):
         raise GradGraphError(
             "build_graph needs model.set_use_split_qkv_input(True) and model.set_use_hook_mlp_in(True) "
             "(gradgraph.load_model and tiny_model set them)"
@@ -119,7 +127,9 @@ class Recording:
     columns the metric reads, and so does ``grad_logits`` ``[batch, pos, len(logit_ids)]``.
     A recording can be assembled under several rule sets (``assemble``); it keeps the blocks of
     ops no head mask changes (norms, softmaxes, linear maps), so that assembling it again under
-    another head mask recomputes none of them (α1β0's denominators, say)."""
+    another head mask recomputes none of them (α1β0's denominators, say). With a ``prefix``, the
+    activations cover the positions after it, and each layer's cached keys and values are recorded
+    as ``cached_k`` / ``cached_v`` (before rotary, as TransformerLens caches them)."""
 
     model: HookedTransformer
     tokens: torch.Tensor  # [batch, pos]
@@ -129,6 +139,7 @@ class Recording:
     grad_logits: torch.Tensor  # [batch, pos, n kept]
     logit_ids: torch.Tensor  # [n kept]
     derived: dict = field(default_factory=dict, repr=False)  # blocks a rule set made of a norm, softmax or linear op
+    prefix: torch.Tensor | None = None  # [p] token ids of a cached prefix every row follows
 
 
 def _right_padded(mask: torch.Tensor) -> bool:
@@ -186,6 +197,33 @@ def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
     return acts
 
 
+def _check_prefix(model, prefix, tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise GradGraphError("a prefix goes with a [batch, pos] tensor of the token ids that follow it (no BOS)")
+    prefix = torch.as_tensor(prefix)
+    if prefix.ndim != 1 or len(prefix) == 0 or prefix.dtype not in (torch.int64, torch.int32):
+        raise GradGraphError(f"prefix must be a non-empty 1-D tensor of token ids, got {tuple(prefix.shape)} "
+                             f"{prefix.dtype}")
+    if int(prefix.min()) < 0 or int(prefix.max()) >= model.cfg.d_vocab:
+        raise GradGraphError(f"prefix token ids must lie in [0, {model.cfg.d_vocab})")
+    return prefix.long().to(tokens.device)
+
+
+@torch.no_grad()
+def _prefix_cache(model: HookedTransformer, prefix: torch.Tensor, batch: int):
+    """TransformerLens' key/value cache of ``prefix`` ``[p]``, one run shared by ``batch`` rows, frozen."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    model(prefix[None], past_kv_cache=cache, attention_mask=torch.ones_like(prefix[None]), stop_at_layer=model.cfg.n_layers)
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.expand(batch, -1, -1, -1)
+        entry.past_values = entry.past_values.expand(batch, -1, -1, -1)
+    cache.previous_attention_mask = cache.previous_attention_mask.expand(batch, -1)
+    cache.freeze()
+    return cache
+
+
 def record(
     model: HookedTransformer,
     tokens: str | list[str] | torch.Tensor,
@@ -193,20 +231,33 @@ def record(
     *,
     attention_mask: torch.Tensor | None = None,
     embed: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> Recording:
     """One forward pass of ``model`` with every hook point recorded (no autograd graph is kept).
 
     ``embed`` ``[batch, pos, d_model]`` replaces the token embeddings (``hook_embed``; e.g. points
-    on an integrated-gradients path); ``tokens`` still give the positions and the padding."""
+    on an integrated-gradients path); ``tokens`` still give the positions and the padding.
+    ``prefix`` ``[p]``: token ids every row follows (a few-shot prompt, say), run once and cached;
+    ``tokens`` are then what comes after it, and the graph covers only those positions (see
+    ``GradGraph``): much less work when the prefix is long and only what follows is explained."""
     check_supported(model)
     metric = prepare(metric, model)
+    if prefix is not None:
+        prefix = _check_prefix(model, prefix, tokens)
     token_ids, mask = _tokens_and_mask(model, tokens, attention_mask)
     replacements = {} if embed is None else {hooks.name("embed"): _check_embed(model, embed, token_ids)}
-    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1], model.cfg.dtype, token_ids.device)
+    p0 = 0 if prefix is None else len(prefix)
+    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, model.cfg.dtype, token_ids.device)
+    cache = None if prefix is None else _prefix_cache(model, prefix, token_ids.shape[0])
+    run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     with torch.no_grad(), hooks.replacing(model, replacements), hooks.recording(model) as store:
-        logits = model(token_ids)
+        logits = model(token_ids, **run)
     acts = _deduplicated(hooks.node_firings(store), model.cfg.n_layers)
     del store
+    if cache is not None:
+        for layer, entry in enumerate(cache.entries):
+            acts[hooks.name("cached_k", layer)] = entry.past_keys
+            acts[hooks.name("cached_v", layer)] = entry.past_values
     # NaN and inf propagate into the residual stream; masked attention scores are -inf by design
     checked = [n for n in acts if "resid" in n or n == hooks.name("embed")]
     bad = [n for n in checked if not torch.isfinite(acts[n]).all()]
@@ -225,7 +276,38 @@ def record(
     grad = torch.zeros_like(logits) if grad is None else grad
     logit_ids = grad.flatten(0, 1).any(0).nonzero()[:, 0]
     acts[hooks.name("logits")] = logits.detach()[..., logit_ids]
-    return Recording(model, token_ids, mask, acts, value.detach(), grad[..., logit_ids].detach(), logit_ids)
+    return Recording(model, token_ids, mask, acts, value.detach(), grad[..., logit_ids].detach(), logit_ids,
+                     prefix=prefix)
+
+
+def after_prefix(recording: Recording, length: int) -> Recording:
+    """The recording of the positions after the first ``length``, as ``record(..., prefix=)`` would
+    make it, sliced from a recording of the whole sequence (no second forward pass). Every row must
+    start with the same ``length`` real tokens."""
+    tokens, mask = recording.tokens, recording.attention_mask
+    if recording.prefix is not None:
+        raise GradGraphError("this recording already follows a cached prefix")
+    if not 0 < length < int(mask.sum(1).min()):
+        raise GradGraphError(f"a prefix of {length} tokens must leave every row at least one token after it "
+                             f"(shortest row: {int(mask.sum(1).min())})")
+    if not bool((tokens[:, :length] == tokens[:1, :length]).all()):
+        raise GradGraphError(f"the rows differ within their first {length} tokens: no shared prefix")
+    n_layers = recording.model.cfg.n_layers
+    by_query = {hooks.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(n_layers)}
+    whole = {hooks.name("rot_k", layer) for layer in range(n_layers)}  # keys after rotary: every position
+    acts = {}
+    for node, tensor in recording.activations.items():
+        if node in whole:
+            acts[node] = tensor
+        elif node in by_query:
+            acts[node] = tensor[:, :, length:]
+        else:
+            acts[node] = tensor[:, length:]
+    for layer in range(n_layers):
+        for which in "kv":
+            acts[hooks.name(f"cached_{which}", layer)] = recording.activations[hooks.name(which, layer)][:, :length]
+    return Recording(recording.model, tokens[:, length:], mask[:, length:], acts, recording.metric_value,
+                     recording.grad_logits[:, length:], recording.logit_ids, prefix=tokens[0, :length])
 
 
 # --------------------------------------------------------------------------- assembly
@@ -243,6 +325,7 @@ class _Assembly:
         self.blocks: list[Block] = []
         self.stored: dict[str, torch.Tensor] = {}
         self.weights = model_weights(self.model)
+        self.prefix = 0 if recording.prefix is None else len(recording.prefix)
 
     def node(self, name: str, tensor: torch.Tensor | None = None) -> str:
         if tensor is None:
@@ -343,15 +426,19 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         proj[firing] = _linear(asm, y, out, layer, weight, "b p h d -> h (b p) d", "b p h e -> h (b p) e",
                                dict(zip("bph", asm.shapes[out][:3])))
     q_name, k_name, v_name = proj["q"], proj["k"], proj["v"]
+    p0 = asm.prefix
+    if p0:  # the cached prefix's keys and values, then this run's
+        k_name, v_name = _after_cache(asm, k_name, "k", layer), _after_cache(asm, v_name, "v", layer)
     if cfg.positional_embedding_type == "rotary":
-        q_name = _rotary(asm, attn, q_name, asm.node(hooks.name("rot_q", layer)), layer)
+        q_name = _rotary(asm, attn, q_name, asm.node(hooks.name("rot_q", layer)), layer, start=p0)
         k_name = _rotary(asm, attn, k_name, asm.node(hooks.name("rot_k", layer)), layer)
     rq, rk, v = asm.stored[q_name], asm.stored[k_name], asm.stored[v_name]
     axes = dict(g=G, r=R, b=B)
     # scores = q·k / attn_scale, causally masked and padded scores are constants
     scores = asm.node(hooks.name("attn_scores", layer))
-    causal = torch.tril(torch.ones(P, P, dtype=torch.bool, device=rq.device))
-    allowed = causal[None, None] & asm.valid[:, None, :, None] & asm.valid[:, None, None, :]  # [B, 1, q, k]
+    causal = torch.ones(P, p0 + P, dtype=torch.bool, device=rq.device).tril(p0)  # query i sees keys ≤ p0 + i
+    keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
+    allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
     f_q, f_k = asm.rules.bilinear("qk")
     k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
     q_canon = einops.rearrange(rq, "b q (g r) e -> (b g) (r q) e", g=G, r=R)
@@ -374,6 +461,8 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     z_mask = asm.valid[:, :, None, None]  # [B, q, 1, 1]
     if asm.head_mask is not None:
         z_mask = z_mask & asm.head_mask[layer].to(z_mask.device)[None, None, :, None]  # [B, q, H, 1]
+        if not bool(asm.head_mask[layer].any()):  # no head passes anything: no block, and no pass does the work
+            f_p = f_v = 0
     v_canon = einops.rearrange(v, "b k g e -> (b g) k e", g=G)
     p_canon = einops.rearrange(asm.stored[pattern], "b (g r) q k -> (b g) (r q) k", g=G, r=R)
     z_layout = "b q (g r) e -> (b g) (r q) e"
@@ -390,15 +479,26 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
                    dict(b=B, p=P, h=H))
 
 
-def _rotary(asm: _Assembly, attn, src: str, tgt: str, layer: int) -> str:
-    """rot = x cos + rotate(x) sin on the first rotary_dim dims; the rest pass through."""
+def _after_cache(asm: _Assembly, own: str, which: str, layer: int) -> str:
+    """The node of the cached prefix's keys (or values) followed by this run's, ``[B, p0 + P, G, e]``."""
+    cached = asm.node(hooks.name(f"cached_{which}", layer))
+    both = torch.cat([asm.stored[cached], asm.stored[own]], 1)
+    full = asm.node(hooks.name(f"all_{which}", layer), both)
+    p0, n = asm.prefix, both.shape[1]
+    asm.add([Place(cached, full, "copy", layer, 1, 0, p0, n), Place(own, full, "copy", layer, 1, p0, n - p0, n)])
+    return full
+
+
+def _rotary(asm: _Assembly, attn, src: str, tgt: str, layer: int, start: int = 0) -> str:
+    """rot = x cos + rotate(x) sin on the first rotary_dim dims; the rest pass through. ``x``'s
+    first position is position ``start`` (after a cached prefix)."""
     x = asm.stored[src]  # [B, P, heads, e]
     P, e = x.shape[1], x.shape[-1]
     rd = asm.cfg.rotary_dim
     cos = torch.ones(P, e, dtype=x.dtype, device=x.device)
     sin = torch.zeros(P, e, dtype=x.dtype, device=x.device)
-    cos[:, :rd] = attn.rotary_cos[:P].to(x.dtype)
-    sin[:, :rd] = attn.rotary_sin[:P].to(x.dtype)
+    cos[:, :rd] = attn.rotary_cos[start:start + P].to(x.dtype)
+    sin[:, :rd] = attn.rotary_sin[start:start + P].to(x.dtype)
     perm = torch.arange(e, device=x.device)
     sign = torch.zeros(e, dtype=x.dtype, device=x.device)
     if asm.cfg.rotary_adjacent_pairs:  # rotate(x)[2i] = -x[2i+1], rotate(x)[2i+1] = x[2i]
@@ -487,6 +587,9 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
     its pattern · v product (its output node still receives what arrives from above)."""
     rules = rule_set(rules)
     cfg = recording.model.cfg
+    if recording.prefix is not None and not rules.positionwise:
+        raise GradGraphError(f"{rules.name} normalises relevance over every position of the sequence, so a graph "
+                             f"after a cached prefix cannot apply it; record the whole sequence (no prefix)")
     asm = _Assembly(recording, rules, check_head_mask(head_mask, cfg))
     resid = _embed(asm)
     for layer in range(cfg.n_layers):
@@ -506,12 +609,13 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
     _unembed(asm, resid)
     sources = (hooks.name("embed"),) + ((hooks.name("pos_embed"),) if cfg.positional_embedding_type == "standard" else ())
     name = rules.name if head_mask is None else f"{rules.name}+mask({int(head_mask.sum())} heads)"
+    cached = tuple(hooks.name(f"cached_{w}", layer) for layer in range(cfg.n_layers) for w in "kv") if asm.prefix else ()
     graph = GradGraph(
         shapes=asm.shapes, order=tuple(asm.order), edges=tuple(asm.blocks), sources=sources, source_mask=asm.valid,
         activations=asm.stored, metric_value=recording.metric_value, logit_ids=recording.logit_ids,
         tokens=recording.tokens, attention_mask=recording.attention_mask, n_layers=cfg.n_layers,
         n_heads=cfg.n_heads, n_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, rules=name,
-        head_mask=asm.head_mask,
+        head_mask=asm.head_mask, prefix=asm.prefix, cached=cached,
     )
     return _frozen(graph)
 
@@ -524,8 +628,8 @@ def _frozen(graph: GradGraph) -> GradGraph:
     if not any(isinstance(edge, Pending) for edge in graph.edges):
         return graph
     patterns = [hooks.name("pattern", layer) for layer in range(graph.n_layers)]
-    settled = backprop(graph, keep=list(graph.sources) + [p for p in patterns if p in graph.shapes])
-    edges = tuple(edge.frozen() if isinstance(edge, Pending) else edge for edge in graph.edges)
+    settled = backprop(graph, keep=list(graph.sources) + list(graph.cached) + [p for p in patterns if p in graph.shapes])
+    edges = tuple(edge.frozen(graph.shapes) if isinstance(edge, Pending) else edge for edge in graph.edges)
     return dataclasses.replace(graph, edges=edges, settled=MappingProxyType(settled))
 
 
@@ -538,6 +642,7 @@ def build_graph(
     rules: RuleSet | str = GRADIENT,
     embed: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> GradGraph:
     """Run ``model`` on ``tokens`` with every hook point recorded and build its gradient graph.
 
@@ -545,9 +650,10 @@ def build_graph(
     ``gradgraph.metrics``; ``logit_diff(" are", " is")`` takes words). Batches must be right-padded
     (``gradgraph.prompts.to_tokens`` does this); padded positions carry nothing. ``rules`` chooses
     the local derivatives (``gradgraph.rules``, or a name such as ``"attn-lrp"``); ``embed``
-    replaces the token embeddings; ``head_mask`` (Mask-LRP) see ``assemble``. Raises
+    replaces the token embeddings; ``head_mask`` (Mask-LRP) see ``assemble``; ``prefix`` (token
+    ids every row follows, cached; ``tokens`` then come after it) see ``record``. Raises
     ``GradGraphError`` before the forward pass when the graph would not fit in memory.
     """
     rules = rule_set(rules)
-    recording = record(model, tokens, metric, attention_mask=attention_mask, embed=embed)
+    recording = record(model, tokens, metric, attention_mask=attention_mask, embed=embed, prefix=prefix)
     return assemble(recording, rules, head_mask=head_mask)

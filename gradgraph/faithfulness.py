@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradgraph import hooks
+from gradgraph import inference
 from gradgraph.errors import GradGraphError
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -59,43 +59,36 @@ def replaced(tokens: torch.Tensor, scores: torch.Tensor, candidates: torch.Tenso
 
 
 @torch.no_grad()
-def two_way_probability(model, rows: torch.Tensor, good: int, bad: int, *, prefix: int = 0,
-                        batch_size: int = 64) -> torch.Tensor:
+def two_way_probability(model, rows: torch.Tensor, good: int, bad: int, *, prefix: int = 0) -> torch.Tensor:
     """``σ(logit(good) − logit(bad))`` at the last position of each row ``[n, pos]`` (no padding).
-    Rows that share their first ``prefix`` tokens reuse one run of that prefix (a frozen key/value
-    cache), so only the differing suffixes run per row."""
+    Rows that share their first ``prefix`` tokens run that prefix once (``gradgraph.inference``)."""
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise GradGraphError(f"rows must be a non-empty [n, pos] tensor of token ids, got {tuple(rows.shape)}")
     if prefix and not bool((rows[:, :prefix] == rows[:1, :prefix]).all()):
         raise GradGraphError("two_way_probability: the rows differ inside the shared prefix")
-    with hooks.plain_forward(model):
-        return torch.cat([_two_way(model, rows[start:start + batch_size], good, bad, prefix)
-                          for start in range(0, rows.shape[0], batch_size)])
+    logits = inference.last_logits(model, rows, torch.tensor([good, bad], device=rows.device),
+                                   prefix=min(prefix, rows.shape[1] - 1))
+    return torch.sigmoid(logits[:, 0] - logits[:, 1]).double().cpu()
 
 
-def _two_way(model, chunk: torch.Tensor, good: int, bad: int, prefix: int) -> torch.Tensor:
-    """``two_way_probability`` of one batch of rows ``[n, pos]``."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    if prefix:
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
-        # explicit all-ones masks: TransformerLens would otherwise take replaced (pad) tokens for padding
-        model(chunk[:1, :prefix], past_kv_cache=cache, attention_mask=torch.ones_like(chunk[:1, :prefix]))
-        for entry in cache.entries:  # the prefix once, shared by every row of the chunk
-            entry.past_keys = entry.past_keys.expand(len(chunk), -1, -1, -1)
-            entry.past_values = entry.past_values.expand(len(chunk), -1, -1, -1)
-        cache.previous_attention_mask = cache.previous_attention_mask.expand(len(chunk), -1)
-        cache.freeze()
-        suffix = chunk[:, prefix:]
-        resid = model(suffix, past_kv_cache=cache, attention_mask=torch.ones_like(suffix),
-                      stop_at_layer=model.cfg.n_layers)
-    else:
-        resid = model(chunk, stop_at_layer=model.cfg.n_layers)
-    ids = torch.tensor([good, bad], device=chunk.device)
-    final = getattr(model, "ln_final", None)  # absent in a model without norms
-    last = resid[:, -1:] if final is None else final(resid[:, -1:])
-    logits = last @ model.W_U[:, ids] + model.b_U[ids]  # [n, 1, 2]
-    return torch.sigmoid(logits[:, 0, 0] - logits[:, 0, 1]).double().cpu()
+def probabilities(model, requests: set[tuple[tuple[int, ...], int, int]]) -> dict[tuple, float]:
+    """``{(row, good, bad): σ(logit(good) − logit(bad))}`` at each row's last position, for rows of
+    any lengths and label pairs: rows of one length run together, their common prefix once."""
+    by_length: dict[int, set[tuple[int, ...]]] = {}
+    for row, _, _ in requests:
+        by_length.setdefault(len(row), set()).add(row)
+    ids = sorted({i for _, good, bad in requests for i in (good, bad)})
+    column = {token: n for n, token in enumerate(ids)}
+    logits: dict[tuple[int, ...], torch.Tensor] = {}
+    for length, rows in sorted(by_length.items()):
+        ordered = sorted(rows)
+        tensor = torch.tensor(ordered)
+        same = (tensor == tensor[:1]).all(0)  # [pos]: the columns every row agrees on
+        prefix = min(int(same.long().cumprod(0).sum()), length - 1)
+        values = inference.last_logits(model, tensor, torch.tensor(ids), prefix=prefix).double().cpu()
+        logits.update(zip(ordered, values))
+    return {(row, good, bad): float(torch.sigmoid(logits[row][column[good]] - logits[row][column[bad]]))
+            for row, good, bad in requests}
 
 
 def top_positions(scores: torch.Tensor, candidates: torch.Tensor, fraction: float = TOP) -> torch.Tensor:
@@ -129,31 +122,41 @@ def measure(model, example: Example, scores: dict[str, torch.Tensor], replace_id
     """Every faithfulness measurement of each method's token ``scores`` ``{method: [pos]}`` on one
     example: ``{method: dict(p, levels [len(levels)], log_odds, comprehensiveness, sufficiency)}``
     (``p`` and ``levels``: σ(good − bad) before and after replacing each level's top tokens; the
-    other three as in the module docstring). Identical rows run once; rows of one length share the
-    prompt before the first candidate through a key/value cache. ``top=None``: the levels only."""
+    other three as in the module docstring). ``top=None``: the levels only."""
+    return measure_all(model, [example], [scores], replace_id, levels=levels, top=top)[0]
+
+
+def measure_all(model, examples: list[Example], scores: list[dict[str, torch.Tensor]], replace_id: int, *,
+                levels=LEVELS, top: float | None = TOP) -> list[dict[str, dict]]:
+    """``measure`` of many examples at once: every distinct row of all of them runs once, rows of
+    one length together (``probabilities``)."""
+    variants = [{method: _variants(example, s, replace_id, levels, top) for method, s in by_method.items()}
+                for example, by_method in zip(examples, scores)]
+    requests = set()
+    for example, rows_of in zip(examples, variants):
+        key = (example.good, example.bad)
+        requests.add((tuple(example.tokens), *key))
+        for rows in rows_of.values():
+            for kind in rows.values():
+                requests.update((row, *key) for row in kind)
+    p = probabilities(model, requests)
+    return [_measured(example, rows_of, p, top) for example, rows_of in zip(examples, variants)]
+
+
+def _measured(example: Example, variants: dict, probability: dict, top: float | None) -> dict[str, dict]:
     original = tuple(example.tokens)
-    variants = {method: _variants(example, s, replace_id, levels, top) for method, s in scores.items()}
-    unique = {original}
-    for rows in variants.values():
-        for kind in rows.values():
-            unique.update(kind)
-    prefix = min(example.candidates)
-    p: dict[tuple, float] = {}
-    for length in sorted({len(r) for r in unique}):
-        group = [r for r in unique if len(r) == length]
-        shared = prefix if prefix > 1 and length > prefix else 0
-        values = two_way_probability(model, torch.tensor(group), example.good, example.bad, prefix=shared)
-        p.update(zip(group, values.tolist()))
-    p0 = p[original]
+    p0 = probability[(original, example.good, example.bad)]
     good = p0 >= 0.5  # the predicted label
 
     def predicted(row: tuple) -> float:
-        return p[row] if good else 1.0 - p[row]
+        value = probability[(row, example.good, example.bad)]
+        return value if good else 1.0 - value
 
     out = {}
+    pred0 = predicted(original)
     for method, rows in variants.items():
-        pred0 = predicted(original)
-        out[method] = dict(p=p0, levels=torch.tensor([p[r] for r in rows["levels"]], dtype=torch.float64))
+        level_p = [probability[(r, example.good, example.bad)] for r in rows["levels"]]
+        out[method] = dict(p=p0, levels=torch.tensor(level_p, dtype=torch.float64))
         if top is None:
             continue
         out[method].update(
@@ -174,4 +177,5 @@ def deletion_scores(p: torch.Tensor, p_deleted: torch.Tensor) -> dict[str, float
                 aopc_by_level=drop.mean(0).tolist(), log_odds_by_level=log_odds.mean(0).tolist())
 
 
-__all__ = ["Example", "LEVELS", "TOP", "deletion_scores", "measure", "replaced", "top_positions", "two_way_probability"]
+__all__ = ["Example", "LEVELS", "TOP", "deletion_scores", "measure", "measure_all", "probabilities", "replaced",
+           "top_positions", "two_way_probability"]

@@ -6,6 +6,8 @@ non-zero local partial derivative ∂tgt/∂src. It is stored lazily as blocks, 
 
 - ``Identity``: same shape, weight 1 (residual sums, the residual read by the MLP);
 - ``Broadcast``: ``tgt = src.unsqueeze(dim).expand(n)``, weight 1 (per-head copies of the residual);
+- ``Place``: ``src`` is a slice of ``tgt`` along one dim, weight 1 (a cached prefix's keys and the
+  run's own keys in one node);
 - ``Diag``: ``tgt[..., j] = Σ_parts w[..., j] · src[..., perm[j]]`` (element-wise functions; the
   rotary rotation is two parts, the second with the pair permutation). Weights broadcast to the
   target's shape;
@@ -133,6 +135,44 @@ class Broadcast(Block):
 
     def n_edges(self, shapes):
         return _numel(shapes[self.tgt])
+
+
+@dataclass(frozen=True, eq=False)
+class Place(Block):
+    """``tgt[..., start : start + length, ...] = src`` along ``dim`` (a cached prefix's keys, then
+    the run's own, in one key node), weight 1; the target's other elements get nothing from it."""
+
+    dim: int
+    start: int
+    length: int  # the source's extent along dim
+    size: int  # the target's
+
+    def backward(self, sr, value):
+        return value.narrow(self.dim + 1, self.start, self.length)
+
+    def forward(self, sr, value):
+        shape = list(value.shape[1:])
+        shape[self.dim] = self.size
+        out = sr.zero(shape, dtype=value.dtype, device=value.device)
+        out.narrow(self.dim + 1, self.start, self.length).copy_(value)
+        return out
+
+    def _index(self, shapes):
+        """``[*src shape]``: the flat target index of each source element."""
+        def make():
+            tgt = torch.arange(_numel(shapes[self.tgt])).view(shapes[self.tgt])
+            return tgt.narrow(self.dim, self.start, self.length)
+        return self._memo("index", make)
+
+    def scalar_edges(self, shapes):
+        tgt = self._index(shapes).reshape(-1)
+        return torch.arange(len(tgt)), tgt, torch.ones(len(tgt), dtype=torch.float64)
+
+    def out_edges(self, shapes, flat):
+        return self._index(shapes).reshape(-1)[flat : flat + 1], torch.ones(1, dtype=torch.float64)
+
+    def n_edges(self, shapes):
+        return _numel(shapes[self.src])
 
 
 @dataclass(frozen=True, eq=False)
@@ -512,7 +552,10 @@ class Pending(Block):
     def forward(self, sr, value):
         raise GradGraphError(f"{self.src} → {self.tgt} is not fixed yet; build the graph with build_graph")
 
-    def frozen(self) -> Block:
+    def frozen(self, shapes: Mapping) -> Block:
+        """The fixed block (fixed with a zero value if the pass never reached its target)."""
+        if "frozen" not in self._cache:
+            self._cache["frozen"] = self.freeze(torch.zeros((1, *shapes[self.tgt])))
         return self._cache["frozen"]
 
 
@@ -580,7 +623,9 @@ class GradGraph:
 
     Immutable once built. ``sources`` are the input embedding nodes; ``source_mask`` says which of
     their elements are real tokens (padding carries nothing); the one sink is ``"metric"`` of shape
-    ``[batch]``. ``logit_ids`` are the vocabulary ids kept in the logits node ``unembed.hook_out``
+    ``[batch]``. A graph built after a cached prefix (``record(..., prefix=)``) covers only the
+    positions after it: the prefix enters as its keys and values in each layer (``cached``), nodes
+    without incoming edges, so every input → metric path is a path of the tokens after the prefix. ``logit_ids`` are the vocabulary ids kept in the logits node ``unembed.hook_out``
     (its last dim): only logits the metric depends on are nodes, since no other logit lies on a
     path to it. ``rules`` names the rule set the blocks were built with.
     """
@@ -601,6 +646,8 @@ class GradGraph:
     rules: str = "gradient"
     head_mask: torch.Tensor | None = None  # [n_layers, n_heads] bool: Mask-LRP's heads (None: all)
     settled: Mapping[str, torch.Tensor] | None = None  # Real backprop at sources and patterns, from fixing Pending blocks
+    prefix: int = 0  # positions of a cached prefix before the graph's own (keys and values only)
+    cached: tuple[str, ...] = ()  # the cached prefix's key and value nodes: inputs that are not tokens
     _out: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
     _in: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
 

@@ -33,6 +33,10 @@ _TEMPLATES = {
     "q": "blocks.{L}.attn.hook_q",
     "k": "blocks.{L}.attn.hook_k",
     "v": "blocks.{L}.attn.hook_v",
+    "cached_k": "blocks.{L}.attn.cached_k",  # a cached prefix's keys and values (not hook points)
+    "cached_v": "blocks.{L}.attn.cached_v",
+    "all_k": "blocks.{L}.attn.all_k",  # the cached prefix's then this run's keys and values
+    "all_v": "blocks.{L}.attn.all_v",
     "rot_q": "blocks.{L}.attn.hook_rot_q",
     "rot_k": "blocks.{L}.attn.hook_rot_k",
     "attn_scores": "blocks.{L}.attn.hook_attn_scores",

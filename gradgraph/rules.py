@@ -85,6 +85,10 @@ class RuleSet:
     linear: Callable[[Matmul, torch.Tensor, torch.Tensor], list[Block]]
     bilinear: Callable[[str], tuple[float, float]]
     residual: Callable[[SumOp], list[Block]]
+    # every block reads its own position's values and what arrives from later positions; False where
+    # a rule normalises over the whole sequence (Chefer's residual sums), which a graph after a cached
+    # prefix cannot apply exactly
+    positionwise: bool = True
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -320,6 +324,7 @@ CHEFER2021 = RuleSet(
     linear=alpha1_beta0,
     bilinear=halves,
     residual=normalised_sum,
+    positionwise=False,
 )
 """Chefer et al. 2021, the rules Mask-LRP's code uses: α1β0 on linear maps, gradient × input
 halved on bilinear products (q·k, pattern · v, and a gated MLP's product), softmax, norms and

@@ -10,6 +10,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+from gradgraph.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the gradgraph command does
+
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():

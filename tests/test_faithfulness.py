@@ -31,7 +31,7 @@ def test_shared_prefix_probability_equals_full_runs(arch):
     with torch.no_grad():
         logits = model(rows)[:, -1]
     expected = torch.sigmoid(logits[:, 1] - logits[:, 2])
-    assert torch.allclose(two_way_probability(model, rows, 1, 2, prefix=7, batch_size=3), expected, atol=1e-12)
+    assert torch.allclose(two_way_probability(model, rows, 1, 2, prefix=7), expected, atol=1e-12)
     assert torch.allclose(two_way_probability(model, rows, 1, 2), expected, atol=1e-12)
     with pytest.raises(GradGraphError, match="prefix"):
         two_way_probability(model, rows, 1, 2, prefix=8)

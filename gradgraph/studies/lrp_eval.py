@@ -27,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import hooks, plot
-from gradgraph.attribution import attention_rollout, chefer_rollout, partial_lrp, raw_attention, token_scores
+from gradgraph.attribution import (attention_rollout, cached_relevance, chefer_rollout, partial_lrp, raw_attention,
+                                   token_scores)
 from gradgraph.backprop import backprop
-from gradgraph.build import assemble, record
+from gradgraph.build import after_prefix, assemble, record
 from gradgraph.data.sentiment import sentiment_items
 from gradgraph.data.sva import sva_items
 from gradgraph.errors import GradGraphError
-from gradgraph.faithfulness import LEVELS, Example, deletion_scores, measure
+from gradgraph.faithfulness import LEVELS, Example, deletion_scores, measure_all
 from gradgraph.heads import mask
 from gradgraph.interventions import patch_positions, relevance_patching
 from gradgraph.metrics import logit_diff
@@ -54,7 +55,7 @@ class Config:
     relp_items: int = 24  # SVA items for the relevance-patching comparison (activation patching is costly)
     head_sentences: int = 200  # corpus for head detection (disjoint from the evaluated sentences)
     max_words: int = 20
-    batch_size: int = 8
+    graph_tokens: int = 600  # padded tokens per gradient graph (items of similar length batched together)
     seed: int = 0
     model: str = "smollm2-135m"
     out: str = "results/lrp-eval"
@@ -79,19 +80,31 @@ def sva_examples(model, n: int, seed: int) -> tuple[list[Example], list]:
 
 
 def _input_relevance(graph) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token Σ activation ⊙ modified gradient at the inputs ``[batch, pos]``, and Σ − metric."""
-    scores = token_scores(graph, backprop(graph, keep=graph.sources))
-    return scores, scores.sum(1) - graph.metric_value
+    """Per token Σ activation ⊙ modified gradient at the inputs ``[batch, pos]``, and Σ − metric
+    (the inputs: the tokens, and a cached prefix's keys and values where the graph follows one)."""
+    grads = backprop(graph, keep=list(graph.sources) + list(graph.cached))
+    scores = token_scores(graph, grads)
+    return scores, scores.sum(1) + cached_relevance(graph, grads) - graph.metric_value
 
 
-def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], clock: dict[str, float]
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+def _padded(scores: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Scores of the positions after a prefix ``[batch, pos]`` → of every position (0 in the prefix)."""
+    return torch.cat([scores.new_zeros(scores.shape[0], prefix), scores], 1)
+
+
+def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], clock: dict[str, float],
+                prefix: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Every method's token scores ``{method: [batch, pos]}`` from one recording, the LRP
-    conservation errors ``{rules: [batch]}`` and the metric ``[batch]``; ``clock`` adds seconds per method."""
+    conservation errors ``{rules: [batch]}`` and the metric ``[batch]``; ``clock`` adds seconds per
+    method. With ``prefix``, every example starts with those tokens (a few-shot prompt) and the
+    methods whose rules are positionwise run on the graph after it (``build.after_prefix``): the
+    same scores for the tokens after it, from a graph a fraction of the size; Chefer et al.'s rules
+    normalise over the whole sequence and run on the whole graph."""
     tokens, attention_mask = right_pad([e.tokens for e in examples])
     metric = logit_diff(torch.tensor([e.good for e in examples]), torch.tensor([e.bad for e in examples]))
     start = time.perf_counter()
     recording = record(model, tokens, metric, attention_mask=attention_mask)
+    local = after_prefix(recording, prefix) if prefix else recording
     clock["(recording)"] = clock.get("(recording)", 0.0) + time.perf_counter() - start
     scores, deltas = {}, {}
 
@@ -101,49 +114,68 @@ def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], 
         clock[name] = clock.get(name, 0.0) + time.perf_counter() - begin
         return value
 
-    gradient = timed("gradient × input", lambda: assemble(recording, GRADIENT))
+    gradient = timed("gradient × input", lambda: assemble(local, GRADIENT))
     patterns = [hooks.name("pattern", layer) for layer in range(model.cfg.n_layers)]
     grads = timed("gradient × input", lambda: backprop(gradient, keep=list(patterns) + list(gradient.sources)))
-    scores["gradient × input"] = token_scores(gradient, grads)
-    scores["raw attention"] = timed("raw attention", lambda: raw_attention(gradient).scores)
-    scores["attention rollout"] = timed("attention rollout", lambda: attention_rollout(gradient).scores)
+    scores["gradient × input"] = _padded(token_scores(gradient, grads), prefix)
+    scores["raw attention"] = _padded(timed("raw attention", lambda: raw_attention(gradient).scores), prefix)
+    scores["attention rollout"] = _padded(timed("attention rollout", lambda: attention_rollout(gradient).scores), prefix)
     for rules in LRP_RULES:
         name = f"LRP ({rules.name})"
-        graph = timed(name, lambda: assemble(recording, rules))
-        scores[name], deltas[rules.name] = timed(name, lambda: _input_relevance(graph))
+        source = local if rules.positionwise else recording
+        graph = timed(name, lambda: assemble(source, rules))
+        relevance, deltas[rules.name] = timed(name, lambda: _input_relevance(graph))
+        scores[name] = _padded(relevance, graph.prefix)
         if rules is CHEFER2021:
             scores["partial LRP"] = timed("partial LRP", lambda: partial_lrp(graph).scores)
-            scores["Chefer rollout"] = timed("Chefer rollout",
-                                             lambda: chefer_rollout(gradient, graph, gradients=grads).scores)
+            scores["Chefer rollout"] = _padded(timed("Chefer rollout", lambda: chefer_rollout(
+                gradient, graph, gradients=grads).scores), prefix)
     for kind, head_mask in masks.items():
         name = f"Mask-LRP ({kind})"
         graph = timed(name, lambda: assemble(recording, CHEFER2021, head_mask=head_mask))
-        scores[name] = timed(name, lambda: chefer_rollout(gradient, graph, gradients=grads).scores)
+        scores[name] = _padded(timed(name, lambda: chefer_rollout(gradient, graph, gradients=grads).scores), prefix)
     return scores, deltas, recording.metric_value
 
 
-def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.Tensor], batch_size: int,
-             pad_id: int) -> dict:
-    """Deletion metrics of every method on one dataset, accuracy, conservation and timings."""
-    curves: dict[str, list[torch.Tensor]] = {}
-    deltas: dict[str, list[torch.Tensor]] = {}
-    metrics, clock, first = [], {}, None
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"lrp-eval {name}", unit="batch"):
-        chunk = examples[start:start + batch_size]
-        scores, batch_deltas, value = score_batch(model, chunk, masks, clock)
-        metrics.append(value.double().cpu())
+def _batches(examples: list[Example], tokens: int) -> list[list[int]]:
+    """Indices of ``examples`` in batches of similar length, each at most ``tokens`` padded tokens
+    (and at least one example)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * len(examples[i].tokens) > tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.Tensor], graph_tokens: int,
+             pad_id: int, *, shared_prefix: bool = False) -> dict:
+    """Deletion metrics of every method on one dataset, accuracy, conservation and timings.
+    ``shared_prefix``: every example starts with the same prompt, up to its first candidate."""
+    prefix = min(min(e.candidates) for e in examples) if shared_prefix else 0
+    scored: list[dict[str, torch.Tensor] | None] = [None] * len(examples)
+    deltas: dict[str, torch.Tensor] = {}  # rules -> [n]
+    metric = torch.zeros(len(examples), dtype=torch.float64)
+    clock: dict[str, float] = {}
+    for batch in tqdm(_batches(examples, graph_tokens), desc=f"lrp-eval {name}", unit="batch"):
+        chunk = [examples[i] for i in batch]
+        scores, batch_deltas, value = score_batch(model, chunk, masks, clock, prefix)
+        metric[batch] = value.double().cpu()
         for rules, d in batch_deltas.items():
-            deltas.setdefault(rules, []).append(d.double().cpu())
-        if first is None:  # the first batch's longest item, for the token figure
-            shown = max(range(len(chunk)), key=lambda i: len(chunk[i].tokens))
-            first = {m: s[shown, : len(chunk[shown].tokens)].tolist() for m, s in scores.items()}
-            first_tokens = list(chunk[shown].tokens)
-        begin = time.perf_counter()
-        for i, example in enumerate(chunk):
-            for method, m in measure(model, example, {k: s[i] for k, s in scores.items()}, pad_id, top=None).items():
+            deltas.setdefault(rules, torch.zeros(len(examples), dtype=torch.float64))[batch] = d.double().cpu()
+        for row, i in enumerate(batch):
+            scored[i] = {m: s[row, : len(examples[i].tokens)] for m, s in scores.items()}
+    curves: dict[str, list[torch.Tensor]] = {}
+    begin = time.perf_counter()
+    step = 32  # examples whose deletion rows run together (rows of one length share passes)
+    for start in tqdm(range(0, len(examples), step), desc=f"deletion {name}", unit="chunk"):
+        part = slice(start, start + step)
+        for by_method in measure_all(model, examples[part], scored[part], pad_id, top=None):
+            for method, m in by_method.items():
                 curves.setdefault(method, []).append(torch.cat([torch.tensor([m["p"]], dtype=torch.float64), m["levels"]]))
-        clock["(deletion)"] = clock.get("(deletion)", 0.0) + time.perf_counter() - begin
-    metric = torch.cat(metrics)
+    clock["(deletion)"] = time.perf_counter() - begin
     n = len(examples)
     rows = []
     for method, values in curves.items():
@@ -151,11 +183,13 @@ def evaluate(model, name: str, examples: list[Example], masks: dict[str, torch.T
         row = dict(dataset=name, method=method, n=n, **deletion_scores(p[:, 0], p[:, 1:]),
                    seconds_per_example=clock[method] / n if method in clock else None)
         rows.append(row)
-    conservation = {rules: dict(mean_abs_delta=float(torch.cat(d).abs().mean()),
-                                median_abs_relative=float((torch.cat(d).abs() / metric.abs().clamp(min=1e-6)).median()))
+    conservation = {rules: dict(mean_abs_delta=float(d.abs().mean()),
+                                median_abs_relative=float((d.abs() / metric.abs().clamp(min=1e-6)).median()))
                     for rules, d in deltas.items()}
+    shown = max(range(len(examples)), key=lambda i: len(examples[i].tokens))  # the longest item, for the token figure
     return dict(rows=rows, accuracy=float((metric > 0).double().mean()), n=n, conservation=conservation,
-                seconds={k: v / n for k, v in clock.items()}, first=first, first_tokens=first_tokens)
+                seconds={k: v / n for k, v in clock.items()}, first={m: s.tolist() for m, s in scored[shown].items()},
+                first_tokens=list(examples[shown].tokens), prefix=prefix)
 
 
 def relp_report(model, items, n: int, batch_size: int) -> list[dict]:
@@ -194,7 +228,7 @@ def relp_report(model, items, n: int, batch_size: int) -> list[dict]:
 
 
 def run(config: Config) -> dict:
-    for field in ("sentences", "sva_items", "batch_size", "head_sentences"):
+    for field in ("sentences", "sva_items", "graph_tokens", "head_sentences"):
         if getattr(config, field) < 1:
             raise GradGraphError(f"{field} must be a positive number, got {getattr(config, field)}")
     started = time.time()
@@ -203,10 +237,11 @@ def run(config: Config) -> dict:
     corpus = head_types.default_corpus(model.tokenizer, config.head_sentences, seed=config.seed + 1)
     positional, syntactic = head_types.detect(model, corpus, 0.8, 0.1)
     masks = {kind: mask(model, kind, positional=positional, syntactic=syntactic, seed=config.seed) for kind in MASKS}
-    rt = evaluate(model, "Rotten Tomatoes", rt_examples(model, config), masks, config.batch_size, pad_id)
+    rt = evaluate(model, "Rotten Tomatoes", rt_examples(model, config), masks, config.graph_tokens, pad_id,
+                  shared_prefix=True)
     sva, items = sva_examples(model, config.sva_items, config.seed)
-    sva_result = evaluate(model, "SVA", sva, masks, config.batch_size, pad_id)
-    relp = relp_report(model, items, config.relp_items, config.batch_size) if config.relp_items else []
+    sva_result = evaluate(model, "SVA", sva, masks, config.graph_tokens, pad_id)
+    relp = relp_report(model, items, config.relp_items, 8) if config.relp_items else []
     return dict(config=asdict(config), results={"Rotten Tomatoes": rt, "SVA": sva_result}, relp=relp,
                 heads=head_types.table(positional, syntactic), masks={k: int(v.sum()) for k, v in masks.items()},
                 tokenizer=model.tokenizer, seconds=time.time() - started)
