@@ -210,24 +210,34 @@ def _mlp(model, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(layer.b_out, post, layer.W_out).view(n, s, -1)
 
 
+TRACED = ("resid_pre", "attn_out", "resid_mid", "mlp_out")
+
+
 @torch.no_grad()
-def run(model: HookedTransformer, tokens: torch.Tensor, *, shared: KeysValues | None = None,
-        past: KeysValues | None = None, keep: bool = False, last_only: bool = False
+def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: torch.Tensor | None = None,
+        first_layer: int = 0, shared: KeysValues | None = None, past: KeysValues | None = None, keep: bool = False,
+        last_only: bool = False, trace: dict[str, list[torch.Tensor]] | None = None
         ) -> tuple[torch.Tensor, KeysValues | None]:
     """The residual stream after the last layer (before ``ln_final``) for ``tokens`` ``[n, s]``
-    (no padding) that follow the positions of ``shared`` (``[G, p0, e]``: the same for every row)
-    and then ``past`` (``[G, n, t, e]``: each row's own). With ``keep``, also these positions' keys
-    and values ``[G, n, s, e]``. ``last_only``: only the last position goes through the last
-    layer's output (all a next-token metric reads), ``[n, 1, d]``."""
+    (no padding), or from ``resid`` ``[n, s, d_model]`` entering layer ``first_layer``. The
+    positions follow those of ``shared`` (``[G, p0, e]``: the same for every row) and then ``past``
+    (``[G, n, t, e]``: each row's own), one entry per layer of the model. With ``keep``, also these
+    positions' keys and values ``[G, n, s, e]`` (of the layers run). ``last_only``: only the last
+    position goes through the last layer's output (all a next-token metric reads), ``[n, 1, d]``.
+    ``trace`` collects each layer's ``TRACED`` activations ``[n, s, d]`` (lists by layer)."""
     w = _weights(model)
     start = (0 if shared is None else shared.length) + (0 if past is None else past.length)
-    n, s = tokens.shape
-    x = w.W_E[tokens]
-    if w.W_pos is not None:
-        x = x + w.W_pos[start:start + s][None]
+    if resid is None:
+        n, s = tokens.shape
+        x = w.W_E[tokens]
+        if w.W_pos is not None:
+            x = x + w.W_pos[start:start + s][None]
+    else:
+        x = resid
     kept = KeysValues([], []) if keep else None
     last = len(w.layers) - 1
-    for index, layer in enumerate(w.layers):
+    for index in range(first_layer, len(w.layers)):
+        layer = w.layers[index]
         attn, k, v = _attention(model, layer, _apply_norm(layer.ln1, x), start,
                                 None if shared is None else (shared.keys[index], shared.values[index]),
                                 None if past is None else (past.keys[index], past.values[index]))
@@ -236,9 +246,25 @@ def run(model: HookedTransformer, tokens: torch.Tensor, *, shared: KeysValues | 
             kept.values.append(v)
         if index == last and last_only:  # later positions never read this layer's output
             x, attn = x[:, -1:], attn[:, -1:]
-        x = x + attn
-        x = x + _mlp(model, layer, _apply_norm(layer.ln2, x))
+        mid = x + attn
+        out = _mlp(model, layer, _apply_norm(layer.ln2, mid))
+        if trace is not None:
+            for kind, value in zip(TRACED, (x, attn, mid, out)):
+                trace.setdefault(kind, []).append(value)
+        x = mid + out
     return x, kept
+
+
+def mlp_of(model: HookedTransformer, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+    """Layer ``layer``'s MLP output for the residual ``resid_mid`` ``[..., d_model]``."""
+    block = _weights(model).layers[layer]
+    x = resid_mid.reshape(1, -1, resid_mid.shape[-1])
+    return _mlp(model, block, _apply_norm(block.ln2, x)).view_as(resid_mid)
+
+
+def final_logits(model: HookedTransformer, resid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``ln_final`` and the logits of the vocabulary entries ``ids`` for a final residual ``[..., d]``."""
+    return _apply_norm(_weights(model).ln_final, resid) @ model.W_U[:, ids] + model.b_U[ids]
 
 
 @torch.no_grad()
@@ -278,7 +304,7 @@ def last_logits(model: HookedTransformer, rows: torch.Tensor, ids: torch.Tensor,
             resid, kv = run(model, unique[lo:lo + batch_size, begin:end], shared=shared, past=past,
                             keep=not final, last_only=final)
             if final:
-                outputs.append(_apply_norm(w.ln_final, resid[:, -1]) @ model.W_U[:, ids] + model.b_U[ids])
+                outputs.append(final_logits(model, resid[:, -1], ids))
             else:
                 kept.append(kv if past is None else past.then(kv))
         if final:
@@ -296,4 +322,4 @@ def _fallback(model, rows: torch.Tensor, ids: torch.Tensor, batch_size: int) -> 
                           for begin in range(0, rows.shape[0], batch_size)])
 
 
-__all__ = ["KeysValues", "last_logits", "run", "supported"]
+__all__ = ["KeysValues", "TRACED", "final_logits", "last_logits", "mlp_of", "run", "supported"]

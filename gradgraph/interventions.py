@@ -15,11 +15,12 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from gradgraph import hooks
+from gradgraph import hooks, inference
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record
 from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
+from gradgraph.inference import KeysValues
 from gradgraph.metrics import prepare
 from gradgraph.rules import GRADIENT
 
@@ -217,8 +218,60 @@ def patch_positions(
     if unknown or counterfactual.shape != tokens.shape:
         raise GradGraphError(f"patch_positions: sites from {SITES} and counterfactual tokens of the clean shape "
                              f"{tuple(tokens.shape)}; got {unknown or tuple(counterfactual.shape)}")
+    if inference.supported(model):
+        return _patch_positions_from_weights(model, tokens, mask, counterfactual, metric, sites, progress)
     with hooks.plain_forward(model):  # these sites need no split q/k/v copies
         return _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress)
+
+
+def _patch_positions_from_weights(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:
+    """``patch_positions`` with ``gradgraph.inference``: a patch at position i leaves the earlier
+    positions as they were, so each run covers positions i.. only, from the clean run's keys and
+    values before i; a patched attention or MLP output at layer L changes position i alone until
+    layer L + 1, so those runs start there. Patches at every site that start at one layer run together."""
+    trace_clean, trace_corrupt = {}, {}
+    final, kv = inference.run(model, tokens, keep=True, trace=trace_clean)
+    inference.run(model, counterfactual, trace=trace_corrupt)
+    ids = _read_columns(model, final, metric, mask)
+    ids = torch.arange(model.cfg.d_vocab, device=tokens.device) if ids is None else ids
+
+    logits = final.new_zeros((*final.shape[:-1], model.cfg.d_vocab))  # the metric reads only the ids columns
+
+    def value(resid_final: torch.Tensor) -> torch.Tensor:  # [batch, pos, d] -> [batch]
+        logits[..., ids] = inference.final_logits(model, resid_final, ids)
+        return metric(logits, mask)
+
+    items = torch.arange(tokens.shape[0], device=tokens.device)
+    base = value(final)
+    batch, P = tokens.shape
+    L = model.cfg.n_layers
+    out = {site: torch.zeros(batch, L, P, dtype=torch.float64) for site in sites}
+    for i in tqdm(range(P), desc="position patching", disable=not progress, unit="position"):
+        for start in range(L + 1):  # the layer each patch's run starts at
+            starts = []  # (site, layer, resid at position i entering `start`)
+            if "resid_pre" in sites and start < L:
+                starts.append(("resid_pre", start, trace_corrupt["resid_pre"][start][:, i]))
+            if start > 0:
+                layer, mid = start - 1, trace_clean["resid_mid"][start - 1][:, i]
+                if "attn_out" in sites:
+                    patched = mid + trace_corrupt["attn_out"][layer][:, i] - trace_clean["attn_out"][layer][:, i]
+                    starts.append(("attn_out", layer, patched + inference.mlp_of(model, layer, patched)))
+                if "mlp_out" in sites:
+                    starts.append(("mlp_out", layer, mid + trace_corrupt["mlp_out"][layer][:, i]))
+            if not starts:
+                continue
+            rows = items.repeat(len(starts))  # [variants × batch]: each variant is the whole batch
+            entering = final if start == L else trace_clean["resid_pre"][start]
+            resid = entering[rows, i:].clone()
+            resid[:, 0] = torch.cat([patched_i for _, _, patched_i in starts])
+            if start < L:
+                past = KeysValues([k[:, rows, :i] for k in kv.keys], [v[:, rows, :i] for v in kv.values])
+                resid, _ = inference.run(model, resid=resid, first_layer=start, past=past)
+            whole = final[rows].clone()
+            whole[:, i:] = resid
+            for (site, layer, _), variant in zip(starts, whole.split(batch)):
+                out[site][:, layer, i] = (value(variant) - base).double().cpu()
+    return out
 
 
 def _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:

@@ -110,8 +110,19 @@ def as_weight(w: Weight | torch.Tensor) -> Weight:
 _MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
 
 
+_PARAMETERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list]]" = weakref.WeakKeyDictionary()
+
+
 def _fingerprint(model: torch.nn.Module) -> tuple:
-    return tuple((id(p), p._version, p.dtype, p.device) for p in model.parameters())
+    """Identity, version, dtype and device of every parameter: changes when any of them changes.
+    The parameter list is kept per model (walking a TransformerLens module tree takes ~20 ms), and
+    walked again when the model's modules change."""
+    modules = len(model._modules) + sum(len(block._modules) for block in model.children())
+    listed = _PARAMETERS.get(model)
+    if listed is None or listed[0] != modules:
+        listed = (modules, list(model.parameters()))
+        _PARAMETERS[model] = listed
+    return tuple((id(p), p._version, p.dtype, p.device) for p in listed[1])
 
 
 def model_weights(model: torch.nn.Module) -> dict[tuple, Weight]:

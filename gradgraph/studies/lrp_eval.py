@@ -205,6 +205,7 @@ def relp_report(model, items, n: int, batch_size: int) -> list[dict]:
             break
     if not pairs:
         raise GradGraphError("no SVA item has a counterfactual of its own length")
+    pairs.sort(key=lambda pair: len(pair[0]))  # batches of one length: patching costs grow with length²
     actual, estimates = {}, {}
     for start in tqdm(range(0, len(pairs), batch_size), desc="relevance patching", unit="batch"):
         chunk = pairs[start:start + batch_size]
