@@ -19,6 +19,9 @@ median of ``--repeats`` runs, and the ratios compare it with both baselines time
 process, alternating with it: a machine that slows down for a while slows both sides of a ratio.
 
     .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3] [--jobs ...]
+
+Every process keeps freed memory for reuse (``gradgraph.allocator``), as the ``gradgraph`` command
+does; ``--default-malloc`` leaves glibc's malloc as it is.
 """
 
 from __future__ import annotations
@@ -99,9 +102,10 @@ def prompts(model, length: str):
     return tokens, torch.ones_like(tokens), logit_diff(" are", " is")
 
 
-def measure(job: str, length: str, device: str, repeats: int) -> dict:
+def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool = True) -> dict:
     """Time and memory of one job in this (fresh) process, with both baselines timed beside it."""
     from gradgraph import hooks, load_model
+    from gradgraph.allocator import keep_freed_memory
     from gradgraph.attribution import lrp
     from gradgraph.backprop import backprop
     from gradgraph.build import build_graph
@@ -110,6 +114,8 @@ def measure(job: str, length: str, device: str, repeats: int) -> dict:
 
     if device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if keep_memory:  # as the gradgraph command runs (both sides of every ratio share the process)
+        keep_freed_memory()
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens announces the device
         model = load_model("smollm2-135m", device=device)
     model.requires_grad_(False)  # gradients at activations only, as the graph computes them
@@ -171,6 +177,8 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=list(DEFAULT_JOBS), choices=JOBS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the gradgraph command keeps freed memory)")
     args = parser.parse_args()
     threads = min(2, os.cpu_count() or 1) if args.device == "cpu" else "-"
     print(f"device {args.device}, torch threads {threads}, median of {args.repeats} runs after a warm-up, "
@@ -183,7 +191,7 @@ def main() -> None:
         memory: dict[str, int] = {}
         for job in args.jobs:
             worker = pool.Pool(1)
-            result = worker.apply(measure, (job, length, args.device, args.repeats))
+            result = worker.apply(measure, (job, length, args.device, args.repeats, not args.default_malloc))
             worker.close()
             worker.join()  # the worker's memory is back before the next job checks what is available
             seconds = result["seconds"]
