@@ -233,11 +233,13 @@ def component_path(graph: GradGraph, nodes) -> tuple[str, ...]:
     return tuple(out)
 
 
-def top_component_paths(graph: GradGraph, k: int = 5, *, search: int | None = None, items: list[int] | None = None):
+def top_component_paths(graph: GradGraph, k: int = 5, *, search: int | None = None, items: list[int] | None = None,
+                        sources=None):
     """Per batch item, the ``k`` best distinct component-level paths among the best ``search``
-    (default 8k) scalar paths: ``(labels, best scalar path weight, scalar paths collapsed into it)``."""
+    (default 8k) scalar paths: ``(labels, best scalar path weight, scalar paths collapsed into it)``.
+    ``sources``: the input positions the paths start at (``gradgraph.paths.top_paths``)."""
     out = []
-    for item_paths in top_paths(graph, search or 8 * k, items=items):
+    for item_paths in top_paths(graph, search or 8 * k, items=items, sources=sources):
         seen: dict[tuple[str, ...], list] = {}
         for path in item_paths:
             key = component_path(graph, path.nodes)

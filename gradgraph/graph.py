@@ -574,6 +574,9 @@ class _Transposed(Weight):
     def real(self, dtype):
         return self.base.real(dtype).transpose(-1, -2)
 
+    def indicator(self, dtype):
+        return self.base.indicator(dtype).transpose(-1, -2)
+
     def abs(self, dtype):
         if not self.base.shared:
             return self.base.abs(dtype).transpose(-1, -2)

@@ -11,7 +11,7 @@ import torch
 from gradgraph.backprop import backprop, through
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.semirings import Abs, Entropy, Max
+from gradgraph.semirings import Abs, Count, Entropy, Max
 
 
 @dataclass(frozen=True)
@@ -56,24 +56,72 @@ def path_entropy(graph: GradGraph) -> torch.Tensor:
     return log_z - mean
 
 
-def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None) -> list[list[GradientPath]]:
+def path_count(graph: GradGraph) -> torch.Tensor:
+    """``[batch]``: log of the number of input → metric paths (``Count``), the largest entropy a
+    distribution over them can have."""
+    values = backprop(graph, Count)
+    return torch.stack([Count.sum(values[s].flatten(2), 1)[0] for s in graph.sources]).logsumexp(0)
+
+
+def normalised_entropy(graph: GradGraph) -> torch.Tensor:
+    """``[batch]``: ``path_entropy / log(number of paths)`` in [0, 1] (1: every path equally heavy),
+    comparable across prompts of different lengths, whose path counts differ by orders of magnitude."""
+    return path_entropy(graph) / path_count(graph)
+
+
+def source_positions(graph: GradGraph, sources) -> list[set[int]]:
+    """Per batch item, the input positions paths may start at: ``None`` every real position; an
+    int or a sequence of ints (negative: from each prompt's last real token) for every item; a
+    ``[batch]`` tensor one position per item; or a list of per-item sequences."""
+    lengths = graph.attention_mask.sum(1).tolist()
+    B = graph.batch_size
+    if sources is None:
+        per_item = [range(n) for n in lengths]
+    elif isinstance(sources, torch.Tensor):
+        if sources.ndim != 1 or len(sources) != B:
+            raise GradGraphError(f"a sources tensor holds one position per item, [{B}]; got {tuple(sources.shape)}")
+        per_item = [[int(p)] for p in sources]
+    elif isinstance(sources, int):
+        per_item = [[sources]] * B
+    else:
+        sources = list(sources)
+        nested = sources and all(isinstance(s, (list, tuple, range)) for s in sources)
+        if nested and len(sources) != B:
+            raise GradGraphError(f"per-item sources need one list per item ({B}), got {len(sources)}")
+        per_item = [list(s) for s in sources] if nested else [sources] * B
+    out = []
+    for b, positions in enumerate(per_item):
+        chosen = set()
+        for p in positions:
+            q = int(p) + lengths[b] if int(p) < 0 else int(p)
+            if not 0 <= q < lengths[b]:
+                raise GradGraphError(f"source position {p} is outside item {b}'s {lengths[b]} tokens")
+            chosen.add(q)
+        out.append(chosen)
+    return out
+
+
+def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None, sources=None
+              ) -> list[list[GradientPath]]:
     """The ``k`` highest-weighted (by Π|w|) input → metric paths, for each batch item.
 
     Best-first search guided by the exact ``Max`` values of every node (A* with an exact
     heuristic): the i-th complete path popped is the i-th best, so the search expands only
     prefixes of paths that can still rank in the top k. ``items`` limits the search to some batch
-    items (the others get empty lists). ``gradgraph.components.top_component_paths`` collapses
-    them into component sequences.
+    items (the others get empty lists). ``sources`` restricts the paths to those starting at some
+    input positions (``source_positions``: the subject, say; the best paths overall start at the
+    last token). ``gradgraph.components.top_component_paths`` collapses them into component sequences.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise GradGraphError(f"top_paths needs k >= 1 paths, got {k!r}")
+    starts = source_positions(graph, sources)
     best = backprop(graph, Max)
     flat_best = {node: value[0].reshape(-1).double() for node, value in best.items()}
     chosen = range(graph.batch_size) if items is None else set(items)
-    return [_search(graph, flat_best, b, k) if b in chosen else [] for b in range(graph.batch_size)]
+    return [_search(graph, flat_best, b, k, starts[b]) if b in chosen else [] for b in range(graph.batch_size)]
 
 
-def _search(graph: GradGraph, flat_best: dict, batch: int, k: int) -> list[GradientPath]:
+def _search(graph: GradGraph, flat_best: dict, batch: int, k: int, positions: set[int]) -> list[GradientPath]:
     counter = itertools.count()
     heap: list = []
     for source in graph.sources:
@@ -83,7 +131,7 @@ def _search(graph: GradGraph, flat_best: dict, batch: int, k: int) -> list[Gradi
         for local in per_item.nonzero()[:, 0].tolist():
             flat = offset + local
             position = graph.index(source, flat)[1]
-            if graph.source_mask[batch, position]:
+            if graph.source_mask[batch, position] and position in positions:
                 heapq.heappush(heap, (-float(per_item[local]), next(counter), 1.0, ((source, flat),)))
     found: list[GradientPath] = []
     while heap and len(found) < k:

@@ -29,6 +29,7 @@ model passes float32's range).
 Values as stored:
 
 - ``Real``: Σ Π w (the gradient). ``Abs``: Σ Π |w|. ``Log``: log Σ Π |w| (zero = -inf).
+  ``Count``: log of the number of paths.
 - ``Max``: max Π |w| (zero = 0). ``KMax(k)``: the k largest Π |w|, descending (missing = 0).
 - ``SignedMax``: (max, min) of the signed Π w (no path = (-inf, +inf)).
 - ``Entropy``: the expectation semiring ⟨Z, R⟩ = ⟨Σ p̃, Σ p̃ log p̃⟩ over paths with
@@ -277,6 +278,20 @@ class LogSemiring(Semiring):
             return torch.full_like(a, -math.inf)
         before, after = _shifted_scans(x, lambda t: torch.logcumsumexp(t, -1))
         return torch.logaddexp(before(self), after(self)).movedim(-1, dim + 1)
+
+
+class CountSemiring(LogSemiring):
+    """(log-add-exp, +) on log 1[w ≠ 0]: the log of the number of paths (each edge counts one,
+    whatever its weight), for normalising a path entropy by its maximum, log N."""
+
+    name = "Count"
+
+    def convert(self, w):
+        return torch.where(w != 0, 0.0, -math.inf).to(w.dtype)[None]
+
+    def matmul(self, x, w):
+        shift = _finite_or_zero(x.amax(dim=-1, keepdim=True))
+        return _safe_log(torch.exp(x - shift) @ as_weight(w).indicator(x.dtype)) + shift
 
 
 class MaxSemiring(Semiring):
@@ -649,6 +664,7 @@ def _exclusive_cumsum(a: torch.Tensor, dim: int) -> torch.Tensor:
 Real = RealSemiring()
 Abs = AbsSemiring()
 Log = LogSemiring()
+Count = CountSemiring()
 Max = MaxSemiring()
 SignedMax = SignedMaxSemiring()
 Entropy = EntropySemiring()
@@ -659,4 +675,4 @@ def KMax(k: int) -> KMaxSemiring:
     return KMaxSemiring(k)
 
 
-__all__ = ["Real", "Abs", "Log", "Max", "SignedMax", "KMax", "Entropy", "Semiring"]
+__all__ = ["Real", "Abs", "Log", "Count", "Max", "SignedMax", "KMax", "Entropy", "Semiring"]

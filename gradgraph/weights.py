@@ -83,6 +83,10 @@ class Weight:
         """|w|."""
         return self._get("abs", dtype, lambda: self.real(dtype).abs())
 
+    def indicator(self, dtype: torch.dtype) -> torch.Tensor:
+        """1 where w ≠ 0, else 0 (which edges exist)."""
+        return self._get("indicator", dtype, lambda: (self.real(dtype) != 0).to(dtype))
+
     def xlogx(self, dtype: torch.dtype, magnitude: torch.Tensor | None = None) -> torch.Tensor:
         """|w| log |w| (0 log 0 = 0); ``magnitude`` may pass |w| when the caller has it."""
 

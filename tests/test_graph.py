@@ -142,6 +142,34 @@ def test_top_paths_and_entropy_equal_brute_force(arch):
         z = sum(abs(w) for w, _ in paths)
         r = sum(abs(w) * math.log(abs(w)) for w, _ in paths)
         assert entropy[b].item() == pytest.approx(math.log(z) - r / z, rel=1e-10)
+        assert gradgraph.paths.path_count(graph)[b].item() == pytest.approx(math.log(len(paths)), rel=1e-12)
+        assert gradgraph.paths.normalised_entropy(graph)[b].item() == pytest.approx(
+            (math.log(z) - r / z) / math.log(len(paths)), rel=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_top_paths_from_chosen_sources_equal_brute_force(arch):
+    """Paths restricted to start at some positions: the best of those in the full enumeration."""
+    from gradgraph.components import component_path, top_component_paths
+
+    graph = _tiny_graph(arch)
+    scalar = graph.to_networkx()
+    for sources, start in ((0, [0, 0]), (torch.tensor([1, 0]), [1, 0]), ([[0], [0]], [0, 0]), (-1, [1, 0])):
+        found = gradgraph.top_paths(graph, k=3, sources=sources)
+        for b in range(2):
+            paths = [(w, p) for w, p in _all_paths(graph, scalar, b) if p[0][1][1] == start[b]]
+            best = sorted((abs(w) for w, _ in paths), reverse=True)[:3]
+            assert [p.magnitude for p in found[b]] == pytest.approx(best, rel=1e-12), (sources, b)
+            assert all(p.nodes[0][1][1] == start[b] for p in found[b])
+    # component level: collapsed from the same restricted search
+    comp = top_component_paths(graph, k=2, sources=0)
+    assert all(path[0] == "embed@0" for path, _, _ in comp[0])
+    ranked = gradgraph.top_paths(graph, k=16, sources=0)[0]
+    assert comp[0][0][1] == pytest.approx(ranked[0].weight) and comp[0][0][0] == component_path(graph, ranked[0].nodes)
+    with pytest.raises(GradGraphError, match="outside"):
+        gradgraph.top_paths(graph, k=1, sources=5)
+    with pytest.raises(GradGraphError, match="one position per item"):
+        gradgraph.top_paths(graph, k=1, sources=torch.tensor([0, 0, 0]))
 
 
 def test_gradient_flow_is_forward_times_backward():

@@ -20,7 +20,7 @@ from gradgraph import tiny_model
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import build_graph
 from gradgraph.metrics import logit_diff, logprob_diff, select_positions
-from gradgraph.semirings import Abs, Entropy, KMax, Log, Max, Real, SignedMax
+from gradgraph.semirings import Abs, Count, Entropy, KMax, Log, Max, Real, SignedMax
 
 K = 3
 SINK = "metric"
@@ -30,6 +30,7 @@ SEMIRINGS = {
     "Real": Real,
     "Abs": Abs,
     "Log": Log,
+    "Count": Count,
     "Max": Max,
     "SignedMax": SignedMax,
     "KMax3": KMax(K),
@@ -172,6 +173,8 @@ def expected_value(sr_name: str, s: dict) -> list[float]:
         return [s["abs"]]
     if sr_name == "Log":
         return [s["log"]]
+    if sr_name == "Count":
+        return [math.log(s["n"]) if s["n"] else -math.inf]
     if sr_name == "Max":
         return [s["max"]]
     if sr_name == "SignedMax":
