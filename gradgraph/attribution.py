@@ -300,8 +300,10 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
     ``"udig"`` (``steps`` = m anchors) or a ``[N, pos, d_model]`` polyline of token embeddings,
     baseline first. At the input embeddings this is IG's left Riemann sum; at every residual cut the
     node values sum to F(x) − F(x′) up to ``cut_deltas`` (the path's discretisation error).
-    ``by_component()`` says how much passes through each head, q/k/v pathway, MLP and position.
-    ``semiring=Abs`` gives the total absolute flow instead (an upper bound on |conductance|)."""
+    ``by_component()`` says how much passes through each head, q/k/v pathway, MLP and position;
+    ``values["blocks.L.hook_resid_pre->blocks.L.hook_resid_mid"]`` is what each layer's residual skip
+    carries (beside its q/k/v inputs: Du et al.'s branches). ``semiring=Abs`` gives the total
+    absolute flow instead (an upper bound on |conductance|)."""
     token_ids, mask = to_tokens(model, tokens)
     if len(token_ids) != 1:
         raise GradGraphError(f"integrated_flow explains one prompt, got {len(token_ids)}; call it once per prompt")
@@ -320,8 +322,9 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
         polyline, kind = one.polyline, one.kind
     else:
         raise GradGraphError(f"path must be 'straight', 'dig', 'udig' or a [N, pos, d_model] tensor, got {path!r}")
+    skips = tuple((hooks.name("resid_pre", layer), hooks.name("resid_mid", layer)) for layer in range(model.cfg.n_layers))
     totals, f = integrated.flow(model, ids, metric, polyline, semiring=semiring, batch_size=batch_size,
-                                progress=progress)
+                                progress=progress, edges=skips)
     graph = build_graph(model, ids[None], metric)
     values = totals  # node -> [1, *shape]
     scores = values[hooks.name("embed")].sum(-1)  # [1, pos]

@@ -213,6 +213,34 @@ def head_mlp_scores(graph: GradGraph, values: dict[str, torch.Tensor], semiring:
     return torch.stack(out, 1).double().cpu()
 
 
+PATHWAY_KINDS = ("q", "k", "v", "head", "mlp")
+
+
+def pathway_scores(graph: GradGraph, values: dict[str, torch.Tensor], semiring: Semiring,
+                   kinds=PATHWAY_KINDS, *, per_position: bool = False) -> torch.Tensor:
+    """``[batch, n components]``: the ⊕ over positions and units of each component's values, for
+    the position-less components ``Registry.of(graph).components(kinds)`` in that order (layer by
+    layer: q inputs, k, v, head outputs, the MLP). ``values``: ``{node: [1, batch, pos, ...]}`` of
+    a size-1 semiring (a sum for Real / Abs, a max for Max); padding must hold the zero.
+    ``per_position``: ``[batch, pos, n components]``, the ⊕ over units only."""
+    if semiring.size != 1:
+        raise GradGraphError(f"pathway_scores needs a scalar semiring, got {semiring.name}")
+    reg = Registry.of(graph)
+    columns = []
+    over = () if per_position else (1,)
+    for layer in range(graph.n_layers):
+        for kind in ("q", "k", "v", "head", "mlp"):
+            if kind not in kinds:
+                continue
+            node = reg.nodes(Component(kind, layer, 0 if kind != "mlp" else None))[0]
+            value = values[node]  # [1, batch, pos, (copies,) units]
+            if kind == "mlp":
+                columns.append(_reduce(semiring, value, over + (2,))[0][..., None])
+            else:
+                columns.append(_reduce(semiring, value, over + (3,))[0])  # [batch, (pos,) copies]
+    return torch.cat(columns, -1).double().cpu()
+
+
 def component_path(graph: GradGraph, nodes) -> tuple[str, ...]:
     """Collapse a scalar path (``GradientPath.nodes``) into its sequence of component labels, e.g.
     ``("embed@1", "L2H4.v@1", "L9H0@6", "MLP12@6", "metric")``."""

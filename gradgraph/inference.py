@@ -160,11 +160,12 @@ class KeysValues:
                           [torch.cat(pair, 2) for pair in zip(self.values, later.values)])
 
 
-def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple | None, past: tuple | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple | None, past: tuple | None,
+               edit=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One attention sublayer on the normed input ``x`` ``[n, s, d]`` at positions start..start+s.
     Keys and values of earlier positions: ``shared`` ``[G, p0, e]`` (the same for every row, never
-    copied per row) then ``past`` ``[G, n, t, e]`` (each row's own), start = p0 + t.
+    copied per row) then ``past`` ``[G, n, t, e]`` (each row's own), start = p0 + t. ``edit(site,
+    value)`` may replace q, k, v (before rotary, ``[n, s, heads, e]``) and z (``[n, s, H, e]``).
     Returns the output ``[n, s, d]`` and this span's keys and values ``[G, n, s, e]``."""
     cfg = model.cfg
     n, s, _ = x.shape
@@ -173,6 +174,8 @@ def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple 
     R = H // G
     qkv = torch.addmm(layer.b_qkv, x.reshape(n * s, -1), layer.W_qkv).view(n, s, H + 2 * G, e)
     q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
+    if edit is not None:
+        q, k, v = edit("q", q), edit("k", k), edit("v", v)
     if layer.rotary is not None:
         cos, sin = (t[start:start + s].to(x.dtype) for t in layer.rotary)
         q = _rotate(q, cos, sin, cfg.rotary_adjacent_pairs)
@@ -194,7 +197,8 @@ def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple 
     z = pattern[..., p0:] @ v_own  # [G, n, R s, e]
     if shared is not None:
         z = z + (pattern[..., :p0].reshape(G, n * R * s, p0) @ shared[1]).view(G, n, R * s, e)
-    z = z.view(G, n, R, s, e).permute(1, 3, 0, 2, 4).reshape(n * s, H * e)
+    z = z.view(G, n, R, s, e).permute(1, 3, 0, 2, 4)  # [n, s, G, R, e]
+    z = (z if edit is None else edit("z", z.reshape(n, s, H, e))).reshape(n * s, H * e)
     out = torch.addmm(layer.b_O, z, layer.W_O).view(n, s, -1)
     return out, k_new, v_new
 
@@ -211,12 +215,13 @@ def _mlp(model, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
 
 
 TRACED = ("resid_pre", "attn_out", "resid_mid", "mlp_out")
+HEADS_TRACED = ("q", "k", "v", "z")
 
 
 @torch.no_grad()
 def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: torch.Tensor | None = None,
         first_layer: int = 0, shared: KeysValues | None = None, past: KeysValues | None = None, keep: bool = False,
-        last_only: bool = False, trace: dict[str, list[torch.Tensor]] | None = None
+        last_only: bool = False, trace: dict[str, list[torch.Tensor]] | None = None, edits=None
         ) -> tuple[torch.Tensor, KeysValues | None]:
     """The residual stream after the last layer (before ``ln_final``) for ``tokens`` ``[n, s]``
     (no padding), or from ``resid`` ``[n, s, d_model]`` entering layer ``first_layer``. The
@@ -224,7 +229,9 @@ def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: 
     (``[G, n, t, e]``: each row's own), one entry per layer of the model. With ``keep``, also these
     positions' keys and values ``[G, n, s, e]`` (of the layers run). ``last_only``: only the last
     position goes through the last layer's output (all a next-token metric reads), ``[n, 1, d]``.
-    ``trace`` collects each layer's ``TRACED`` activations ``[n, s, d]`` (lists by layer)."""
+    ``trace`` collects each layer's ``TRACED`` activations ``[n, s, d]`` (lists by layer), and q, k, v
+    (before rotary) and z (``[n, s, heads, e]``). ``edits(layer, site, value) -> value`` may replace
+    q, k, v, z and ``mlp_out`` as they are computed (interventions)."""
     w = _weights(model)
     start = (0 if shared is None else shared.length) + (0 if past is None else past.length)
     if resid is None:
@@ -238,9 +245,16 @@ def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: 
     last = len(w.layers) - 1
     for index in range(first_layer, len(w.layers)):
         layer = w.layers[index]
+
+        def edit(site: str, value: torch.Tensor, index=index) -> torch.Tensor:
+            if trace is not None and site in HEADS_TRACED:
+                trace.setdefault(site, []).append(value)
+            return value if edits is None else edits(index, site, value)
+
+        hooked = None if trace is None and edits is None else edit
         attn, k, v = _attention(model, layer, _apply_norm(layer.ln1, x), start,
                                 None if shared is None else (shared.keys[index], shared.values[index]),
-                                None if past is None else (past.keys[index], past.values[index]))
+                                None if past is None else (past.keys[index], past.values[index]), hooked)
         if kept is not None:
             kept.keys.append(k)
             kept.values.append(v)
@@ -248,11 +262,25 @@ def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: 
             x, attn = x[:, -1:], attn[:, -1:]
         mid = x + attn
         out = _mlp(model, layer, _apply_norm(layer.ln2, mid))
+        if edits is not None:
+            out = edits(index, "mlp_out", out)
         if trace is not None:
             for kind, value in zip(TRACED, (x, attn, mid, out)):
                 trace.setdefault(kind, []).append(value)
         x = mid + out
     return x, kept
+
+
+def project(model: HookedTransformer, layer: int, kind: str, inputs: torch.Tensor) -> torch.Tensor:
+    """Each head's q, k or v (before rotary) from its own input vector: ``inputs`` ``[heads, d]``
+    (query heads for q, key/value heads for k and v) → ``[heads, e]``."""
+    cfg, block = model.cfg, _weights(model).layers[layer]
+    H, e = cfg.n_heads, cfg.d_head
+    G = cfg.n_key_value_heads or H
+    first = {"q": 0, "k": H, "v": H + G}[kind]
+    full = torch.addmm(block.b_qkv, _apply_norm(block.ln1, inputs), block.W_qkv).view(len(inputs), H + 2 * G, e)
+    heads = torch.arange(len(inputs), device=inputs.device)
+    return full[heads, first + heads]
 
 
 def mlp_of(model: HookedTransformer, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
@@ -322,4 +350,4 @@ def _fallback(model, rows: torch.Tensor, ids: torch.Tensor, batch_size: int) -> 
                           for begin in range(0, rows.shape[0], batch_size)])
 
 
-__all__ = ["KeysValues", "TRACED", "final_logits", "last_logits", "mlp_of", "run", "supported"]
+__all__ = ["KeysValues", "TRACED", "final_logits", "last_logits", "mlp_of", "project", "run", "supported"]

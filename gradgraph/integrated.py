@@ -43,11 +43,14 @@ def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_
 
 
 def flow(model, tokens: torch.Tensor, metric, polyline: torch.Tensor, *, semiring: Semiring = Real,
-         batch_size: int = 8, progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+         batch_size: int = 8, progress: bool = True, edges: tuple[tuple[str, str], ...] = ()
+         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Conductance at every node along ``polyline`` ``[N, pos, d_model]`` (baseline first):
     ``Σ_k ∂F/∂h(x_k) ⊙ (h(x_{k+1}) − h(x_k))`` per element ``{node: [1, *shape]}``, and F at each
     point ``[N]``. ``Abs``: ``Σ_k |paths|(x_k) ⊙ |Δh_k|``, the total absolute flow, an upper bound on
-    each element's |conductance|."""
+    each element's |conductance|. ``edges``: pairs ``(src, tgt)`` of nodes joined by a weight-1 edge
+    (a residual skip): the conductance that edge carries, ``Σ_k ∂F/∂tgt(x_k) ⊙ Δsrc_k``, under the
+    key ``"src->tgt"``."""
     if semiring not in (Real, Abs):
         raise GradGraphError(f"integrated flow sums gradient × increment along a path: Real (conductance) or Abs "
                              f"(its absolute bound) only, got {semiring.name}; Max or Entropy of one point's graph "
@@ -70,6 +73,12 @@ def flow(model, tokens: torch.Tensor, metric, polyline: torch.Tensor, *, semirin
                 step = step.abs()
             part = (grads[node][0][:-1] * step).sum(0, keepdim=True)
             totals[node] = part if node not in totals else totals[node] + part
+        for src, tgt in edges:
+            h = graph.activations[src]
+            step = (h[1:] - h[:-1]).abs() if semiring is Abs else h[1:] - h[:-1]
+            part = (grads[tgt][0][:-1] * step).sum(0, keepdim=True)
+            key = f"{src}->{tgt}"
+            totals[key] = part if key not in totals else totals[key] + part
         values.append(recording.metric_value[:-1])
     values.append(recording.metric_value[-1:])
     return totals, torch.cat(values)

@@ -25,26 +25,29 @@ from gradgraph.metrics import prepare
 from gradgraph.rules import GRADIENT
 
 INTERVENED = ("head", "mlp")
+PATHWAYS = ("q", "k", "v", "head", "mlp")  # and each head's query, key and value input
 
 
-def intervened_components(model: HookedTransformer) -> list[Component]:
-    """Every head and MLP of the model, at every position."""
-    return Registry.of(model).components(kinds=INTERVENED)
+def intervened_components(model: HookedTransformer, kinds=INTERVENED) -> list[Component]:
+    """Every component of ``kinds`` (heads and MLPs by default), at every position."""
+    return Registry.of(model).components(kinds=kinds)
 
 
 SITES = ("resid_pre", "attn_out", "mlp_out")
 
 
-def _intervened_hooks(model: HookedTransformer) -> list[str]:
-    """The hook points holding the intervened components (each layer's hook_z and hook_mlp_out)."""
+def _intervened_hooks(model: HookedTransformer, kinds=INTERVENED) -> list[str]:
+    """The hook points holding the intervened components (hook_z, hook_mlp_out, the q/k/v inputs)."""
     reg = Registry.of(model)
-    return list(dict.fromkeys(reg.nodes(c)[0] for c in intervened_components(model)))
+    return list(dict.fromkeys(reg.nodes(c)[0] for c in intervened_components(model, kinds)))
 
 
 @torch.no_grad()
-def _cache(model: HookedTransformer, tokens: torch.Tensor, *, embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Clean activations at every head output (hook_z), attention and MLP output, and the residual inputs."""
-    kinds = ("z", "mlp_out", "attn_out", "resid_pre")
+def _cache(model: HookedTransformer, tokens: torch.Tensor, *, embed: torch.Tensor | None = None,
+           kinds=INTERVENED) -> dict[str, torch.Tensor]:
+    """Clean activations at every head output (hook_z), attention and MLP output, the residual
+    inputs, and the q/k/v inputs where ``kinds`` ask for them."""
+    kinds = ("z", "mlp_out", "attn_out", "resid_pre") + tuple(f"{k}_input" for k in kinds if k in "qkv")
     wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
     replacements = {} if embed is None else {hooks.name("embed"): embed}
     with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
@@ -101,28 +104,39 @@ def intervene(
     means: dict[str, torch.Tensor] | None = None,
     embed: torch.Tensor | None = None,
     progress: bool = True,
+    kinds=INTERVENED,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Effects of mean-ablating (``means`` given) and of patching from ``counterfactual`` each component.
 
-    ``means[hook] `` is the dataset mean of that hook's activation over real positions
-    (``[n_heads, d_head]`` for hook_z, ``[d_model]`` for hook_mlp_out); ``embed`` replaces the
-    clean run's token embeddings. Returns ``{"clean": {"metric": [batch]}, "mean_ablation":
-    {label: [batch]}, "patching": {label: [batch]}}`` with labels ``L3H7`` and ``MLP5``.
+    ``kinds``: heads and MLPs by default; ``PATHWAYS`` adds each head's query, key and value input
+    (``L3H7.q``; grouped key/value heads ``L3H6-8.k``): the input copy of the residual stream that
+    only that pathway reads. ``means[hook]`` is the dataset mean of that hook's activation over real
+    positions (``[n_heads, d_head]`` for hook_z, ``[d_model]`` for hook_mlp_out, ``[copies,
+    d_model]`` for the q/k/v inputs); ``embed`` replaces the clean run's token embeddings. Returns
+    ``{"clean": {"metric": [batch]}, "mean_ablation": {label: [batch]}, "patching": {label: [batch]}}``.
+    Models that ``gradgraph.inference`` covers run there (no hooks, all of a layer's components in one
+    run from it); others through TransformerLens' hooks, with the same results.
     """
     _check(model, tokens, mask)
     metric = prepare(metric, model)
+    unknown = [k for k in kinds if k not in PATHWAYS]
+    if unknown:
+        raise GradGraphError(f"intervene takes kinds from {PATHWAYS}, got {unknown}")
     if counterfactual is not None and counterfactual.shape != tokens.shape:
         raise GradGraphError(
             f"the counterfactual tokens {tuple(counterfactual.shape)} must align with the clean ones "
             f"{tuple(tokens.shape)}: same length, position by position"
         )
-    clean = _cache(model, tokens, embed=embed)
     if means is not None:
-        wrong = [h for h in _intervened_hooks(model) if h not in means or means[h].shape != clean[h].shape[2:]]
+        shapes = _component_shapes(model)
+        wrong = [h for h in _intervened_hooks(model, kinds) if h not in means or tuple(means[h].shape) != shapes[h]]
         if wrong:
             raise GradGraphError(f"means lacks {wrong[0]} (or has the wrong shape); compute them with "
                                  f"gradgraph.interventions.activation_means")
-    corrupt = _cache(model, counterfactual) if counterfactual is not None else None
+    if embed is None and inference.supported(model):
+        return _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress)
+    clean = _cache(model, tokens, embed=embed, kinds=kinds)
+    corrupt = _cache(model, counterfactual, kinds=kinds) if counterfactual is not None else None
     with hooks.replacing(model, {} if embed is None else {hooks.name("embed"): embed}):
         last = model(tokens, stop_at_layer=model.cfg.n_layers)
     ids = _read_columns(model, last, metric, mask)
@@ -139,7 +153,7 @@ def intervene(
     todo = [(name, source, layer) for name, source in jobs for layer in layers]
     for name, source, layer in tqdm(todo, desc="interventions", disable=not progress, unit="layer"):
         # one run from this layer for all its components: copy i of the batch has component i replaced
-        components = [c for c in intervened_components(model) if c.layer == layer]
+        components = [c for c in intervened_components(model, kinds) if c.layer == layer]
         replacements = {}
         for hook in dict.fromkeys(reg.nodes(c)[0] for c in components):
             chosen = [(i, reg.index(c)[1:]) for i, c in enumerate(components) if reg.nodes(c)[0] == hook]
@@ -161,13 +175,102 @@ def intervene(
     return results
 
 
+def _component_shapes(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
+    """The per-position shape of each intervened hook's activation (what a mean has)."""
+    cfg = model.cfg
+    G = cfg.n_key_value_heads or cfg.n_heads
+    out = {}
+    for layer in range(cfg.n_layers):
+        out[hooks.name("z", layer)] = (cfg.n_heads, cfg.d_head)
+        out[hooks.name("mlp_out", layer)] = (cfg.d_model,)
+        for kind, copies in (("q", cfg.n_heads), ("k", G), ("v", G)):
+            out[hooks.name(f"{kind}_input", layer)] = (copies, cfg.d_model)
+    return out
+
+
 @torch.no_grad()
 def activation_means(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean of every head output and MLP output over the real positions of a dataset batch."""
+    """Mean of every head output, MLP output and q/k/v input (per head: the residual stream's mean)
+    over the real positions of a dataset batch."""
     _check(model, tokens, mask)
     cache = _cache(model, tokens)
     real = mask.bool()
-    return {name: cache[name][real].mean(0) for name in _intervened_hooks(model)}
+    means = {name: cache[name][real].mean(0) for name in _intervened_hooks(model)}
+    shapes = _component_shapes(model)
+    for layer in range(model.cfg.n_layers):
+        resid = cache[hooks.name("resid_pre", layer)][real].mean(0)  # every q/k/v input copies it
+        for kind in "qkv":
+            name = hooks.name(f"{kind}_input", layer)
+            means[name] = resid.expand(shapes[name]).clone()
+    return means
+
+
+def _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress) -> dict:
+    """``intervene`` with ``gradgraph.inference``: each layer's components in one run from its
+    residual input, copy i of the batch with component i's q, k, v (before rotary), z or MLP output
+    replaced: a q/k/v input by the counterfactual's (or the mean input's) projection, which is what
+    replacing that head's input copy computes."""
+    trace, corrupt = {}, {}
+    final, _ = inference.run(model, tokens, trace=trace)
+    if counterfactual is not None:
+        inference.run(model, counterfactual, trace=corrupt)
+    ids = _read_columns(model, final, metric, mask)
+    ids = torch.arange(model.cfg.d_vocab, device=tokens.device) if ids is None else ids
+    logits = final.new_zeros((*final.shape[:-1], model.cfg.d_vocab))  # the metric reads only the ids columns
+
+    def value(resid_final: torch.Tensor) -> torch.Tensor:
+        logits[..., ids] = inference.final_logits(model, resid_final, ids)
+        return metric(logits, mask)
+
+    base = value(final)
+    results: dict[str, dict[str, torch.Tensor]] = {"clean": {"metric": base}}
+    sources = ([("mean_ablation", _mean_sources(model, means))] if means is not None else []) + \
+              ([("patching", corrupt)] if counterfactual is not None else [])
+    reg = Registry.of(model)
+    batch = tokens.shape[0]
+    site_of = {"q": "q", "k": "k", "v": "v", "head": "z", "mlp": "mlp_out"}
+    todo = [(name, source, layer) for name, source in sources for layer in range(model.cfg.n_layers)]
+    for name, source, layer in tqdm(todo, desc="interventions", disable=not progress, unit="layer"):
+        components = [c for c in intervened_components(model, kinds) if c.layer == layer]
+
+        def edits(index: int, site: str, value: torch.Tensor, layer=layer, components=components, source=source):
+            if index != layer:
+                return value
+            chosen = [(i, c) for i, c in enumerate(components) if site_of[c.kind] == site]
+            if not chosen:
+                return value
+            value = value.clone()
+            for i, c in chosen:
+                rows = slice(i * batch, (i + 1) * batch)
+                replacement = source[site][layer]  # [batch, pos, heads, e] or [batch, pos, d] (or per position)
+                if c.head is None:
+                    value[rows] = replacement
+                else:
+                    value[rows, :, c.head] = replacement[..., c.head, :]
+            return value
+
+        resid = trace["resid_pre"][layer].repeat(len(components), 1, 1)
+        out = inference.run(model, resid=resid, first_layer=layer, edits=edits)[0]
+        for i, c in enumerate(components):
+            results.setdefault(name, {})[reg.label(c)] = value(out[i * batch:(i + 1) * batch]) - base
+    return results
+
+
+def _mean_sources(model, means: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """The replacements mean ablation makes, in ``inference.run``'s trace layout: per layer q, k, v
+    projected from each head's mean input (``[heads, e]``), z's mean ``[H, e]``, the MLP output's ``[d]``."""
+    out = {site: [] for site in ("q", "k", "v", "z", "mlp_out")}
+    G = model.cfg.n_key_value_heads or model.cfg.n_heads
+    for layer in range(model.cfg.n_layers):
+        projected = {}
+        for kind in "qkv":
+            mean_input = means.get(hooks.name(f"{kind}_input", layer))
+            projected[kind] = None if mean_input is None else inference.project(model, layer, kind, mean_input)
+        for kind in "qkv":
+            out[kind].append(projected[kind])
+        out["z"].append(means.get(hooks.name("z", layer)))
+        out["mlp_out"].append(means.get(hooks.name("mlp_out", layer)))
+    return out
 
 
 def attribution_patching(
@@ -178,19 +281,20 @@ def attribution_patching(
     *,
     clean: dict[str, torch.Tensor] | None = None,
     corrupt: dict[str, torch.Tensor] | None = None,
+    kinds=INTERVENED,
 ) -> dict[str, torch.Tensor]:
     """First-order estimate of patching: ``Σ (act_cf − act_clean) · ∂metric/∂act`` per component.
 
-    ``gradients[hook]`` are the metric's gradients at hook_z / hook_mlp_out on the clean run (e.g.
-    ``backprop(graph, Real)`` values). ``clean`` may pass the clean run's activations (e.g.
-    ``graph.activations``) so that only the counterfactual runs, ``corrupt`` the counterfactual's.
-    One backward pass for every component at once.
+    ``gradients[hook]`` are the metric's gradients at hook_z / hook_mlp_out (and the q/k/v inputs
+    for ``kinds=PATHWAYS``) on the clean run (e.g. ``backprop(graph, Real)`` values). ``clean``
+    may pass the clean run's activations (e.g. ``graph.activations``) so that only the
+    counterfactual runs, ``corrupt`` the counterfactual's. One backward pass for every component at once.
     """
-    clean = _cache(model, tokens) if clean is None else clean
-    corrupt = _cache(model, counterfactual) if corrupt is None else corrupt
+    clean = _cache(model, tokens, kinds=kinds) if clean is None else clean
+    corrupt = _cache(model, counterfactual, kinds=kinds) if corrupt is None else corrupt
     reg = Registry.of(model)
     out = {}
-    for c in intervened_components(model):
+    for c in intervened_components(model, kinds):
         (hook,) = reg.nodes(c)
         delta = (corrupt[hook] - clean[hook]) * gradients[hook].to(corrupt[hook].dtype)
         out[reg.label(c)] = delta[reg.index(c)].flatten(1).sum(1)
@@ -329,20 +433,23 @@ def relevance_patching(
     metric,
     *,
     rules="relp",
+    kinds=INTERVENED,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Relevance patching (Rezaei Jafari et al. 2025) beside attribution patching: the first-order
     estimate ``(act_cf − act) · g`` with ``g`` the modified gradient of ``rules`` (RelP's rules by
-    default) and with the plain gradient, per head and MLP (``{label: [batch]}``) and per site and
-    position (``{site: [batch, n_layers, pos]}``). Returns ``{"relp": {...}, "attribution": {...}}``."""
+    default) and with the plain gradient, per head and MLP (``kinds=PATHWAYS``: and q/k/v input;
+    ``{label: [batch]}``) and per site and position (``{site: [batch, n_layers, pos]}``). Returns
+    ``{"relp": {...}, "attribution": {...}}``."""
     recording = record(model, tokens, metric, attention_mask=mask)
-    corrupt = _cache(model, counterfactual)
-    wanted = [hooks.name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("z", "mlp_out") + SITES]
+    corrupt = _cache(model, counterfactual, kinds=kinds)
+    wanted = _intervened_hooks(model, kinds) + [hooks.name(site, layer) for layer in range(model.cfg.n_layers)
+                                               for site in SITES]
     out = {}
     for name, rule_set in (("relp", rules), ("attribution", GRADIENT)):
         graph = assemble(recording, rule_set)
         grads = {n: v[0] for n, v in backprop(graph, keep=wanted).items()}
         per_component = attribution_patching(model, tokens, counterfactual, grads, clean=graph.activations,
-                                              corrupt=corrupt)
+                                              corrupt=corrupt, kinds=kinds)
         per_position = position_attribution(graph.activations, corrupt, grads, model.cfg.n_layers)
         out[name] = {**per_component, **per_position}
     return out

@@ -87,7 +87,8 @@ def test_attribution_patching_is_first_order_patching():
 
 
 def test_hooks_are_removed_when_an_intervention_raises():
-    model = tiny_model("gpt2", dtype=torch.float64, seed=3)
+    # a model gradgraph.inference does not cover runs through TransformerLens' hooks
+    model = tiny_model("gpt2", dtype=torch.float64, seed=3, parallel_attn_mlp=True)
     tokens = torch.tensor([[3, 4, 5, 6]])
     mask = torch.ones_like(tokens)
     calls = []
@@ -182,3 +183,36 @@ def test_relevance_patching_with_gradient_rules_is_attribution_patching():
     assert set(relp["relp"]) == set(relp["attribution"]) >= {"L0H0", "MLP1", "resid_pre", "attn_out", "mlp_out"}
     assert relp["relp"]["mlp_out"].shape == (1, 2, 4)
     assert not torch.allclose(relp["relp"]["resid_pre"], relp["attribution"]["resid_pre"])
+
+
+@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", n_heads=4, n_key_value_heads=2)],
+                         ids=["gpt2", "llama-gqa"])
+def test_pathway_interventions_from_the_weights_equal_hooks(case):
+    """Heads, MLPs and every head's q/k/v input: the runs from the weights (no hooks) equal
+    TransformerLens' hooks (forced by ``embed``), and a q-input patch equals replacing that one copy."""
+    from gradgraph.interventions import PATHWAYS
+
+    case = dict(case)
+    model = tiny_model(case.pop("arch"), dtype=torch.float64, n_layers=2, seed=6, **case)
+    tokens = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    cf = tokens.clone()
+    cf[:, 1] = torch.tensor([20, 21])
+    metric = logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    means = activation_means(model, tokens, mask)
+    fast = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS)
+    slow = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS,
+                     embed=model.W_E[tokens])
+    G = model.cfg.n_key_value_heads or 4
+    assert len(fast["patching"]) == 2 * (4 + G + G + 4 + 1) and set(fast["patching"]) == set(slow["patching"])
+    for job in ("mean_ablation", "patching"):
+        for label, effect in fast[job].items():
+            assert torch.allclose(effect, slow[job][label], atol=1e-10), (job, label)
+    with hooks.recording(model) as store:
+        model(cf)
+    corrupt = hooks.node_firings(store)
+    clean = metric(model(tokens), mask)
+    hook = hooks.name("q_input", 1)
+    expected = _naive(model, tokens, mask, metric, hook, 2, corrupt[hook][:, :, 2]) - clean
+    assert expected.abs().max() > 0 and torch.allclose(fast["patching"]["L1H2.q"], expected, atol=1e-10)
+    assert no_hooks_left(model)

@@ -1,0 +1,233 @@
+"""Every method's score for every head, q/k/v pathway and MLP, from one recorded forward pass per
+batch; with each method's token attributions and its values at the q/k/v/skip branches of every
+attention input. The SVA study and ``gradgraph heads`` rank components with these; each number is
+the method's own (``graph_scores``, ``attribution_patching``, ``relevance_patching``, ``lrp``,
+``integrated_flow``: tested equal), read per component by ``components.pathway_scores``.
+
+| method        | a component's score                                                                |
+|---------------|------------------------------------------------------------------------------------|
+| ``flow``      | share of the total |gradient| flow (Σ over input → metric paths of Π|w|) through it |
+| ``top_path``  | the best path through it, relative to the best path overall (Max)                  |
+| ``attribution`` | attribution patching: Σ (act_cf − act) · ∂metric/∂act over its elements          |
+| ``relp``      | relevance patching: the same with RelP's modified gradient                         |
+| ``attn_lrp``  | AttnLRP relevance: Σ act ⊙ modified gradient over its elements                    |
+| ``mask_lrp``  | Mask-LRP relevance: Chefer et al.'s rules, relevance through the chosen heads only |
+| ``udig``      | UDIG conductance: Σ_k ∂F/∂h(x_k) ⊙ Δh_k along UDIG's path (Σ = UDIG's attribution) |
+
+Components (``component_labels``): per layer each query head's input (``L3H7.q``), each key/value
+head's inputs (``L3H6-8.k``, ``.v``), each head's output (``L3H7``) and the MLP (``MLP3``), summed
+over positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gradgraph import hooks
+from gradgraph.attribution import integrated_flow, token_scores
+from gradgraph.backprop import backprop, forward
+from gradgraph.build import assemble, record
+from gradgraph.components import PATHWAY_KINDS, Registry, pathway_scores
+from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+from gradgraph.interventions import PATHWAYS, _cache
+from gradgraph.metrics import logit_diff
+from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RELP
+from gradgraph.semirings import Abs, Max, Real
+
+METHODS = {
+    "flow": "gradient flow",
+    "top_path": "best path (Max)",
+    "attribution": "attribution patching",
+    "relp": "relevance patching (RelP)",
+    "attn_lrp": "AttnLRP relevance",
+    "mask_lrp": "Mask-LRP relevance",
+    "udig": "UDIG conductance",
+}
+NEEDS_COUNTERFACTUAL = ("attribution", "relp")
+# token attributions: the input end of each method (patching methods only see the tokens that differ)
+TOKEN_METHODS = {"grad_x_input": "gradient × input", "flow": "gradient flow", "top_path": "best path (Max)",
+                 "attn_lrp": "AttnLRP relevance", "mask_lrp": "Mask-LRP relevance", "udig": "UDIG attribution"}
+
+
+def check_methods(methods) -> tuple[str, ...]:
+    """The method names, in ``METHODS`` order; ``GradGraphError`` naming an unknown one."""
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise GradGraphError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}" if unknown
+                             else f"choose at least one method from {', '.join(METHODS)}")
+    return tuple(m for m in METHODS if m in methods)
+
+
+def component_labels(model_or_graph) -> list[str]:
+    """The labels of the scored components, in the order of the score columns."""
+    reg = Registry.of(model_or_graph)
+    return [reg.label(c) for c in reg.components(kinds=PATHWAY_KINDS)]
+
+
+@dataclass
+class Branches:
+    """What ``branches.branch_shares`` reads for one method: its semiring, aggregation and values
+    ``{node: [1, batch, pos, ...]}`` at the q/k/v inputs and the skip (``hook_resid_mid``)."""
+
+    semiring: object
+    agg: str
+    values: dict[str, torch.Tensor]
+    include: torch.Tensor | None = None  # [batch] bool: the items that have values (UDIG's)
+
+
+@dataclass
+class Scores:
+    """One batch: ``components[method]`` ``[batch, n components]``, ``tokens[method]`` ``[batch, pos]``,
+    ``branches[method]``, the gradient graph (top paths, entropy), UDIG's completeness errors and
+    ``positions[method]``: each component at each position ``[batch, pos, n components]``."""
+
+    components: dict[str, torch.Tensor]
+    tokens: dict[str, torch.Tensor]
+    branches: dict[str, Branches]
+    graph: GradGraph
+    max_values: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [batch, pos, n components]
+    udig_delta: torch.Tensor | None = None  # [batch]: Σ UDIG attribution − (F(x) − F(x′)); NaN where not run
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _component_nodes(graph: GradGraph) -> list[str]:
+    return [hooks.name(kind, layer) for layer in range(graph.n_layers)
+            for kind in ("q_input", "k_input", "v_input", "z", "mlp_out")]
+
+
+def _branch_nodes(graph: GradGraph) -> list[str]:
+    reg = Registry.of(graph)
+    return [n for layer in range(graph.n_layers) for n in reg.branch_nodes(layer).values()]
+
+
+def _relevance(graph: GradGraph, grads: dict[str, torch.Tensor], nodes) -> dict[str, torch.Tensor]:
+    """activation ⊙ value at ``nodes`` ``{node: [1, *shape]}``; the skip (``hook_resid_mid``, read
+    from ``hook_resid_pre``) takes the activation of the residual it carries."""
+    out = {}
+    for node in nodes:
+        act = graph.activations[node]
+        if node.endswith("hook_resid_mid"):
+            act = graph.activations[node.replace("hook_resid_mid", "hook_resid_pre")]
+        out[node] = grads[node] * act[None]
+    return out
+
+
+def _through(graph: GradGraph, semiring, nodes: list[str]):
+    """(forward ⊗ backward at ``nodes``, the ⊕ over every input → metric path per item, backward values)."""
+    dtype = semiring.safe_dtype
+    bwd = backprop(graph, semiring, dtype=dtype)
+    fwd = forward(graph, semiring, dtype=dtype, keep=nodes)
+    total = None
+    for source in graph.sources:
+        value = semiring.sum(bwd[source].flatten(2), 1)  # [S, batch]
+        total = value if total is None else semiring.plus(total, value)
+    return {n: semiring.times(fwd[n], bwd[n]) for n in nodes}, total[0].double().cpu(), bwd
+
+
+def score(model, tokens: torch.Tensor, mask: torch.Tensor, good: torch.Tensor, bad: torch.Tensor, *,
+          methods=tuple(METHODS), counterfactual: torch.Tensor | None = None, head_mask: torch.Tensor | None = None,
+          position: int = -1, udig: torch.Tensor | None = None, udig_steps: int = 30, baseline="pad") -> Scores:
+    """Every chosen method on one batch of prompts ``tokens`` ``[batch, pos]`` (right-padded) with
+    the metric logit(good) − logit(bad) at ``position`` (default each prompt's last token).
+
+    One recording serves the gradient graph (flow, best path, attribution patching, gradient ×
+    input), RelP's, AttnLRP's and Mask-LRP's graphs (``head_mask``: the heads Mask-LRP keeps).
+    ``counterfactual`` (aligned tokens) is needed by the patching methods. UDIG integrates along its
+    own path (``udig_steps`` anchors, from ``baseline`` as in ``attribute``), one prompt at a time,
+    for the items where ``udig`` ``[batch]`` is True (default all)."""
+    import time
+
+    methods = check_methods(methods)
+    if counterfactual is None and any(m in NEEDS_COUNTERFACTUAL for m in methods):
+        raise GradGraphError(f"{[m for m in methods if m in NEEDS_COUNTERFACTUAL]} need counterfactual prompts")
+    if "mask_lrp" in methods and head_mask is None:
+        raise GradGraphError("mask_lrp needs a head mask (gradgraph.heads.mask builds Mask-LRP's)")
+    clock: dict[str, float] = {}
+    begin = time.perf_counter()
+    metric = logit_diff(good, bad, pos=position)
+    recording = record(model, tokens, metric, attention_mask=mask)
+    gradient = assemble(recording, GRADIENT)
+    nodes = _component_nodes(gradient)
+    wanted = list(dict.fromkeys(nodes + _branch_nodes(gradient) + list(gradient.sources)))
+    grads = backprop(gradient, Real, keep=wanted)
+    components, token_values, branches = {}, {"grad_x_input": token_scores(gradient, grads)}, {}
+    clock["(recording and gradient)"] = time.perf_counter() - begin
+    max_values: dict[str, torch.Tensor] = {}
+    positions: dict[str, torch.Tensor] = {}
+    corrupt = None
+    for method in methods:
+        start = time.perf_counter()
+        semiring = Real
+        if method in ("flow", "top_path"):
+            semiring = Abs if method == "flow" else Max
+            through, total, bwd = _through(gradient, semiring, nodes)
+            values = {n: v / total.to(v.dtype)[None, :].reshape((1, -1) + (1,) * (v.ndim - 2)) for n, v in through.items()}
+            source = bwd[gradient.sources[0]][0]
+            token_values[method] = (source.sum(-1) if method == "flow" else source.amax(-1)).double().cpu() * gradient.source_mask
+            branches[method] = Branches(semiring, "sum" if method == "flow" else "oplus",
+                                        {n: bwd[n] for n in _branch_nodes(gradient)})
+            if method == "top_path":
+                max_values = bwd
+        elif method in ("attribution", "relp"):
+            corrupt = _cache(model, counterfactual, kinds=PATHWAYS) if corrupt is None else corrupt
+            g = grads if method == "attribution" else backprop(assemble(recording, RELP), Real, keep=nodes)
+            values = {n: ((corrupt[n] - gradient.activations[n]) * g[n][0].to(corrupt[n].dtype))[None] for n in nodes}
+        elif method in ("attn_lrp", "mask_lrp"):
+            graph = assemble(recording, ATTN_LRP) if method == "attn_lrp" else \
+                assemble(recording, CHEFER2021, head_mask=head_mask)
+            g = backprop(graph, Real, keep=wanted)
+            values = _relevance(graph, g, wanted)
+            token_values[method] = token_scores(graph, g)
+            branches[method] = Branches(Real, "sum", {n: values[n] for n in _branch_nodes(graph)})
+        if method != "udig":
+            components[method] = pathway_scores(gradient, values, semiring)
+            positions[method] = pathway_scores(gradient, values, semiring, per_position=True)
+            if method == "top_path":  # one path multiplied in another order can pass the best by float rounding
+                components[method] = components[method].clamp(max=1.0)
+        clock[METHODS[method]] = time.perf_counter() - start
+    udig_delta = None
+    if "udig" in methods:
+        start = time.perf_counter()
+        components["udig"], positions["udig"], token_values["udig"], branches["udig"], udig_delta = _udig(
+            model, gradient, good, bad, position, udig, udig_steps, baseline)
+        clock[METHODS["udig"]] = time.perf_counter() - start
+    return Scores(components, {m: t.double().cpu() for m, t in token_values.items()}, branches, gradient, max_values,
+                  positions, udig_delta, clock)
+
+
+def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseline):
+    """UDIG conductance per component, UDIG's token attribution and branch conductances, one
+    prompt at a time (NaN rows where not run)."""
+    B, P = gradient.tokens.shape
+    chosen = torch.ones(B, dtype=torch.bool) if chosen is None else chosen
+    C = len(component_labels(gradient))
+    rows = torch.full((B, C), float("nan"), dtype=torch.float64)
+    at = torch.full((B, P, C), float("nan"), dtype=torch.float64)
+    tokens = torch.full((B, P), float("nan"), dtype=torch.float64)
+    delta = torch.full((B,), float("nan"), dtype=torch.float64)
+    names = _branch_nodes(gradient)
+    branch = {n: torch.zeros((1, *gradient.shapes[n]), dtype=torch.float64) for n in names}
+    for b in chosen.nonzero()[:, 0].tolist():
+        n = int(gradient.attention_mask[b].sum())
+        result = integrated_flow(model, gradient.tokens[b:b + 1, :n], logit_diff(int(good[b]), int(bad[b]), pos=position),
+                                 path="udig", steps=steps, baseline=baseline, batch_size=steps + 2, progress=False)
+        values = {k: v[None] for k, v in result.values.items()}
+        rows[b] = pathway_scores(result.graph, values, Real)[0]
+        at[b, :n] = pathway_scores(result.graph, values, Real, per_position=True)[0]
+        tokens[b] = 0.0
+        tokens[b, :n] = result.scores[0].double()
+        delta[b] = float(result.delta[0])
+        for node in names:
+            key = node if not node.endswith("hook_resid_mid") else \
+                f"{node.replace('hook_resid_mid', 'hook_resid_pre')}->{node}"
+            branch[node][0, b, :n] = result.values[key][0].double()
+    return rows, at, tokens, Branches(Real, "sum", branch, chosen.clone()), delta
+
+
+__all__ = ["METHODS", "NEEDS_COUNTERFACTUAL", "TOKEN_METHODS", "Branches", "Scores", "check_methods",
+           "component_labels", "score"]

@@ -1,0 +1,95 @@
+"""How well each method's component ranking agrees with interventions, with bootstrap intervals
+over items; and token-level checks of the subject against the attractors.
+
+A component's importance under a method (or an intervention) is the mean over items of the
+magnitude of its score (effect), |·|: a method that gets the sign of an effect wrong still ranks the
+component right, and a mean of signed effects would let items cancel. Agreement of a method with
+an intervention on a group of components (heads, q/k/v inputs, MLPs, all):
+
+- Spearman ρ between the two importance vectors;
+- top-k overlap: the fraction of the intervention's k most important components that are among the
+  method's k most important.
+
+Both with a percentile bootstrap interval: items resampled with replacement, ``resamples`` times.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+GROUPS = {"heads": lambda label: "." not in label and label.startswith("L"),
+          "q/k/v inputs": lambda label: "." in label,
+          "MLPs": lambda label: label.startswith("MLP"),
+          "all": lambda label: True}
+TOP_K = {"heads": 10, "q/k/v inputs": 10, "MLPs": 5, "all": 10}
+
+
+def importance(scores: np.ndarray) -> np.ndarray:
+    """``[..., items, components]`` → ``[..., components]``: mean over items of |score|."""
+    return np.abs(scores).mean(-2)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman ρ along the last axis (average ranks for ties), vectorised over leading axes."""
+    ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
+    ra = ra - ra.mean(-1, keepdims=True)
+    rb = rb - rb.mean(-1, keepdims=True)
+    denominator = np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(-1) / denominator, np.nan)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Fraction of ``b``'s top k among ``a``'s top k, along the last axis."""
+    k = min(k, a.shape[-1])
+    top_a = np.argsort(-a, axis=-1, kind="stable")[..., :k]
+    top_b = np.argsort(-b, axis=-1, kind="stable")[..., :k]
+    return (top_a[..., :, None] == top_b[..., None, :]).any(-1).sum(-1) / k
+
+
+def agreement(method: torch.Tensor, truth: torch.Tensor, labels: list[str], *, resamples: int = 1000,
+              seed: int = 0) -> list[dict]:
+    """Rows ``{group, n_items, spearman, spearman_low, spearman_high, top_k, overlap, overlap_low,
+    overlap_high}`` for ``method`` and ``truth`` scores ``[items, components]`` (the same items),
+    with 95 % bootstrap intervals."""
+    m, t = method.double().numpy(), truth.double().numpy()
+    n = m.shape[0]
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    rows = []
+    for group, member in GROUPS.items():
+        columns = [i for i, label in enumerate(labels) if member(label)]
+        if not columns:
+            continue
+        k = TOP_K[group]
+        a, b = m[:, columns], t[:, columns]
+        rho = float(_spearman(importance(a), importance(b)))
+        overlap = float(_overlap(importance(a), importance(b), k))
+        boot_rho = _spearman(importance(a[draws]), importance(b[draws]))
+        boot_overlap = _overlap(importance(a[draws]), importance(b[draws]), k)
+        low, high = np.nanpercentile(boot_rho, [2.5, 97.5])
+        overlap_low, overlap_high = np.percentile(boot_overlap, [2.5, 97.5])
+        rows.append(dict(group=group, n_items=n, components=len(columns), spearman=rho, spearman_low=float(low),
+                         spearman_high=float(high), top_k=min(k, len(columns)), overlap=overlap,
+                         overlap_low=float(overlap_low), overlap_high=float(overlap_high)))
+    return rows
+
+
+def subject_wins(scores: list[torch.Tensor], items) -> list[dict]:
+    """Per condition and number of attractors: how often the subject's |attribution| exceeds every
+    attractor's. ``scores[i]`` is item i's token scores (NaN: the method did not run on it);
+    items without attractors are left out."""
+    groups: dict[tuple[str, int], list[bool]] = {}
+    for score, item in zip(scores, items):
+        if not item.attractor_pos or bool(torch.isnan(score).any()):
+            continue
+        values = score.abs()
+        won = bool(values[item.subject_pos] > max(values[p] for p in item.attractor_pos))
+        groups.setdefault((item.condition, item.n_attractors), []).append(won)
+        groups.setdefault(("all", None), []).append(won)
+    return [dict(condition=c, n_attractors=n, n=len(v), subject_wins=sum(v) / len(v))
+            for (c, n), v in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], kv[0][1] or 0))]
+
+
+__all__ = ["GROUPS", "TOP_K", "agreement", "importance", "subject_wins"]
