@@ -67,11 +67,24 @@ def cmd_sva_eval(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out}/items.json, {args.out}/accuracy.json, {figure} ({time.time() - start:.1f} s)")
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    """``--methods flow,attn_lrp`` (commas or spaces)."""
+    from gradgraph.component_methods import check_methods
+
+    names = tuple(n for n in text.replace(",", " ").split() if n)
+    try:
+        return check_methods(names)
+    except GradGraphError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def cmd_sva(args: argparse.Namespace) -> None:
     from gradgraph.studies import sva
 
     sva.main(sva.Config(model=args.model, limit=args.limit, intervention_items=args.intervention_items,
-                        batch_size=args.batch_size, out=args.out, figures=args.figures, seed=args.seed))
+                        batch_size=args.batch_size, methods=args.methods, udig_steps=args.udig_steps,
+                        head_sentences=args.head_sentences, resamples=args.resamples, out=args.out,
+                        figures=args.figures, seed=args.seed))
 
 
 def cmd_heads(args: argparse.Namespace) -> None:
@@ -79,7 +92,9 @@ def cmd_heads(args: argparse.Namespace) -> None:
 
     head_ranking.main(head_ranking.Config(
         prompts=args.prompts, good=args.good, bad=args.bad, counterfactuals=args.counterfactuals,
-        position=args.position, model=args.model, top=args.top, out=args.out, figures=args.figures))
+        position=args.position, model=args.model, methods=args.methods, udig_steps=args.udig_steps,
+        head_sentences=args.head_sentences, resamples=args.resamples, top=args.top, out=args.out,
+        figures=args.figures))
 
 
 def cmd_synthetic(args: argparse.Namespace) -> None:
@@ -159,6 +174,7 @@ def _fraction(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
+    from gradgraph.component_methods import METHODS
     from gradgraph.studies import attr_eval, head_ranking, head_types, lrp_eval, sva, synthetic
 
     top = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
@@ -175,15 +191,22 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sva_eval)
 
     d = _defaults(sva.Config)
-    p = sub.add_parser("sva", help="the SVA study: accuracy, q/k/v/skip shares, head rankings, entropy, paths")
+    p = sub.add_parser("sva", help="the SVA study: every method's components against interventions, tokens, "
+                                   "shares, entropy, paths; an interactive report")
     p.add_argument("--model", default=d["model"], help="embedded name, TransformerLens name or HF folder")
     p.add_argument("--limit", type=_positive, default=d["limit"],
-                   help=f"items for the gradient analyses (default {d['limit']})")
+                   help=f"items for the graph methods (default {d['limit']})")
     p.add_argument("--intervention-items", type=_positive, default=d["intervention_items"],
-                   help=f"items for mean ablation and patching (default {d['intervention_items']})")
+                   help=f"items for mean ablation, patching and UDIG (default {d['intervention_items']})")
+    p.add_argument("--methods", type=_methods, default=d["methods"],
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    p.add_argument("--udig-steps", type=_positive, default=d["udig_steps"], help="UDIG's anchors m")
+    p.add_argument("--head-sentences", type=_positive, default=d["head_sentences"],
+                   help="sentences for Mask-LRP's syntactic and positional heads")
+    p.add_argument("--resamples", type=_positive, default=d["resamples"], help="bootstrap resamples of the items")
     p.add_argument("--batch-size", type=_positive, default=d["batch_size"], help="items per gradient graph")
-    p.add_argument("--out", default=d["out"], help=f"folder for tables and the report (default {d['out']})")
-    p.add_argument("--figures", default=d["figures"], help=f"folder for the figures (default {d['figures']})")
+    p.add_argument("--out", default=d["out"], help=f"folder for tables, figures and the report (default {d['out']})")
+    p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.set_defaults(func=cmd_sva)
 
@@ -195,9 +218,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--counterfactuals", help="optional file of aligned counterfactual prompts (for patching)")
     p.add_argument("--position", type=int, default=d["position"], help="metric position (default: each prompt's last token)")
     p.add_argument("--model", default=d["model"])
-    p.add_argument("--top", type=_positive, default=d["top"], help="heads printed per method")
+    p.add_argument("--methods", type=_methods, default=d["methods"],
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all; the patching ones need "
+                        f"--counterfactuals)")
+    p.add_argument("--udig-steps", type=_positive, default=d["udig_steps"], help="UDIG's anchors m")
+    p.add_argument("--head-sentences", type=_positive, default=d["head_sentences"],
+                   help="sentences for Mask-LRP's syntactic and positional heads")
+    p.add_argument("--resamples", type=_positive, default=d["resamples"], help="bootstrap resamples of the prompts")
+    p.add_argument("--top", type=_positive, default=d["top"], help="components printed per method")
     p.add_argument("--out", default=d["out"])
-    p.add_argument("--figures", default=d["figures"])
+    p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
     p.set_defaults(func=cmd_heads)
 
     d = _defaults(synthetic.Config)

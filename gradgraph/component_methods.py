@@ -1,13 +1,16 @@
 """Every method's score for every head, q/k/v pathway and MLP, from one recorded forward pass per
 batch; with each method's token attributions and its values at the q/k/v/skip branches of every
 attention input. The SVA study and ``gradgraph heads`` rank components with these; each number is
-the method's own (``graph_scores``, ``attribution_patching``, ``relevance_patching``, ``lrp``,
-``integrated_flow``: tested equal), read per component by ``components.pathway_scores``.
+the method's own (``paths.gradient_flow``, ``backprop.through``, ``attribution_patching``,
+``relevance_patching``, ``lrp``, ``integrated_flow``: tested equal), read per component by
+``components.pathway_scores``.
 
 | method        | a component's score                                                                |
 |---------------|------------------------------------------------------------------------------------|
 | ``flow``      | share of the total |gradient| flow (Σ over input → metric paths of Π|w|) through it |
 | ``top_path``  | the best path through it, relative to the best path overall (Max)                  |
+
+(Token attributions of ``flow`` and ``top_path``: the same shares at each input token.)
 | ``attribution`` | attribution patching: Σ (act_cf − act) · ∂metric/∂act over its elements          |
 | ``relp``      | relevance patching: the same with RelP's modified gradient                         |
 | ``attn_lrp``  | AttnLRP relevance: Σ act ⊙ modified gradient over its elements                    |
@@ -167,7 +170,7 @@ def score(model, tokens: torch.Tensor, mask: torch.Tensor, good: torch.Tensor, b
             semiring = Abs if method == "flow" else Max
             through, total, bwd = _through(gradient, semiring, nodes)
             values = {n: v / total.to(v.dtype)[None, :].reshape((1, -1) + (1,) * (v.ndim - 2)) for n, v in through.items()}
-            source = bwd[gradient.sources[0]][0]
+            source = bwd[gradient.sources[0]][0] / total.to(bwd[gradient.sources[0]].dtype)[:, None, None]
             token_values[method] = (source.sum(-1) if method == "flow" else source.amax(-1)).double().cpu() * gradient.source_mask
             branches[method] = Branches(semiring, "sum" if method == "flow" else "oplus",
                                         {n: bwd[n] for n in _branch_nodes(gradient)})

@@ -91,25 +91,108 @@ def branch_shares_plot(panels: dict[str, "object"], path: str | Path, *, title: 
             bottom = bottom + share[:, i]
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("layer")
-    axes[0][0].set_ylabel("share of top-path value")
+    axes[0][0].set_ylabel("share")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
 def entropy_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
-    """Mean path entropy against number of attractors, one line per condition (rows: tidy table)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for condition in CONDITION_NAMES:
-        mine = sorted((r for r in rows if r["condition"] == condition), key=lambda r: r["n_attractors"])
-        if mine:
-            ax.errorbar([r["n_attractors"] for r in mine], [r["mean"] for r in mine],
-                        yerr=[r["sem"] for r in mine], marker="o", capsize=3, label=CONDITION_NAMES[condition])
-    ax.set_xlabel("number of attractors")
-    ax.set_ylabel("path entropy (nats)")
-    ax.set_xticks([0, 1, 2])
-    ax.set_title(title, fontsize=10)
+    """Mean path entropy against number of attractors, one line per condition: in nats, and divided
+    by log(number of paths), which makes conditions of different lengths comparable."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "path_entropy", "path entropy (nats)"),
+                           (axes[1], "normalised_entropy", "entropy / log(number of paths)")):
+        for condition in CONDITION_NAMES:
+            mine = sorted((r for r in rows if r["condition"] == condition), key=lambda r: r["n_attractors"])
+            if mine:
+                ax.errorbar([r["n_attractors"] for r in mine], [r[key] for r in mine],
+                            yerr=[r[f"{key}_sem"] for r in mine], marker="o", capsize=3, label=CONDITION_NAMES[condition])
+        ax.set_xlabel("number of attractors")
+        ax.set_ylabel(label)
+        ax.set_xticks([0, 1, 2])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def agreement_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
+    """Spearman ρ with its bootstrap interval, per method (rows) and component group (panels),
+    against each ground truth (colours)."""
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    truths = list(dict.fromkeys(r["truth"] for r in rows))
+    colors = ["#4C72B0", "#C44E52"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 2.5, 0.42 * len(methods) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for j, truth in enumerate(truths):
+            for i, method in enumerate(methods):
+                r = next((r for r in rows if r["group"] == group and r["method"] == method and r["truth"] == truth), None)
+                if r is None:
+                    continue
+                y = i + (j - 0.5 * (len(truths) - 1)) * 0.3
+                ax.errorbar(r["spearman"], y, xerr=[[r["spearman"] - r["spearman_low"]], [r["spearman_high"] - r["spearman"]]],
+                            fmt="o", color=colors[j % 2], ms=4, capsize=2, label=truth if i == 0 else None)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlim(-1, 1)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("Spearman ρ")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(methods)), methods, fontsize=8)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def head_heatmaps(panels: dict[str, "object"], path: str | Path, *, title: str) -> Path:
+    """One layer × head heatmap per method (``[layers, heads]`` arrays), each on its own scale."""
+    import numpy as np
+
+    n = len(panels)
+    cols = min(n, 5)
+    rows = (n + cols - 1) // cols
+    first = np.asarray(next(iter(panels.values())))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols + 0.5, (0.11 * first.shape[0] + 0.9) * rows + 0.6),
+                             squeeze=False)
+    for ax, (name, values) in zip(axes.flat, panels.items()):
+        data = np.asarray(values, dtype=float)
+        ax.imshow(data, aspect="auto", cmap="viridis", origin="lower")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(data.shape[1]))
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("layer", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("head", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def subject_wins_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
+    """Bars: per method, the share of items whose subject outweighs every attractor, by number of
+    attractors (rows from ``compare.subject_wins`` with a method)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    counts = sorted({r["n_attractors"] for r in rows if r["n_attractors"] is not None and r["condition"] != "all"})
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 3.4))
+    width = 0.8 / max(1, len(counts))
+    colors = ["#4C72B0", "#DD8452", "#C44E52"]
+    for j, n in enumerate(counts):
+        values = []
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and r["n_attractors"] == n and r["condition"] != "all"]
+            total = sum(r["n"] for r in mine)
+            values.append(sum(r["subject_wins"] * r["n"] for r in mine) / total if total else float("nan"))
+        ax.bar([i + (j - (len(counts) - 1) / 2) * width for i in range(len(methods))], values, width,
+               color=colors[j % 3], label=f"{n} attractor{'s' if n != 1 else ''}")
+    ax.set_xticks(range(len(methods)), methods, fontsize=8, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("subject > every attractor")
     ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -6,13 +6,13 @@ import torch
 
 from gradgraph import GradGraphError, build_graph, tiny_model
 from gradgraph.attribution import integrated_flow, lrp
-from gradgraph.backprop import backprop
+from gradgraph.backprop import backprop, through
 from gradgraph.component_methods import METHODS, check_methods, component_labels, score
 from gradgraph.interventions import PATHWAYS, attribution_patching, relevance_patching
 from gradgraph.metrics import logit_diff
 from gradgraph.paths import gradient_flow
 from gradgraph.rules import ATTN_LRP, CHEFER2021
-from gradgraph.scores import graph_scores
+from gradgraph.semirings import Max
 
 from conftest import no_hooks_left
 
@@ -65,10 +65,16 @@ def test_each_method_equals_its_own_function(arch):
             head = int(label.split("H")[1])
             expected = flows[f"blocks.{layer}.attn.hook_z"][:, :, head].flatten(1).sum(1)
         assert torch.allclose(scores.components["flow"][:, column], expected / total, atol=1e-12), label
-    # heads and MLPs: the study's table from graph_scores
-    old = graph_scores(graph)
-    heads = [i for i, label in enumerate(labels) if "." not in label]
-    assert torch.allclose(scores.components["top_path"][:, heads], old.top_path.flatten(1), atol=1e-12)
+    # best path: the best path through a component's elements (forward ⊗ backward, Max) over the best overall
+    best = through(graph, Max, dtype=torch.float64)
+    overall = torch.stack([best[s][0].flatten(1).amax(1) for s in graph.sources]).amax(0)
+    for column, label in enumerate(labels):
+        if "." in label:
+            continue
+        node = f"blocks.{label[3:]}.hook_mlp_out" if label.startswith("MLP") else f"blocks.{label[1:].split('H')[0]}.attn.hook_z"
+        value = best[node][0] if label.startswith("MLP") else best[node][0][:, :, int(label.split("H")[1])]
+        assert torch.allclose(scores.components["top_path"][:, column],
+                              (value.flatten(1).amax(1) / overall).clamp(max=1.0), atol=1e-12), label
     # patching estimates
     grads = {n: v[0] for n, v in backprop(graph).items()}
     attribution = attribution_patching(model, tokens, cf, grads, kinds=PATHWAYS)

@@ -1,28 +1,36 @@
-"""Head ranking by every method for any prompts a user brings (``gradgraph heads``).
+"""Heads, q/k/v pathways and MLPs ranked by every method for any prompts a user brings
+(``gradgraph heads``), checked against mean ablation and (with counterfactual prompts) activation
+patching.
 
-Config → run → write. Methods: share of |gradient| flow (Abs), value of the best path through the
-head relative to the best path overall (Max), attribution patching (needs counterfactual prompts),
-mean ablation over the prompts, and activation patching (needs counterfactual prompts).
+Config → run → write. The methods are those of ``gradgraph.component_methods`` (attribution and
+relevance patching need counterfactual prompts); each prompt's metric is logit(good) − logit(bad)
+at ``position``. Agreement with the interventions as in the SVA study (``studies.compare``), with
+bootstrap intervals over prompts. Results, figures and an interactive ``report.html`` under ``--out``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import plot
-from gradgraph.build import build_graph
-from gradgraph.components import Component, Registry
+from gradgraph import plot, report
+from gradgraph.component_methods import METHODS, NEEDS_COUNTERFACTUAL, TOKEN_METHODS, check_methods, component_labels, score
 from gradgraph.errors import GradGraphError
-from gradgraph.interventions import activation_means, attribution_patching, intervene
+from gradgraph.heads import mask
+from gradgraph.interventions import PATHWAYS, activation_means, intervene
 from gradgraph.metrics import logit_diff
 from gradgraph.models import load_model
 from gradgraph.prompts import single_token_id, to_tokens
-from gradgraph.scores import graph_scores, stack_effects
-from gradgraph.studies.output import staged_run, write_csv
+from gradgraph.studies import head_types
+from gradgraph.studies.compare import agreement, importance
+from gradgraph.studies.output import check_out, staged_run, write_csv
+
+TRUTHS = {"mean_ablation": "mean ablation", "patching": "activation patching"}
 
 
 @dataclass
@@ -33,10 +41,14 @@ class Config:
     counterfactuals: str | None = None  # aligned counterfactual prompts (for patching)
     position: int = -1  # the metric's position (default: each prompt's last token)
     model: str = "smollm2-135m"
+    methods: tuple[str, ...] = tuple(METHODS)
     batch_size: int = 8
-    top: int = 8  # heads printed per method
+    udig_steps: int = 30
+    head_sentences: int = 100  # sentences for Mask-LRP's heads
+    resamples: int = 1000
+    top: int = 8  # components printed per method
     out: str = "results/heads"
-    figures: str = "figures"
+    figures: str | None = None  # default: OUT/figures
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -55,81 +67,138 @@ def read_prompts(path: str | Path) -> list[str]:
     return lines
 
 
-def rank_heads(
-    model,
-    prompts: list[str],
-    good: str,
-    bad: str,
-    *,
-    counterfactuals: list[str] | None = None,
-    position: int = -1,
-    batch_size: int = 8,
-) -> dict[str, torch.Tensor]:
-    """Per method, the mean score of every head and MLP over the prompts: ``[n_layers, n_heads + 1]``."""
+def rank_components(model, prompts: list[str], good: str, bad: str, *, counterfactuals: list[str] | None = None,
+                    position: int = -1, methods=tuple(METHODS), batch_size: int = 8, udig_steps: int = 30,
+                    head_mask: torch.Tensor | None = None) -> tuple[dict, dict, dict]:
+    """Per method and intervention, every prompt's score of every component ``[prompts, components]``
+    (``component_methods.component_labels`` order), and each prompt's token attributions by method."""
     good_id, bad_id = single_token_id(model.tokenizer, good), single_token_id(model.tokenizer, bad)
     if counterfactuals is not None and len(counterfactuals) != len(prompts):
         raise GradGraphError(f"{len(counterfactuals)} counterfactual prompts for {len(prompts)} prompts; give one each")
-    reg = Registry.of(model)
+    methods = check_methods(methods)
+    labels = component_labels(model)
     tokens_all, mask_all = to_tokens(model, prompts)
     means = activation_means(model, tokens_all, mask_all)
-    collected: dict[str, list[torch.Tensor]] = {k: [] for k in ("flow_share", "top_path", "attribution", "ablation",
-                                                                "patching")}
+    collected: dict[str, list[torch.Tensor]] = {}
+    truths: dict[str, list[torch.Tensor]] = {}
+    token_scores: dict[str, list[list[float]]] = {}
     for start in tqdm(range(0, len(prompts), batch_size), desc="heads", unit="batch"):
         chunk = prompts[start : start + batch_size]
-        tokens, mask = to_tokens(model, chunk)
-        metric = logit_diff(torch.full((len(chunk),), good_id), torch.full((len(chunk),), bad_id), pos=position)
-        graph = build_graph(model, tokens, metric, attention_mask=mask)
-        scores = graph_scores(graph)
-        collected["flow_share"].append(scores.flow_share)
-        collected["top_path"].append(scores.top_path)
+        tokens, mask_ = to_tokens(model, chunk)
+        good_ids, bad_ids = torch.full((len(chunk),), good_id), torch.full((len(chunk),), bad_id)
         cf_tokens = None
         if counterfactuals is not None:
             cf_tokens, cf_mask = to_tokens(model, counterfactuals[start : start + batch_size])
-            if cf_tokens.shape != tokens.shape or not torch.equal(cf_mask, mask):
+            if cf_tokens.shape != tokens.shape or not torch.equal(cf_mask, mask_):
                 raise GradGraphError("each counterfactual prompt must have as many tokens as its prompt")
-            attr = attribution_patching(model, tokens, cf_tokens, scores.gradients, clean=graph.activations)
-            collected["attribution"].append(stack_effects(attr, reg))
-        effects = intervene(model, tokens, mask, metric, counterfactual=cf_tokens, means=means, progress=False)
-        collected["ablation"].append(stack_effects(effects["mean_ablation"], reg))
-        if cf_tokens is not None:
-            collected["patching"].append(stack_effects(effects["patching"], reg))
-    return {k: torch.cat(v).mean(0) for k, v in collected.items() if v}
+        scores = score(model, tokens, mask_, good_ids, bad_ids, methods=methods, counterfactual=cf_tokens,
+                       head_mask=head_mask, position=position, udig_steps=udig_steps)
+        for method, values in scores.components.items():
+            collected.setdefault(method, []).append(values)
+        for method, values in scores.tokens.items():
+            for b in range(len(chunk)):
+                n = int(mask_[b].sum())
+                token_scores.setdefault(method, []).append([None if math.isnan(v) else v for v in values[b, :n].tolist()])
+        effects = intervene(model, tokens, mask_, logit_diff(good_ids, bad_ids, pos=position), counterfactual=cf_tokens,
+                            means=means, progress=False, kinds=PATHWAYS)
+        for truth in TRUTHS:
+            if truth in effects:
+                truths.setdefault(truth, []).append(torch.stack([effects[truth][x] for x in labels], 1).double().cpu())
+    return ({m: torch.cat(v) for m, v in collected.items()}, {t: torch.cat(v) for t, v in truths.items()}, token_scores)
 
 
-def run(config: Config) -> tuple[list[dict], dict[str, torch.Tensor], int]:
-    """The rows of ``heads.csv``, the per-method score tables and the model's head count."""
+def run(config: Config) -> dict:
+    """Scores, interventions, agreement and the rows of ``heads.csv``."""
+    check_out(config.out)
     prompts = read_prompts(config.prompts)
     counterfactuals = read_prompts(config.counterfactuals) if config.counterfactuals else None
+    methods = check_methods(config.methods)
+    if counterfactuals is None:
+        dropped = [m for m in methods if m in NEEDS_COUNTERFACTUAL]
+        methods = tuple(m for m in methods if m not in NEEDS_COUNTERFACTUAL)
+        if dropped:
+            print(f"no --counterfactuals: {', '.join(METHODS[m] for m in dropped)} and activation patching left out")
+        if not methods:
+            raise GradGraphError("every chosen method needs counterfactual prompts; give --counterfactuals")
     model = load_model(config.model)
-    scores = rank_heads(model, prompts, config.good, config.bad, counterfactuals=counterfactuals,
-                        position=config.position, batch_size=config.batch_size)
-    n_heads = model.cfg.n_heads
-    reg = Registry.of(model)
+    single_token_id(model.tokenizer, config.good), single_token_id(model.tokenizer, config.bad)  # fail early
+    head_mask = None
+    if "mask_lrp" in methods:
+        corpus = head_types.default_corpus(model.tokenizer, config.head_sentences, seed=1)
+        positional, syntactic = head_types.detect(model, corpus, 0.8, 0.1)
+        head_mask = mask(model, "synt+pos", positional=positional, syntactic=syntactic)
+    scores, truths, tokens = rank_components(
+        model, prompts, config.good, config.bad, counterfactuals=counterfactuals, position=config.position,
+        methods=methods, batch_size=config.batch_size, udig_steps=config.udig_steps, head_mask=head_mask)
+    labels = component_labels(model)
     rows = []
-    for layer in range(model.cfg.n_layers):
-        for h in range(n_heads + 1):
-            component = Component("head", layer, h) if h < n_heads else Component("mlp", layer)
-            row = dict(component=reg.label(component), layer=layer, head=h if h < n_heads else "")
-            row.update({k: float(v[layer, h]) for k, v in scores.items()})
-            rows.append(row)
-    return rows, scores, n_heads
+    for c, label in enumerate(labels):
+        kind = "MLP" if label.startswith("MLP") else ("head" if "." not in label else label.split(".")[1])
+        row = dict(component=label, kind=kind)
+        row.update({m: float(v[:, c].mean()) for m, v in scores.items()})
+        row.update({t: float(v[:, c].mean()) for t, v in truths.items()})
+        rows.append(row)
+    agreement_rows = [dict(method=METHODS[m], key=m, truth=TRUTHS[t], **r) for m, v in scores.items()
+                      for t, truth in truths.items() for r in agreement(v, truth, labels, resamples=config.resamples)]
+    words = [[model.tokenizer.decode([t]) for t in to_tokens(model, p)[0][0].tolist()] for p in prompts]
+    token_items = [dict(prefix=p, tokens=w, subject=-1, attractors=[], condition="",
+                        scores={TOKEN_METHODS[m]: tokens[m][i] for m in tokens}) for i, (p, w) in enumerate(zip(prompts, words))]
+    return dict(config=config, labels=labels, rows=rows, scores=scores, truths=truths, agreement=agreement_rows,
+                tokens=token_items[:12], n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, model=config.model)
 
 
-def write(config: Config, rows: list[dict], scores: dict[str, torch.Tensor], n_heads: int) -> None:
-    with staged_run(config.out, config.figures, "gradgraph heads") as out:
-        write_csv(out.path("heads.csv"), rows)
-        for key, value in scores.items():
-            plot.head_heatmap(value[:, :n_heads].abs().numpy(), out.figure(f"heads_{key}.png"), label=f"|{key}|",
-                              title=f"{key} per head ({config.good!r} vs {config.bad!r})")
+def _grid(labels, values, n_layers, n_heads) -> torch.Tensor:
+    grid = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    for c, label in enumerate(labels):
+        if label.startswith("L") and "." not in label:
+            layer, head = label[1:].split("H")
+            grid[int(layer), int(head)] = float(values[c])
+    return grid
+
+
+def write(result: dict) -> None:
+    config = result["config"]
+    figures = config.figures or str(Path(config.out) / "figures")
+    heat = {METHODS[m]: _grid(result["labels"], importance(v.numpy()), result["n_layers"], result["n_heads"])
+            for m, v in result["scores"].items()}
+    heat.update({TRUTHS[t]: _grid(result["labels"], importance(v.numpy()), result["n_layers"], result["n_heads"])
+                 for t, v in result["truths"].items()})
+    with staged_run(config.out, figures, "gradgraph heads") as out:
+        write_csv(out.path("heads.csv"), result["rows"])
+        write_csv(out.path("agreement.csv"), result["agreement"])
+        made = [plot.head_heatmap(v.numpy(), out.figure(f"heads_{name.split(' ')[0].lower()}.png"), label=f"mean |{name}|",
+                                  title=f"{name} per head ({config.good!r} vs {config.bad!r})")
+                for name, v in heat.items()]
+        if result["agreement"]:
+            made.append(plot.agreement_plot(result["agreement"], out.figure("heads_agreement.png"),
+                                            title="Agreement of each method with interventions (95 % bootstrap intervals)"))
+        summary = dict(model=result["model"], prompts=len(result["scores"][next(iter(result["scores"]))]),
+                       methods=[METHODS[m] for m in result["scores"]], agreement=result["agreement"],
+                       good=config.good, bad=config.bad)
+        out.path("summary.json").write_text(json.dumps(summary, indent=1))
+        links = {Path(f).name: _relative(out.final(f), Path(config.out)) for f in made}
+        out.path("report.html").write_text(report.heads_page(summary, heat, result["tokens"], links))
+
+
+def _relative(path: Path, base: Path) -> str:
+    path, base = Path(path).absolute(), Path(base).absolute()
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return path.as_uri()
 
 
 def main(config: Config) -> list[dict]:
-    """Rank, print the top heads by each method, and write ``heads.csv`` and heatmaps."""
-    rows, scores, n_heads = run(config)
-    write(config, rows, scores, n_heads)
-    heads = [r for r in rows if r["head"] != ""]
-    for key in scores:
-        top = sorted(heads, key=lambda r: -abs(r[key]))[: config.top]
-        print(f"top heads by {key:<12}: " + ", ".join(f"{r['component']} ({r[key]:+.3g})" for r in top))
-    print(f"wrote {config.out}/heads.csv and {config.figures}/heads_*.png")
+    """Rank, print the top components by each method, and write the tables, figures and report."""
+    result = run(config)
+    write(result)
+    rows = result["rows"]
+    for key in list(result["scores"]) + list(result["truths"]):
+        top = sorted(rows, key=lambda r: -abs(r[key]))[: config.top]
+        print(f"top components by {key:<14}: " + ", ".join(f"{r['component']} ({r[key]:+.3g})" for r in top))
+    for r in result["agreement"]:
+        if r["group"] == "heads":
+            print(f"{r['method']:<28} vs {r['truth']:<20} heads: Spearman ρ {r['spearman']:+.2f} "
+                  f"[{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]")
+    print(f"wrote {config.out}/heads.csv, {config.out}/report.html")
     return rows

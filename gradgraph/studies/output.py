@@ -60,6 +60,16 @@ class Staging:
         return base.joinpath(*relative.parts[1:])
 
 
+def check_out(out: str | Path) -> None:
+    """Refuse, before any work, an output folder that is a file (or lies under one)."""
+    path = Path(out).expanduser().absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise GradGraphError(f"--out {out} must be a folder, but {folder} is a file; choose another --out")
+            return
+
+
 def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
     """A table of dicts as CSV (columns: ``fields``, default the first row's keys); nothing when empty."""
     if not rows:
@@ -139,6 +149,8 @@ def publish_files(staged: Path, folder: Path) -> None:
 @contextmanager
 def staged_run(out: str | Path, figures: str | Path, command: str) -> Iterator[Staging]:
     """Stage a run's files; publish them if the block finishes, discard them if it raises."""
+    check_out(out)
+    check_out(figures)
     shown = (Path(out), Path(figures))
     out, figures = Path(out).expanduser().absolute(), Path(figures).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,23 @@
-"""The subject–verb agreement study: which heads and pathways carry agreement (the main job).
+"""The subject–verb agreement study: which heads, q/k/v pathways and MLPs carry agreement, by every
+method, checked against interventions (the main job, ``gradgraph sva``).
 
-Config → run → write. ``run`` computes, in stages with progress bars: accuracy on every item; per
-batch of items one gradient graph read by Max (top paths, q/k/v/skip shares as in Du et al. 2023),
-Abs (gradient flow, float64), Real (gradients for attribution patching) and Entropy (path entropy);
-mean ablation and activation patching from the counterfactual (subject number flipped) on a subset;
-rankings and Spearman correlations. ``write`` stages figures, tables and a markdown report and
-publishes them together (``gradgraph.studies.output``).
+Config → run → write. ``run`` computes, in stages with progress bars:
+
+1. accuracy on every item (800, from the project's templates);
+2. on a balanced subset, per batch of items one recorded forward pass read by every chosen method
+   (``gradgraph.component_methods``): gradient flow, best path (Max), attribution patching,
+   relevance patching (RelP), AttnLRP, Mask-LRP (heads from ``gradgraph.heads`` on sentences the
+   project ships) and UDIG conductance (its own path per item, on the intervention items); token
+   attributions; q/k/v/skip shares at the subject for gradient, relevance and conductance beside
+   Du et al.'s top path; path entropy, also divided by log(number of paths); the best component
+   paths that start at the subject;
+3. mean ablation and activation patching of every head, q/k/v input and MLP on a subset;
+4. Spearman ρ and top-k overlap of every method with both interventions, with bootstrap intervals
+   over items; how often each method ranks the subject above every attractor.
+
+``write`` publishes tables, figures (``OUT/figures`` unless told otherwise), ``report.md``, the
+interactive ``report.html`` and the component graph (GraphML, node-link JSON, circuit-tracer's
+format) together (``gradgraph.studies.output``).
 """
 
 from __future__ import annotations
@@ -14,65 +26,76 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import networkx as nx
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from gradgraph import plot
+from gradgraph import plot, report
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
-from gradgraph.build import build_graph
+from gradgraph.circuit_tracer import circuit_tracer_graph
 from gradgraph.component_graph import component_graph
-from gradgraph.components import Component, Registry, top_component_paths
+from gradgraph.component_methods import METHODS, TOKEN_METHODS, check_methods, component_labels, score
+from gradgraph.components import Registry, top_component_paths
 from gradgraph.data import SVAItem, sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
-from gradgraph.interventions import activation_means, attribution_patching, intervene
-from gradgraph.metrics import logit_diff
+from gradgraph.heads import mask
+from gradgraph.interventions import PATHWAYS, activation_means, intervene
 from gradgraph.models import load_model
-from gradgraph.paths import path_entropy
+from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
-from gradgraph.scores import graph_scores, stack_effects
-from gradgraph.semirings import Abs
-from gradgraph.studies.output import staged_run, write_csv
+from gradgraph.semirings import Abs, Max
+from gradgraph.studies import head_types
+from gradgraph.studies.compare import agreement, importance, subject_wins
+from gradgraph.studies.output import check_out, staged_run, write_csv
+
+TRUTHS = {"mean_ablation": "mean ablation", "patching": "activation patching"}
+SHARES = {"top_path": "best path (Du et al.)", "flow": "gradient flow", "attn_lrp": "AttnLRP relevance",
+          "mask_lrp": "Mask-LRP relevance", "udig": "UDIG conductance"}
 
 
 @dataclass
 class Config:
     model: str = "smollm2-135m"
-    limit: int = 96  # items for the gradient analyses (spread over conditions)
-    intervention_items: int = 16  # items for ablation and patching (slow: a forward per component)
+    limit: int = 96  # items for the graph methods (spread over conditions)
+    intervention_items: int = 16  # items for ablation and patching (and UDIG: each integrates a path)
     batch_size: int = 8
-    examples: int = 3  # sentences whose top component paths are reported
+    methods: tuple[str, ...] = tuple(METHODS)
+    udig_steps: int = 30  # UDIG's anchors m
+    head_sentences: int = 100  # sentences for Mask-LRP's syntactic and positional heads
+    examples: int = 3  # sentences whose component paths are reported
     top_k: int = 100  # scalar top paths searched per example sentence (collapsed into component paths)
+    resamples: int = 1000  # bootstrap resamples of the items
     out: str = "results/sva"
-    figures: str = "figures"
+    figures: str | None = None  # default: OUT/figures
     seed: int = 0
 
 
 @dataclass
 class Result:
-    """Everything ``write`` needs: tables (lists of rows), per-item scores, examples, the summary."""
+    """Everything ``write`` needs."""
 
     config: Config
     registry: Registry
+    labels: list[str]  # component labels, the columns of every score table
     n_layers: int
     n_heads: int
     accuracy: list[dict]
-    shares: dict[str, BranchShares]
-    methods: dict[str, torch.Tensor]  # [items, layers, heads + 1], in the order of `items`
-    truths: dict[str, torch.Tensor]  # [intervened items, layers, heads + 1]
+    methods: dict[str, torch.Tensor]  # [items, components], in the order of `items`
+    truths: dict[str, torch.Tensor]  # [intervened items, components]
     intervened: list[int]  # rows of `methods` the interventions ran on
-    correlations: list[dict]
-    head_rows: list[dict]
-    entropy_rows: list[dict]
+    agreement: list[dict]
+    components: list[dict]
+    subject: list[dict]
+    shares: dict[str, BranchShares]
+    entropy: list[dict]
     per_item: list[dict]
     examples: list[dict]
-    component_graph: nx.DiGraph | None
-    component_tokens: list[str]
-    component_title: str
+    graph: dict | None  # the report's component graph of the first example
+    tokens: list[dict]  # per-item token attributions by method (for the report)
     summary: dict = field(default_factory=dict)
 
 
@@ -81,224 +104,303 @@ def _batches(indexed: list[tuple[int, SVAItem]], size: int) -> list[list[tuple[i
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-def _metric(batch: list[SVAItem]):
-    return logit_diff(torch.tensor([i.good_id for i in batch]), torch.tensor([i.bad_id for i in batch]))
+def _ids(batch: list[SVAItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([i.good_id for i in batch]), torch.tensor([i.bad_id for i in batch])
 
 
 @dataclass
 class _GraphStage:
-    """What the gradient graphs of the chosen items give (scores in the order of the items)."""
-
+    methods: dict[str, torch.Tensor]
+    tokens: dict[str, list[torch.Tensor]]  # method -> per item [n_tokens]
     shares: dict[str, BranchShares]
-    methods: dict[str, torch.Tensor]  # [items, layers, heads + 1]
     per_item: list[dict]
     examples: list[dict]
-    component_graph: tuple[nx.DiGraph, list[str], str] | None
+    graph: dict | None
+    udig_delta: list[float]
+    seconds: dict[str, float]
 
 
-def _graph_stage(model, reg: Registry, chosen: list[SVAItem], config: Config) -> _GraphStage:
-    """Per batch of items one graph: branch shares, head scores, attribution patching, entropy,
-    component paths of a few example sentences and the component graph of the first."""
+def _example_graph(scores, b: int, item: SVAItem, words: list[str], labels: list[str]) -> dict:
+    """Nodes (components at positions, with every method's value) and edges (gradient flow and
+    best path between components) of one item, for the report and circuit-tracer."""
+    graph = scores.graph
+    flows = {name: component_graph(graph, semiring, batch=b, min_share=0.002)
+             for name, semiring in (("flow", Abs), ("top_path", Max))}
+    edges: dict[tuple[str, str], dict[str, float]] = {}
+    for name, cg in flows.items():
+        for u, v, data in cg.edges(data=True):
+            edges.setdefault((u, v), {})[name] = data["weight"] / cg.graph["total"]
+    n = item.n_tokens
+    nodes = {}
+    for u, v in edges:
+        for label in (u, v):
+            nodes.setdefault(label, {})
+    for label in nodes:
+        values = {}
+        if label == "metric":
+            values = {m: None for m in scores.positions}
+        elif label.startswith("embed@"):
+            p = int(label.split("@")[1])
+            values = {m: float(t[b, p]) for m, t in scores.tokens.items() if m in scores.positions}
+        else:
+            name, p = label.split("@")
+            column = labels.index(name)
+            values = {m: float(at[b, int(p), column]) for m, at in scores.positions.items()}
+        nodes[label] = {k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}
+    return dict(prefix=item.prefix, good=item.good, bad=item.bad, tokens=words[:n], n_tokens=n,
+                nodes=nodes, edges=[dict(source=u, target=v, values=w) for (u, v), w in edges.items()],
+                methods={m: METHODS[m] for m in scores.positions}, edge_methods={m: METHODS[m] for m in flows})
+
+
+def _graph_stage(model, chosen: list[SVAItem], udig_rows: set[int], head_mask, config: Config) -> _GraphStage:
+    """Per batch of items one recording read by every method (UDIG on ``udig_rows``)."""
+    labels = component_labels(model)
+    methods = check_methods(config.methods)
+    rows: dict[str, list] = defaultdict(list)
+    token_rows: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     shares: dict[str, list] = defaultdict(list)
-    scores: dict[str, list[torch.Tensor]] = defaultdict(list)
-    order: list[int] = []  # index into `chosen` of each scored row
+    order: list[int] = []
     per_item, examples = [], []
-    example_graph = None
-    for batch_pairs in tqdm(_batches(list(enumerate(chosen)), config.batch_size), desc="gradient graphs", unit="batch"):
+    example_graph, udig_delta, clock = None, {}, defaultdict(float)
+    for batch_pairs in tqdm(_batches(list(enumerate(chosen)), config.batch_size), desc="graph methods", unit="batch"):
         batch = [item for _, item in batch_pairs]
         order += [index for index, _ in batch_pairs]
-        tokens, mask = to_tokens(model, [i.prefix for i in batch])
+        tokens, mask_ = to_tokens(model, [i.prefix for i in batch])
         cf_tokens, _ = to_tokens(model, [i.counterfactual for i in batch])
-        graph = build_graph(model, tokens, _metric(batch), attention_mask=mask)
-        graph_score = graph_scores(graph)
+        good, bad = _ids(batch)
+        udig = torch.tensor([index in udig_rows for index, _ in batch_pairs])
+        scores = score(model, tokens, mask_, good, bad, methods=methods, counterfactual=cf_tokens, head_mask=head_mask,
+                       udig=udig, udig_steps=config.udig_steps)
+        for name, seconds in scores.seconds.items():
+            clock[name] += seconds
+        for method, values in scores.components.items():
+            rows[method].append(values)
+        for (index, item), b in zip(batch_pairs, range(len(batch))):
+            for method, values in scores.tokens.items():
+                token_rows[method][index] = values[b, : item.n_tokens]
+            if scores.udig_delta is not None and bool(udig[b]):
+                udig_delta[index] = float(scores.udig_delta[b])
         subject = torch.tensor([i.subject_pos for i in batch])
-        # as in Du et al., the subject is a token other than the one the verb is predicted at
-        apart = torch.tensor([i.subject_pos < i.n_tokens - 1 for i in batch])
-        for agg in ("oplus", "bucket_sum"):
-            if apart.any():
-                shares[f"subject/{agg}"].append((branch_shares(graph, subject, agg=agg, values=graph_score.max_backward,
-                                                               include=apart), int(apart.sum())))
-            shares[f"last/{agg}"].append((branch_shares(graph, -1, agg=agg, values=graph_score.max_backward), len(batch)))
-        scores["flow"].append(graph_score.flow_share)
-        scores["top_path"].append(graph_score.top_path)
-        attr = attribution_patching(model, tokens, cf_tokens, graph_score.gradients, clean=graph.activations)
-        scores["attribution"].append(stack_effects(attr, reg))
-        entropy = path_entropy(graph).double().cpu()
-        for item, h in zip(batch, entropy.tolist()):
+        apart = torch.tensor([i.subject_pos < i.n_tokens - 1 for i in batch])  # Du et al.: not the verb's position
+        for method, branch in scores.branches.items():
+            include = apart if branch.include is None else apart & branch.include
+            if include.any():
+                shares[f"subject/{method}"].append((branch_shares(scores.graph, subject, semiring=branch.semiring,
+                                                                  agg=branch.agg, values=branch.values, include=include),
+                                                    int(include.sum())))
+            if method == "top_path":
+                shares["last/top_path"].append((branch_shares(scores.graph, -1, semiring=Max, agg="oplus",
+                                                              values=branch.values), len(batch)))
+        entropy, count = path_entropy(scores.graph).double().cpu(), path_count(scores.graph).double().cpu()
+        for item, h, n in zip(batch, entropy.tolist(), count.tolist()):
             per_item.append(dict(prefix=item.prefix, condition=item.condition, n_attractors=item.n_attractors,
-                                 subject_number=item.subject_number, n_tokens=item.n_tokens, path_entropy=h))
-        wanted = [b for b, i in enumerate(batch) if i.n_attractors > 0][: config.examples - len(examples)]
-        if wanted and example_graph is None:
-            b = wanted[0]
-            example_graph = (component_graph(graph, Abs, batch=b, min_share=0.005),
-                             [model.tokenizer.decode([t]) for t in tokens[b, : batch[b].n_tokens].tolist()],
-                             f"|gradient| flow between components: {batch[b].prefix!r} → {batch[b].good!r} vs {batch[b].bad!r}")
+                                 subject_number=item.subject_number, n_tokens=item.n_tokens, path_entropy=h,
+                                 log_paths=n, normalised_entropy=h / n))
+        wanted = [b for b, i in enumerate(batch) if i.n_attractors > 0 and i.subject_pos < i.n_tokens - 1]
+        wanted = wanted[: config.examples - len(examples)]
         if wanted:
-            comp = top_component_paths(graph, k=5, search=config.top_k, items=wanted)
+            from_subject = top_component_paths(scores.graph, k=5, search=config.top_k, items=wanted, sources=subject)
+            overall = top_component_paths(scores.graph, k=3, search=config.top_k, items=wanted)
             for b in wanted:
                 item = batch[b]
                 words = [model.tokenizer.decode([t]) for t in tokens[b, : item.n_tokens].tolist()]
-                examples.append(dict(prefix=item.prefix, good=item.good, bad=item.bad, tokens=words,
-                                     paths=[dict(components=list(c), weight=w, scalar_paths=n) for c, w, n in comp[b]]))
+                examples.append(dict(
+                    prefix=item.prefix, good=item.good, bad=item.bad, tokens=words, subject=item.subject_pos,
+                    attractors=list(item.attractor_pos),
+                    from_subject=[dict(components=list(c), weight=w, scalar_paths=n) for c, w, n in from_subject[b]],
+                    overall=[dict(components=list(c), weight=w, scalar_paths=n) for c, w, n in overall[b]]))
+                if example_graph is None:
+                    example_graph = _example_graph(scores, b, item, words, labels)
     rows_of = torch.tensor(order).argsort()  # row r of the concatenated scores is chosen[order[r]]
-    methods = {"gradient flow (Abs share)": torch.cat(scores["flow"])[rows_of],
-               "top-path value (Max)": torch.cat(scores["top_path"])[rows_of],
-               "attribution patching": torch.cat(scores["attribution"])[rows_of]}
-    shares_mean = {name: BranchShares.mean(parts) for name, parts in shares.items()}
-    return _GraphStage(shares_mean, methods, per_item, examples, example_graph)
+    tokens = {m: [values[i] for i in range(len(chosen))] for m, values in token_rows.items()}
+    return _GraphStage({m: torch.cat(v)[rows_of] for m, v in rows.items()}, tokens,
+                       {name: BranchShares.mean(parts) for name, parts in shares.items()}, per_item, examples,
+                       example_graph, [udig_delta[i] for i in sorted(udig_delta)], dict(clock))
 
 
-def _intervention_stage(model, reg: Registry, chosen: list[SVAItem], config: Config):
-    """Mean ablation and activation patching of every head and MLP on a subset of the items:
-    ``(effects by name [subset, layers, heads + 1], the rows of chosen they belong to)``."""
-    subset = take(chosen, config.intervention_items, seed=config.seed + 1)
-    indexed = [(next(n for n, c in enumerate(chosen) if c is item), item) for item in subset]
+def _intervention_stage(model, chosen: list[SVAItem], subset: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """Mean ablation and activation patching of every head, q/k/v input and MLP on ``subset``
+    (rows of ``chosen``): ``{truth: [len(subset), components]}``."""
+    labels = component_labels(model)
     tokens_all, mask_all = to_tokens(model, [i.prefix for i in chosen])
     means = activation_means(model, tokens_all, mask_all)
-    ablation, patching, rows = [], [], []
-    for batch_pairs in tqdm(_batches(indexed, config.intervention_items), desc="ablation + patching", unit="batch"):
-        batch = [item for _, item in batch_pairs]
-        tokens, mask = to_tokens(model, [i.prefix for i in batch])
-        cf_tokens, _ = to_tokens(model, [i.counterfactual for i in batch])
-        effects = intervene(model, tokens, mask, _metric(batch), counterfactual=cf_tokens, means=means)
-        ablation.append(stack_effects(effects["mean_ablation"], reg))
-        patching.append(stack_effects(effects["patching"], reg))
-        rows += [index for index, _ in batch_pairs]
-    return {"mean ablation |Δ|": torch.cat(ablation), "activation patching |Δ|": torch.cat(patching)}, rows
+    items = [chosen[i] for i in subset]
+    tokens, mask_ = to_tokens(model, [i.prefix for i in items])
+    cf_tokens, _ = to_tokens(model, [i.counterfactual for i in items])
+    good, bad = _ids(items)
+    from gradgraph.metrics import logit_diff
+
+    effects = intervene(model, tokens, mask_, logit_diff(good, bad), counterfactual=cf_tokens, means=means,
+                        kinds=PATHWAYS)
+    return {truth: torch.stack([effects[truth][label] for label in labels], 1).double().cpu() for truth in TRUTHS}
 
 
-def _correlations(methods: dict, truths: dict, rows: list[int], n_heads: int) -> list[dict]:
-    """Spearman ρ over heads between each method's |score| (on the intervened items) and |effect|."""
-    out = []
-    for name, value in methods.items():
-        mean_sub = value[torch.tensor(rows)].abs().mean(0)
-        for truth_name, truth in truths.items():
-            rho = spearmanr(mean_sub[:, :n_heads].flatten().numpy(),
-                            truth.mean(0).abs()[:, :n_heads].flatten().numpy()).statistic
-            out.append(dict(method=name + (" |Δ|" if "patching" in name else ""), ground_truth=truth_name,
-                            spearman_heads=float(rho)))
-    return out
-
-
-def _head_rows(reg: Registry, methods: dict, truths: dict) -> list[dict]:
+def _component_rows(labels: list[str], methods: dict, truths: dict, intervened: list[int]) -> list[dict]:
     rows = []
-    for layer in range(reg.n_layers):
-        for h in range(reg.n_heads + 1):
-            component = Component("head", layer, h) if h < reg.n_heads else Component("mlp", layer)
-            rows.append(dict(
-                component=reg.label(component), layer=layer, head=h if h < reg.n_heads else None,
-                flow_share=float(methods["gradient flow (Abs share)"][:, layer, h].mean()),
-                top_path=float(methods["top-path value (Max)"][:, layer, h].mean()),
-                attribution_patching=float(methods["attribution patching"][:, layer, h].mean()),
-                mean_ablation=float(truths["mean ablation |Δ|"][:, layer, h].mean()),
-                patching=float(truths["activation patching |Δ|"][:, layer, h].mean()),
-            ))
+    means = {m: importance(v[~torch.isnan(v).any(1)].numpy()) for m, v in methods.items()}
+    effects = {t: importance(v.numpy()) for t, v in truths.items()}
+    for c, label in enumerate(labels):
+        kind = "MLP" if label.startswith("MLP") else ("head" if "." not in label else label.split(".")[1])
+        row = dict(component=label, kind=kind, layer=int(label[3:] if label.startswith("MLP") else label[1:].split("H")[0]))
+        row.update({m: float(v[c]) for m, v in means.items()})
+        row.update({t: float(v[c]) for t, v in effects.items()})
+        rows.append(row)
     return rows
 
 
 def _entropy_rows(per_item: list[dict]) -> list[dict]:
-    """Mean path entropy and its standard error per condition and attractor count."""
+    """Mean path entropy (raw and divided by log N) and standard errors per condition and attractor count."""
     groups = defaultdict(list)
     for row in per_item:
-        groups[(row["condition"], row["n_attractors"])].append(row["path_entropy"])
+        groups[(row["condition"], row["n_attractors"])].append(row)
     rows = []
-    for (condition, n_attr), values in sorted(groups.items()):
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-        rows.append(dict(condition=condition, n_attractors=n_attr, n=len(values), mean=mean, sem=sd / math.sqrt(len(values))))
+    for (condition, n_attr), members in sorted(groups.items()):
+        out = dict(condition=condition, n_attractors=n_attr, n=len(members))
+        for key in ("path_entropy", "normalised_entropy", "log_paths"):
+            values = [r[key] for r in members]
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+            out[key], out[f"{key}_sem"] = mean, sd / math.sqrt(len(values))
+        rows.append(out)
     return rows
 
 
 def run(config: Config) -> Result:
     """Run the whole study (no files written)."""
-    if config.limit < 1 or config.intervention_items < 1:
-        raise GradGraphError("--limit and --intervention-items must be positive numbers of items")
+    if config.limit < 1 or config.intervention_items < 1 or config.batch_size < 1:
+        raise GradGraphError("--limit, --intervention-items and --batch-size must be positive numbers")
+    check_out(config.out)
+    methods = check_methods(config.methods)
     start = time.time()
     model = load_model(config.model)
-    reg = Registry.of(model)
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    labels = component_labels(model)
     items = sva_items(model.tokenizer, seed=config.seed, prepend_bos=model.cfg.default_prepend_bos)
     results = evaluate_sva(model, items)
     accuracy = accuracy_table(results)
     print(f"\nSVA accuracy of {config.model} ({len(results)} items):\n{format_table(accuracy)}\n")
     chosen = take([i for i in items if i.counterfactual], config.limit, seed=config.seed)
-    graphs = _graph_stage(model, reg, chosen, config)
-    truths, intervened = _intervention_stage(model, reg, chosen, config)
-    correlations = _correlations(graphs.methods, truths, intervened, n_heads)
-    head_rows = _head_rows(reg, graphs.methods, truths)
-    entropy_rows = _entropy_rows(graphs.per_item)
-    heads_only = [r for r in head_rows if r["head"] is not None]
-    rankings = {key: [r["component"] for r in sorted(heads_only, key=lambda r: -abs(r[key]))[:10]]
-                for key in ("flow_share", "top_path", "attribution_patching", "mean_ablation", "patching")}
+    subset_items = take(chosen, config.intervention_items, seed=config.seed + 1)
+    subset = sorted(next(n for n, c in enumerate(chosen) if c is item) for item in subset_items)
+    head_mask, heads_used = None, {}
+    if "mask_lrp" in methods:
+        corpus = head_types.default_corpus(model.tokenizer, config.head_sentences, seed=config.seed + 1)
+        positional, syntactic = head_types.detect(model, corpus, 0.8, 0.1)
+        head_mask = mask(model, "synt+pos", positional=positional, syntactic=syntactic)
+        heads_used = dict(syntactic_or_positional=int(head_mask.sum()), of=int(head_mask.numel()))
+    graphs = _graph_stage(model, chosen, set(subset), head_mask, config)
+    truths = _intervention_stage(model, chosen, subset, config.seed)
+    agreement_rows = []
+    for method in methods:
+        rows = graphs.methods[method][torch.tensor(subset)]
+        for truth, name in TRUTHS.items():
+            for row in agreement(rows, truths[truth], labels, resamples=config.resamples, seed=config.seed):
+                agreement_rows.append(dict(method=METHODS[method], key=method, truth=name, **row))
+    subject = []
+    for method in [m for m in TOKEN_METHODS if m in graphs.tokens]:
+        for row in subject_wins(graphs.tokens[method], chosen):
+            subject.append(dict(method=TOKEN_METHODS[method], key=method, **row))
+    components = _component_rows(labels, graphs.methods, truths, subset)
+    tokens = [dict(prefix=item.prefix, tokens=[model.tokenizer.decode([t]) for t in
+                                               to_tokens(model, item.prefix)[0][0].tolist()],
+                   subject=item.subject_pos, attractors=list(item.attractor_pos), condition=item.condition,
+                   scores={TOKEN_METHODS[m]: [None if math.isnan(v) else v for v in graphs.tokens[m][i].tolist()]
+                           for m in graphs.tokens})
+              for i, item in enumerate(chosen) if item.n_attractors > 0][:12]
     shares = graphs.shares
     summary = dict(
-        model=config.model, items_evaluated=len(results), items_analysed=len(chosen),
-        items_intervened=len(intervened), accuracy=accuracy, correlations=correlations, rankings=rankings,
-        subject_last_layers={agg: [dict(layer=l, **{b: float(shares[f"subject/{agg}"].share[l, i])
-                                                    for i, b in enumerate(BRANCHES)})
-                                   for l in range(n_layers - 3, n_layers)] for agg in ("oplus", "bucket_sum")},
-        entropy=entropy_rows, examples=graphs.examples, seconds=time.time() - start,
-    )
-    cg, words, title = graphs.component_graph or (None, [], "")
-    return Result(config, reg, n_layers, n_heads, accuracy, shares, graphs.methods, truths, intervened, correlations,
-                  head_rows, entropy_rows, graphs.per_item, graphs.examples, cg, words, title, summary)
+        model=config.model, items_evaluated=len(results), items_analysed=len(chosen), items_intervened=len(subset),
+        methods=[METHODS[m] for m in methods], accuracy=accuracy, agreement=agreement_rows, subject_wins=subject,
+        mask_lrp_heads=heads_used, udig_mean_abs_delta=(sum(abs(d) for d in graphs.udig_delta) / len(graphs.udig_delta)
+                                                        if graphs.udig_delta else None),
+        subject_last_layers={name: [dict(layer=layer, **{b: float(s.share[layer, i]) for i, b in enumerate(BRANCHES)})
+                                    for layer in range(model.cfg.n_layers - 3, model.cfg.n_layers)]
+                             for name, s in shares.items()},
+        entropy=_entropy_rows(graphs.per_item), examples=graphs.examples, stage_seconds=graphs.seconds,
+        seconds=time.time() - start)
+    return Result(config, Registry.of(model), labels, model.cfg.n_layers, model.cfg.n_heads, accuracy, graphs.methods, truths, subset,
+                  agreement_rows, components, subject, shares, summary["entropy"], graphs.per_item, graphs.examples,
+                  graphs.graph, tokens, summary)
+
+
+def _head_grid(result: Result, values: torch.Tensor) -> torch.Tensor:
+    """``[components]`` → ``[layers, heads]`` of the head outputs."""
+    grid = torch.zeros(result.n_layers, result.n_heads, dtype=torch.float64)
+    for c, label in enumerate(result.labels):
+        if label.startswith("L") and "." not in label:
+            layer, head = label[1:].split("H")
+            grid[int(layer), int(head)] = float(values[c])
+    return grid
 
 
 def write(result: Result) -> dict:
-    """Stage every table, figure and the report, then publish them together; returns the summary."""
+    """Stage every table, figure, the reports and the component graph, then publish them together."""
     config, summary = result.config, dict(result.summary)
-    n_heads = result.n_heads
-    with staged_run(config.out, config.figures, "gradgraph sva") as out:
-        share_rows = []
-        for name, s in result.shares.items():
-            for row in s.rows():
-                share_rows.append(dict(where=name.split("/")[0], agg=name.split("/")[1], **row))
+    figures = config.figures or str(Path(config.out) / "figures")
+    with staged_run(config.out, figures, "gradgraph sva") as out:
         write_csv(out.path("accuracy.csv"), result.accuracy)
-        write_csv(out.path("branch_shares.csv"), share_rows)
-        write_csv(out.path("components.csv"), result.head_rows)
-        write_csv(out.path("correlations.csv"), result.correlations)
-        write_csv(out.path("entropy.csv"), result.entropy_rows)
+        write_csv(out.path("agreement.csv"), result.agreement)
+        write_csv(out.path("components.csv"), result.components)
+        write_csv(out.path("subject_wins.csv"), result.subject)
+        write_csv(out.path("entropy.csv"), result.entropy)
         write_csv(out.path("items.csv"), result.per_item)
+        share_rows = [dict(where=name.split("/")[0], method=SHARES.get(name.split("/")[1], name), **row)
+                      for name, s in result.shares.items() for row in s.rows() if row["head"] == "all"]
+        write_csv(out.path("branch_shares.csv"), share_rows)
         out.path("examples.json").write_text(json.dumps(result.examples, indent=1))
-        sub = torch.tensor(result.intervened)
-        ablation = result.truths["mean ablation |Δ|"].mean(0).abs()
-        figures = [
+        heat = {METHODS[m]: _head_grid(result, torch.tensor(importance(v[~torch.isnan(v).any(1)].numpy())))
+                for m, v in result.methods.items()}
+        heat.update({name: _head_grid(result, torch.tensor(importance(result.truths[t].numpy())))
+                     for t, name in TRUTHS.items()})
+        made = [
             plot.sva_accuracy(result.accuracy, out.figure("sva_accuracy.png"),
                               title=f"SVA accuracy, {config.model} ({summary['items_evaluated']} items)"),
-            plot.head_heatmap(result.methods["gradient flow (Abs share)"][:, :, :n_heads].mean(0).numpy(),
-                              out.figure("sva_head_flow.png"), label="flow share",
-                              title=f"Share of |gradient| flow through each head ({summary['items_analysed']} SVA items)"),
-            plot.branch_shares_plot({"subject token, ⊕ (oplus)": result.shares["subject/oplus"],
-                                     "subject token, bucket sum": result.shares["subject/bucket_sum"],
-                                     "last token, ⊕ (oplus)": result.shares["last/oplus"]},
-                                    out.figure("sva_branch_shares.png"),
-                                    title="Where the top gradient path goes at each layer's attention input"),
-            plot.entropy_plot(result.entropy_rows, out.figure("sva_entropy.png"), title="Path entropy of the gradient graph"),
-            plot.method_scatter({
-                c["method"]: (result.methods[m][sub].abs().mean(0)[:, :n_heads].flatten().numpy(),
-                              ablation[:, :n_heads].flatten().numpy(), c["spearman_heads"], "|mean-ablation effect|")
-                for m, c in zip(result.methods, [c for c in result.correlations
-                                                 if c["ground_truth"] == "mean ablation |Δ|"])},
-                out.figure("sva_methods_vs_ablation.png"), title="Head scores against mean-ablation effects"),
+            plot.agreement_plot(result.agreement, out.figure("sva_agreement.png"),
+                                title=f"Agreement of each method with interventions ({len(result.intervened)} items, "
+                                      f"95 % bootstrap intervals)"),
+            plot.head_heatmaps({k: v.numpy() for k, v in heat.items()}, out.figure("sva_heads_by_method.png"),
+                               title="Mean |score| of each head's output, by method"),
+            plot.branch_shares_plot({SHARES[n.split("/")[1]]: s for n, s in result.shares.items()
+                                     if n.startswith("subject/")}, out.figure("sva_branch_shares.png"),
+                                    title="q/k/v/skip shares at the subject token's attention inputs"),
+            plot.subject_wins_plot(result.subject, out.figure("sva_subject_wins.png"),
+                                   title="How often the subject outweighs every attractor, by method"),
+            plot.entropy_plot(result.entropy, out.figure("sva_entropy.png"), title="Path entropy of the gradient graph"),
         ]
         if result.examples:
             first = result.examples[0]
-            figures.append(plot.circuit_plot(
-                [(tuple(p["components"]), p["weight"], p["scalar_paths"]) for p in first["paths"]], first["tokens"],
-                out.figure("sva_top_paths.png"), registry=result.registry,
-                title=f"Top component paths: {first['prefix']!r} → {first['good']!r} vs {first['bad']!r}"))
-        if result.component_graph is not None:
-            cg = result.component_graph
+            made.append(plot.circuit_plot(
+                [(tuple(p["components"]), p["weight"], p["scalar_paths"]) for p in first["from_subject"]],
+                first["tokens"], out.figure("sva_top_paths.png"), registry=result.registry,
+                title=f"Best component paths from the subject: {first['prefix']!r} → {first['good']!r} vs {first['bad']!r}"))
+        if result.graph is not None:
+            cg = nx.DiGraph()
+            for edge in result.graph["edges"]:
+                cg.add_edge(edge["source"], edge["target"], **{k: v for k, v in edge["values"].items()})
             nx.write_graphml(cg, out.path("component_graph.graphml"))
-            out.path("component_graph.json").write_text(json.dumps(nx.node_link_data(cg, edges="links"), indent=1))
-            figures.append(plot.component_graph_plot(cg, result.component_tokens, out.figure("sva_component_graph.png"),
-                                                     title=result.component_title, registry=result.registry))
-        summary["figures"] = [str(out.final(f)) for f in figures]
-        out.path("summary.json").write_text(json.dumps(summary, indent=1))
-        text = report(summary, result.shares)
+            out.path("component_graph.json").write_text(json.dumps(result.graph, indent=1))
+            slug = "gradgraph-sva"
+            tracer = circuit_tracer_graph(result.graph, slug=slug, model=config.model, n_layers=result.n_layers,
+                                          kv_group=result.registry.n_heads // result.registry.n_key_value_heads)
+            out.path(f"circuit-tracer/{slug}.json").write_text(json.dumps(tracer, indent=1))
+            out.path("circuit-tracer/graph-metadata.json").write_text(json.dumps({"graphs": [tracer["metadata"]]}, indent=1))
+        summary["figures"] = [str(out.final(f)) for f in made]
+        out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        text = markdown(summary, result)
         out.path("report.md").write_text(text)
+        figure_links = {Path(f).name: _relative(out.final(f), Path(config.out)) for f in made}
+        out.path("report.html").write_text(report.sva_page(summary, result, heat, figure_links))
     print(text)
+    print(f"\nReport: {Path(config.out) / 'report.html'} (open it in a browser; it needs no network)")
     return summary
+
+
+def _relative(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` where it lies inside it, else absolute (the report links figures)."""
+    path, base = Path(path).absolute(), Path(base).absolute()
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return path.as_uri()
 
 
 def main(config: Config) -> dict:
@@ -306,44 +408,52 @@ def main(config: Config) -> dict:
     return write(run(config))
 
 
-def report(summary: dict, shares: dict[str, BranchShares]) -> str:
+def markdown(summary: dict, result: Result) -> str:
     """A short markdown report stating the findings in numbers."""
     overall = next(r for r in summary["accuracy"] if r["condition"] == "all")
-    lines = [
-        f"# Subject–verb agreement in {summary['model']}",
-        "",
-        f"- Accuracy (good verb's logit above the bad one's): **{overall['accuracy']:.3f}** over {overall['n']} items.",
-    ]
-    for row in summary["accuracy"]:
-        if row["condition"] != "all":
-            lines.append(f"  - {row['condition']}, {row['n_attractors']} attractor(s): {row['accuracy']:.3f} "
-                         f"(mean logit difference {row['mean_logit_diff']:+.2f})")
-    lines += ["", "## Top-path branches at the subject token (Max semiring; items whose subject is not the last "
-              "token, i.e. all but the simple condition)", ""]
-    lines.append("| layer | agg | q | k | v | skip |")
-    lines.append("|---|---|---|---|---|---|")
-    for agg, rows in summary["subject_last_layers"].items():
-        for r in rows:
-            lines.append(f"| {r['layer']} | {agg} | {r['q']:.3f} | {r['k']:.3f} | {r['v']:.3f} | {r['skip']:.3f} |")
-    last = shares["last/oplus"].share
-    skip_layers = int((last[:, 3] > 0.5).sum())
-    lines += ["", f"From the last token the top path takes the skip in {skip_layers} of {last.shape[0]} layers (oplus).",
-              "Du et al. (2023) found on a 6-layer BERT that 76 % of the subject's top-path gradient in the last layer "
-              "runs through the keys.", "", "## Heads", ""]
-    for key, top in summary["rankings"].items():
-        lines.append(f"- top heads by {key}: {', '.join(top[:6])}")
-    lines += ["", "| method | ground truth | Spearman ρ (heads) |", "|---|---|---|"]
-    for c in summary["correlations"]:
-        lines.append(f"| {c['method']} | {c['ground_truth']} | {c['spearman_heads']:+.3f} |")
-    lines += ["", "## Path entropy", "",
-              "Entropy grows with the number of paths, hence with sentence length: compare attractor counts "
-              "within a condition.", "", "| condition | attractors | n | mean (nats) | s.e.m. |", "|---|---|---|---|---|"]
+    lines = [f"# Subject–verb agreement in {summary['model']}", "",
+             f"- Accuracy (good verb's logit above the bad one's): **{overall['accuracy']:.3f}** over {overall['n']} items.",
+             f"- Graph methods on {summary['items_analysed']} items; interventions (and UDIG) on "
+             f"{summary['items_intervened']}.", ""]
+    lines += ["## Agreement with interventions (Spearman ρ of mean |score| with mean |effect|, 95 % bootstrap interval)",
+              "", "| method | ground truth | heads | q/k/v inputs | MLPs | all | top-10 overlap (heads) |",
+              "|---|---|---|---|---|---|---|"]
+    by = defaultdict(dict)
+    for r in summary["agreement"]:
+        by[(r["method"], r["truth"])][r["group"]] = r
+    for (method, truth), groups in by.items():
+        cells = [f"{g['spearman']:+.2f} [{g['spearman_low']:+.2f}, {g['spearman_high']:+.2f}]" if g else ""
+                 for g in (groups.get(k) for k in ("heads", "q/k/v inputs", "MLPs", "all"))]
+        heads = groups.get("heads")
+        overlap = f"{heads['overlap']:.1f} [{heads['overlap_low']:.1f}, {heads['overlap_high']:.1f}]" if heads else ""
+        lines.append(f"| {method} | {truth} | " + " | ".join(cells) + f" | {overlap} |")
+    lines += ["", "## The subject against the attractors (share of items where |attribution| of the subject "
+              "exceeds every attractor's)", "", "| method | condition | attractors | n | subject wins |",
+              "|---|---|---|---|---|"]
+    for r in summary["subject_wins"]:
+        lines.append(f"| {r['method']} | {r['condition']} | {r['n_attractors'] if r['n_attractors'] is not None else 'any'} "
+                     f"| {r['n']} | {r['subject_wins']:.2f} |")
+    lines += ["", "## q/k/v/skip shares at the subject token, last layers", "",
+              "| method | layer | q | k | v | skip |", "|---|---|---|---|---|---|"]
+    for name, rows in summary["subject_last_layers"].items():
+        if name.startswith("subject/"):
+            for r in rows:
+                lines.append(f"| {SHARES[name.split('/')[1]]} | {r['layer']} | {r['q']:.3f} | {r['k']:.3f} | "
+                             f"{r['v']:.3f} | {r['skip']:.3f} |")
+    lines += ["", "Du et al. (2023): 76 % of the subject's top-path gradient in a 6-layer BERT's last layer runs "
+              "through the keys.", "", "## Path entropy", "",
+              "| condition | attractors | n | entropy (nats) | entropy / log N | log N |", "|---|---|---|---|---|---|"]
     for r in summary["entropy"]:
-        lines.append(f"| {r['condition']} | {r['n_attractors']} | {r['n']} | {r['mean']:.2f} | {r['sem']:.2f} |")
-    lines += ["", "## Top component paths", ""]
+        lines.append(f"| {r['condition']} | {r['n_attractors']} | {r['n']} | {r['path_entropy']:.2f} ± "
+                     f"{r['path_entropy_sem']:.2f} | {r['normalised_entropy']:.3f} ± {r['normalised_entropy_sem']:.3f} | "
+                     f"{r['log_paths']:.1f} |")
+    lines += ["", "## Best component paths from the subject", ""]
     for ex in summary["examples"]:
-        lines.append(f"- {ex['prefix']!r} → {ex['good']!r} (vs {ex['bad']!r}):")
-        for p in ex["paths"]:
+        lines.append(f"- {ex['prefix']!r} → {ex['good']!r} (vs {ex['bad']!r}), subject at {ex['subject']}:")
+        for p in ex["from_subject"]:
             lines.append(f"  - {p['weight']:+.3g}: {' → '.join(p['components'])}")
-    lines += ["", f"Run time: {summary['seconds']:.0f} s. Figures: {', '.join(summary['figures'])}.", ""]
+    if summary.get("udig_mean_abs_delta") is not None:
+        lines += ["", f"UDIG's completeness error |Σ attribution − (F(x) − F(x′))|: mean "
+                      f"{summary['udig_mean_abs_delta']:.3f} over {summary['items_intervened']} items."]
+    lines += ["", f"Run time: {summary['seconds']:.0f} s. Interactive report: report.html.", ""]
     return "\n".join(lines)

@@ -1,0 +1,310 @@
+"""The interactive report: one self-contained HTML file (plotly.js inlined; no CDN, no server).
+
+Sections: the headline numbers, the component graph of one sentence (layers left to right,
+positions top to bottom; hovering a node or an edge shows its label and its value by every method;
+a method selector colours the nodes, a threshold slider hides the weaker edges), head × layer
+heatmaps per method, the tokens of several items coloured by each method, and the tables. Drawing
+is plotly's; the page's own script only turns the selector and the slider into plotly traces.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+
+import plotly.graph_objects as go
+import plotly.offline
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+td, th { border: 1px solid #ddd; padding: 3px 7px; text-align: right; } th { background: #f4f4f4; }
+td:first-child, th:first-child { text-align: left; }
+.headline { display: flex; flex-wrap: wrap; gap: 1em; }
+.headline div { background: #f4f6fa; padding: 0.6em 1em; border-radius: 6px; }
+.headline b { display: block; font-size: 1.4em; }
+.tokens span.t { padding: 1px 3px; margin: 1px; border-radius: 3px; display: inline-block; }
+.tokens span.subject { outline: 2px solid #222; } .tokens span.attractor { outline: 2px dashed #888; }
+.tokens td { text-align: left; } .controls { margin: 0.5em 0; } .controls label { margin-right: 1.5em; }
+figure { display: inline-block; margin: 0.5em; } figure img { max-width: 560px; border: 1px solid #eee; }
+"""
+
+_GRAPH_SCRIPT = """
+(function () {
+  const G = JSON.parse(document.getElementById('gg-graph-data').textContent);
+  // within a layer, left to right: query inputs, key inputs, value inputs, head outputs, the MLP
+  const H = G.n_heads, K = G.n_key_value_heads, slots = 2 * H + 2 * K + 1;
+  function slot(branch, head) {
+    return {q: head, k: H + head, v: H + K + head, head: H + 2 * K + head, mlp: slots - 1}[branch];
+  }
+  function place(label) {
+    if (label === 'metric') return [G.n_layers + 0.5, G.n_tokens - 1];
+    const [name, pos] = label.split('@');
+    if (name === 'embed') return [-1, +pos];
+    if (name.startsWith('MLP')) return [+name.slice(3) + 0.4, +pos];
+    const layer = +name.slice(1).split('H')[0];
+    const branch = name.includes('.') ? name.split('.')[1] : 'head';
+    let head = +name.slice(1).split('H')[1].split('-')[0].split('.')[0];
+    if (branch === 'k' || branch === 'v') head = Math.floor(head / (H / K));
+    return [layer - 0.4 + 0.8 * slot(branch, head) / (slots - 1), +pos];
+  }
+  const labels = Object.keys(G.nodes);
+  const methods = Object.keys(G.methods);
+  const select = document.getElementById('gg-method');
+  const slider = document.getElementById('gg-threshold');
+  const shown = document.getElementById('gg-visible');
+  const fmt = v => (v === null || v === undefined) ? 'n/a' : Number(v).toPrecision(3);
+  function describe(values, names) {
+    return Object.keys(names).map(m => names[m] + ': ' + fmt(values[m])).join('<br>');
+  }
+  window.ggReport = {nodeCount: labels.length, visibleEdges: 0};
+  function render() {
+    const method = select.value;
+    const edgeMethod = (method in G.edge_methods) ? method : 'flow';
+    const top = Math.max(1e-300, ...G.edges.map(e => e.values[edgeMethod] || 0));
+    const threshold = (+slider.value / 100) * top;
+    const kept = G.edges.filter(e => (e.values[edgeMethod] || 0) >= threshold && (e.values[edgeMethod] || 0) > 0);
+    const traces = [];
+    const bins = [0.25, 0.5, 0.75, 1.01];
+    [false, true].forEach(across => bins.forEach((upper, i) => {
+      const x = [], y = [];
+      kept.filter(e => e.values[edgeMethod] / top < upper && e.values[edgeMethod] / top >= (i ? bins[i - 1] : 0))
+        .filter(e => (place(e.source)[1] !== place(e.target)[1]) === across)
+        .forEach(e => { const a = place(e.source), b = place(e.target); x.push(a[0], b[0], null); y.push(a[1], b[1], null); });
+      const colour = across ? '196,78,82' : '76,114,176';  // red: attention moves it across positions
+      traces.push({x, y, mode: 'lines', type: 'scatter', hoverinfo: 'skip', showlegend: false,
+                   line: {width: 0.8 + 4 * upper, color: 'rgba(' + colour + ',' + (0.35 + 0.6 * upper) + ')'}});
+    }));
+    traces.push({type: 'scatter', mode: 'markers', showlegend: false, marker: {size: 5, color: 'rgba(0,0,0,0)'},
+                 x: kept.map(e => (place(e.source)[0] + place(e.target)[0]) / 2),
+                 y: kept.map(e => (place(e.source)[1] + place(e.target)[1]) / 2),
+                 hovertemplate: '%{text}<extra></extra>',
+                 text: kept.map(e => e.source + ' → ' + e.target + '<br>' + describe(e.values, G.edge_methods))});
+    const touched = new Set(kept.flatMap(e => [e.source, e.target]));
+    const drawn = labels.filter(l => touched.has(l) || l === 'metric' || l.startsWith('embed@'));
+    const values = drawn.map(l => G.nodes[l][method]);
+    const finite = values.filter(v => v !== null && v !== undefined);
+    const signed = finite.some(v => v < 0);
+    const scale = Math.max(1e-300, ...finite.map(Math.abs));
+    traces.push({type: 'scatter', mode: 'markers', showlegend: false,
+                 x: drawn.map(l => place(l)[0]), y: drawn.map(l => place(l)[1]),
+                 marker: {size: 9, line: {width: 0.5, color: '#333'},
+                          color: values.map(v => (v === null || v === undefined) ? 0 : v),
+                          colorscale: signed ? 'RdBu' : 'Viridis', reversescale: signed,
+                          cmin: signed ? -scale : 0, cmax: scale, colorbar: {title: {text: G.methods[method]}}},
+                 hovertemplate: '%{text}<extra></extra>',
+                 text: drawn.map(l => '<b>' + l + '</b><br>' + describe(G.nodes[l], G.methods))});
+    const layout = {height: 110 + 34 * G.n_tokens, margin: {l: 140, r: 20, t: 10, b: 40}, hovermode: 'closest',
+                    xaxis: {title: {text: 'layer (embeddings left, metric right)'}, zeroline: false},
+                    yaxis: {autorange: 'reversed', tickvals: G.tokens.map((_, i) => i),
+                            ticktext: G.tokens.map((t, i) => i + ': ' + JSON.stringify(t)), zeroline: false}};
+    Plotly.react('gg-graph', traces, layout, {responsive: true});
+    window.ggReport.visibleEdges = kept.length;
+    window.ggReport.visibleNodes = drawn.length;
+    shown.textContent = kept.length + ' of ' + G.edges.length + ' edges and ' + drawn.length + ' of ' + labels.length +
+                        ' components shown (' + G.edge_methods[edgeMethod] + ' ≥ ' + slider.value +
+                        ' % of the strongest edge; blue: within a position, red: across positions)';
+  }
+  methods.forEach(m => { const o = document.createElement('option'); o.value = m; o.textContent = G.methods[m]; select.appendChild(o); });
+  select.addEventListener('change', render);
+  slider.addEventListener('input', render);
+  render();
+})();
+"""
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            value = row.get(key) if not callable(key) else key(row)
+            cells.append(f"<td>{html.escape(_fmt(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _pivot(rows: list[dict]) -> list[dict]:
+    """One row per method and ground truth: ρ [interval] per component group, the heads' top-k overlap."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        row = out.setdefault((r["method"], r["truth"]), dict(method=r["method"], truth=r["truth"]))
+        row[r["group"]] = f"{r['spearman']:+.2f} [{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]"
+        if r["group"] == "heads":
+            row["overlap"] = f"{r['overlap']:.2f} [{r['overlap_low']:.2f}, {r['overlap_high']:.2f}]"
+    return list(out.values())
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def _colour(value: float | None, top: float) -> str:
+    if value is None or top <= 0:
+        return "#eeeeee"
+    level = min(1.0, abs(value) / top)
+    fade = int(255 * (1 - 0.8 * level))
+    return f"rgb(255,{fade},{fade})" if value >= 0 else f"rgb({fade},{fade},255)"
+
+
+def _tokens(items: list[dict]) -> str:
+    """Each item's tokens, one row per method, coloured by score (red +, blue −, per row's max)."""
+    out = []
+    for item in items:
+        rows = []
+        for method, scores in item["scores"].items():
+            if all(s is None for s in scores):
+                continue  # the method did not run on this item (UDIG runs on the intervention items)
+            finite = [abs(s) for s in scores if s is not None]
+            top = max(finite, default=0.0)
+            spans = []
+            for p, (token, value) in enumerate(zip(item["tokens"], scores)):
+                role = " subject" if p == item["subject"] else (" attractor" if p in item["attractors"] else "")
+                title = f"{method}: {_fmt(value)}"
+                spans.append(f'<span class="t{role}" style="background:{_colour(value, top)}" '
+                             f'title="{html.escape(title)}">{html.escape(token)}</span>')
+            rows.append(f"<tr><td>{html.escape(method)}</td><td>{''.join(spans)}</td></tr>")
+        out.append(f"<h3>{html.escape(item['prefix'])} <small>({html.escape(item['condition'])})</small></h3>"
+                   f"<table class='tokens'>{''.join(rows)}</table>")
+    return "\n".join(out)
+
+
+def _heatmaps(heat: dict, div_id: str) -> str:
+    """Head × layer heatmaps, a dropdown to choose the method."""
+    names = list(heat)
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        values = heat[name].tolist()
+        fig.add_trace(go.Heatmap(z=values, colorscale="Viridis", visible=i == 0, name=name,
+                                 hovertemplate="layer %{y}, head %{x}<br>" + name + ": %{z:.3g}<extra></extra>"))
+    buttons = [dict(label=name, method="update", args=[{"visible": [j == i for j in range(len(names))]}])
+               for i, name in enumerate(names)]
+    fig.update_layout(updatemenus=[dict(buttons=buttons, x=0, y=1.12, xanchor="left")], height=620,
+                      xaxis_title="head", yaxis_title="layer", margin=dict(t=60))
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)
+
+
+def sva_page(summary: dict, result, heat: dict, figures: dict[str, str]) -> str:
+    """The SVA study's page (``result``: ``gradgraph.studies.sva.Result``)."""
+    overall = next(r for r in summary["accuracy"] if r["condition"] == "all")
+    best = {}
+    for r in summary["agreement"]:
+        if r["group"] == "heads" and r["truth"] == "activation patching":
+            best[r["method"]] = r
+    leader = max(best.values(), key=lambda r: r["spearman"]) if best else None
+    headline = [("accuracy", f"{overall['accuracy']:.3f}", f"{overall['n']} items"),
+                ("items", f"{summary['items_analysed']} / {summary['items_intervened']}", "graph methods / interventions"),
+                ("methods", str(len(summary["methods"])), ", ".join(summary["methods"])),
+                ("run time", f"{summary['seconds'] / 60:.1f} min", "2-core CPU" if summary.get("cpu") else "")]
+    if leader:
+        headline.insert(1, ("best head ranking", f"ρ = {leader['spearman']:+.2f}",
+                            f"{leader['method']} vs activation patching"))
+    cards = "".join(f"<div>{html.escape(a)}<b>{html.escape(b)}</b><small>{html.escape(c)}</small></div>"
+                    for a, b, c in headline)
+    agreement = _table(_pivot(summary["agreement"]), [("method", "method"), ("truth", "ground truth")] + [
+        (key, title) for key, title in (("heads", "heads ρ"), ("q/k/v inputs", "q/k/v inputs ρ"), ("MLPs", "MLPs ρ"),
+                                        ("all", "all ρ"), ("overlap", "top-10 heads overlap"))])
+    wins = _table(summary["subject_wins"], [("method", "method"), ("condition", "condition"),
+                                            (lambda r: "any" if r["n_attractors"] is None else r["n_attractors"],
+                                             "attractors"), ("n", "items"), ("subject_wins", "subject > every attractor")])
+    shares_rows = [dict(method=name.split("/")[1], **row) for name, rows in summary["subject_last_layers"].items()
+                   if name.startswith("subject/") for row in rows]
+    shares = _table(shares_rows, [("method", "method"), ("layer", "layer"), ("q", "q"), ("k", "k"), ("v", "v"),
+                                  ("skip", "skip")])
+    entropy = _table(summary["entropy"], [("condition", "condition"), ("n_attractors", "attractors"), ("n", "n"),
+                                          ("path_entropy", "entropy (nats)"), ("normalised_entropy", "entropy / log N"),
+                                          ("log_paths", "log N")])
+    paths = []
+    for ex in summary["examples"]:
+        items = "".join(f"<li>{p['weight']:+.3g}: {html.escape(' → '.join(p['components']))}</li>"
+                        for p in ex["from_subject"])
+        paths.append(f"<p>{html.escape(repr(ex['prefix']))} → {html.escape(repr(ex['good']))} "
+                     f"(subject at position {ex['subject']})</p><ul>{items}</ul>")
+    graph_section = "<p>No example sentence with attractors among the analysed items.</p>"
+    if result.graph is not None:
+        payload = dict(result.graph, n_layers=result.n_layers, n_heads=result.registry.n_heads,
+                       n_key_value_heads=result.registry.n_key_value_heads)
+        data = json.dumps(payload).replace("</", "<\\/")
+        graph_section = (
+            f"<p>{html.escape(repr(result.graph['prefix']))} → {html.escape(repr(result.graph['good']))} vs "
+            f"{html.escape(repr(result.graph['bad']))}. Edges: flow between components (gradient flow or best "
+            f"path; hover for both); nodes coloured by the chosen method.</p>"
+            "<div class='controls'><label>method <select id='gg-method'></select></label>"
+            "<label>edges ≥ <input id='gg-threshold' type='range' min='0' max='60' value='5'> % of the strongest</label>"
+            "<span id='gg-visible'></span></div><div id='gg-graph'></div>"
+            f"<script type='application/json' id='gg-graph-data'>{data}</script>")
+    gallery = "".join(f"<figure><a href='{html.escape(link)}'><img src='{html.escape(link)}' alt='{html.escape(name)}'>"
+                      f"</a><figcaption>{html.escape(name)}</figcaption></figure>" for name, link in figures.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gradgraph: subject–verb agreement in {html.escape(summary['model'])}</title>
+<style>{_STYLE}</style>
+<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script></head>
+<body>
+<h1>Subject–verb agreement in {html.escape(summary['model'])}</h1>
+<div class="headline">{cards}</div>
+<h2>Which components carry agreement: every method against interventions</h2>
+<p>A component's importance is the mean over the intervened items of |score| (|effect| for mean ablation
+and activation patching); Spearman ρ between the two, and the overlap of their top-k components, with
+95 % bootstrap intervals over items. Tables: <a href="agreement.csv">agreement.csv</a>,
+<a href="components.csv">components.csv</a>.</p>
+{agreement}
+<h2>Component graph</h2>
+{graph_section}
+<h2>Heads by method</h2>
+{_heatmaps(heat, "gg-heatmaps")}
+<h2>Tokens by method</h2>
+<p>Red: the token supports the agreeing verb, blue: the other; each row on its own scale. Subject outlined,
+attractors dashed.</p>
+<div class="tokens">{_tokens(result.tokens)}</div>
+<h2>The subject against the attractors</h2>
+{wins}
+<h2>q/k/v/skip shares at the subject token (last layers)</h2>
+{shares}
+<h2>Path entropy</h2>
+{entropy}
+<h2>Best component paths from the subject</h2>
+{''.join(paths)}
+<h2>Figures</h2>
+{gallery}
+<script type="text/javascript">{_GRAPH_SCRIPT if result.graph is not None else ''}</script>
+</body></html>
+"""
+
+
+def heads_page(summary: dict, heat: dict, tokens: list[dict], figures: dict[str, str]) -> str:
+    """``gradgraph heads``' page: agreement with interventions, heatmaps per method, tokens."""
+    agreement = (_table(_pivot(summary["agreement"]), [("method", "method"), ("truth", "ground truth")] + [
+        (key, title) for key, title in (("heads", "heads ρ"), ("q/k/v inputs", "q/k/v inputs ρ"), ("MLPs", "MLPs ρ"),
+                                        ("all", "all ρ"), ("overlap", "top-10 heads overlap"))])
+                 if summary["agreement"] else "<p>No intervention to compare with.</p>")
+    gallery = "".join(f"<figure><a href='{html.escape(link)}'><img src='{html.escape(link)}' alt='{html.escape(name)}'>"
+                      f"</a><figcaption>{html.escape(name)}</figcaption></figure>" for name, link in figures.items())
+    title = f"Heads for logit({summary['good']!r}) − logit({summary['bad']!r}) in {summary['model']}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gradgraph: {html.escape(title)}</title>
+<style>{_STYLE}</style>
+<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<div class="headline"><div>prompts<b>{summary['prompts']}</b></div>
+<div>methods<b>{len(summary['methods'])}</b><small>{html.escape(', '.join(summary['methods']))}</small></div></div>
+<h2>Every method against interventions</h2>
+<p>Importance: mean over prompts of |score| (|effect|); Spearman ρ and top-k overlap with 95 % bootstrap
+intervals over prompts. Tables: <a href="heads.csv">heads.csv</a>, <a href="agreement.csv">agreement.csv</a>.</p>
+{agreement}
+<h2>Heads by method</h2>
+{_heatmaps(heat, "gg-heatmaps")}
+<h2>Tokens by method</h2>
+<div class="tokens">{_tokens(tokens)}</div>
+<h2>Figures</h2>
+{gallery}
+</body></html>
+"""
+
+
+__all__ = ["heads_page", "sva_page"]
