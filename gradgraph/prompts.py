@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformer_lens import HookedTransformer
 
@@ -87,3 +89,19 @@ def to_tokens(
         )
     device = model.cfg.device
     return tokens.to(device), mask.to(device)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; an empty line is an error (it would silently shift any pairing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradGraphError(f"prompts file {path} does not exist")
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing newlines are fine
+    empty = [n + 1 for n, line in enumerate(lines) if not line.strip()]
+    if empty:
+        raise GradGraphError(f"{path} has empty line(s) {empty[:5]}; give one non-empty prompt per line")
+    if not lines:
+        raise GradGraphError(f"{path} has no prompts")
+    return lines

@@ -35,3 +35,18 @@ def no_hooks_left(model) -> bool:
         not hp.fwd_hooks and not hp.bwd_hooks and not hp._forward_hooks and not hp._backward_hooks
         for hp in model.hook_dict.values()
     )
+
+
+@pytest.fixture(scope="session")
+def sva_run(tmp_path_factory, smol_model):
+    """One small run of the SVA study (the main job) for the tests that read its output: its
+    folder, with a file of the user's that was there before."""
+    from gradgraph.cli import main
+
+    out = tmp_path_factory.mktemp("sva-run") / "sva"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("mine")
+    assert main(["sva", "--limit", "6", "--intervention-items", "2", "--methods",
+                 "flow,top_path,attribution,attn_lrp,udig", "--udig-steps", "4", "--resamples", "50",
+                 "--out", str(out)]) == 0
+    return out

@@ -7,7 +7,7 @@ import pytest
 
 from gradgraph import GradGraphError
 from gradgraph.cli import main
-from gradgraph.studies.head_ranking import read_prompts
+from gradgraph.prompts import read_prompts
 
 
 def test_empty_line_in_prompts_file(tmp_path):
@@ -29,7 +29,7 @@ def test_heads_errors_exit_cleanly(tmp_path, capsys):
 
 
 @pytest.mark.real
-def test_heads_two_token_verb_and_bad_position(tmp_path, capsys, smol_model):
+def test_heads_two_token_verb_and_bad_position(tmp_path, capsys, smol_model):  # noqa: D103
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The keys to the cabinet\n")
     out = tmp_path / "out"
@@ -48,50 +48,73 @@ def test_sva_limit_zero_is_refused(capsys):
 
 
 @pytest.mark.real
-def test_heads_ranks_every_head_by_every_method(tmp_path, capsys, smol_model):
+def test_heads_ranks_every_component_by_every_method(tmp_path, capsys, smol_model):
     prompts, counterfactuals = tmp_path / "p.txt", tmp_path / "c.txt"
-    prompts.write_text("The keys to the cabinet\nThe key to the cabinets\n")
-    counterfactuals.write_text("The key to the cabinet\nThe keys to the cabinets\n")
+    prompts.write_text("The keys to the cabinet\nThe key to the cabinets\nThe dogs near the house\n")
+    counterfactuals.write_text("The key to the cabinet\nThe keys to the cabinets\nThe dog near the house\n")
     out = tmp_path / "out"
     assert main(["heads", "--prompts", str(prompts), "--counterfactuals", str(counterfactuals), "--good", " are",
-                 "--bad", " is", "--out", str(out), "--figures", str(tmp_path / "f")]) == 0
+                 "--bad", " is", "--methods", "flow,top_path,attribution,attn_lrp", "--resamples", "50",
+                 "--out", str(out)]) == 0
     with open(out / "heads.csv") as handle:
         rows = list(csv.DictReader(handle))
-    n_layers, n_heads = smol_model.cfg.n_layers, smol_model.cfg.n_heads
-    assert len(rows) == n_layers * (n_heads + 1)
-    methods = ("flow_share", "top_path", "attribution", "ablation", "patching")
-    values = {m: [float(r[m]) for r in rows] for m in methods}
-    assert all(0 <= v <= 1 for m in ("flow_share", "top_path") for v in values[m])
-    assert max(values["top_path"]) <= 1 and max(values["flow_share"]) > 0
+    n_layers, n_heads, groups = smol_model.cfg.n_layers, smol_model.cfg.n_heads, smol_model.cfg.n_key_value_heads
+    assert len(rows) == n_layers * (2 * n_heads + 2 * groups + 1)  # q inputs, k, v, head outputs, the MLP
+    values = {m: [float(r[m]) for r in rows] for m in ("flow", "top_path", "attribution", "attn_lrp", "patching")}
+    assert all(0 <= v <= 1 for m in ("flow", "top_path") for v in values[m]) and max(values["flow"]) > 0
     # attribution patching is the first-order estimate of patching: they agree in sign on the big effects
     big = sorted(range(len(rows)), key=lambda i: -abs(values["patching"][i]))[:10]
     assert sum((values["attribution"][i] > 0) == (values["patching"][i] > 0) for i in big) >= 7
-    assert len(list((tmp_path / "f").glob("heads_*.png"))) == len(methods)
-    assert "top heads by patching" in capsys.readouterr().out
+    with open(out / "agreement.csv") as handle:
+        agreement = list(csv.DictReader(handle))
+    assert {r["truth"] for r in agreement} == {"mean ablation", "activation patching"}
+    assert all(float(r["spearman_low"]) <= float(r["spearman"]) + 1e-9 for r in agreement)
+    assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
+    assert len(list((out / "figures").glob("heads_*.png"))) == 4 + 2 + 1
+    assert "top components by patching" in capsys.readouterr().out
 
 
 @pytest.mark.real
-def test_sva_study_end_to_end(tmp_path, smol_model):
-    """The main job on a handful of items: every table, figure and the report appear, rows are the
-    items they claim to be, and a file the study did not write survives in its output folder."""
-    out, figures = tmp_path / "sva", tmp_path / "figures"
-    out.mkdir()
-    (out / "my_notes.txt").write_text("mine")
-    args = ["sva", "--limit", "8", "--intervention-items", "2", "--out", str(out), "--figures", str(figures)]
-    assert main(args) == 0
+def test_sva_study_end_to_end(sva_run):
+    """The main job on a handful of items: every table, figure and both reports appear under --out,
+    rows are the items they claim to be, and a file the study did not write survives there."""
+    out = sva_run
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["items_analysed"] == 8 and summary["items_intervened"] == 2
-    for row in summary["subject_last_layers"]["oplus"]:
-        assert abs(row["q"] + row["k"] + row["v"] + row["skip"] - 1) < 1e-9
-    for name in ("accuracy.csv", "branch_shares.csv", "components.csv", "correlations.csv", "entropy.csv",
-                 "component_graph.graphml", "report.md", "items.csv"):
+    assert summary["items_analysed"] == 6 and summary["items_intervened"] == 2
+    for name, rows in summary["subject_last_layers"].items():
+        for row in rows:
+            total = row["q"] + row["k"] + row["v"] + row["skip"]
+            assert abs(total - 1) < 1e-9 or total == 0, name
+    for name in ("accuracy.csv", "agreement.csv", "components.csv", "subject_wins.csv", "entropy.csv",
+                 "branch_shares.csv", "component_graph.graphml", "report.md", "report.html", "items.csv",
+                 "circuit-tracer/gradgraph-sva.json", "circuit-tracer/graph-metadata.json"):
         assert (out / name).stat().st_size > 0, name
-    assert len(list(figures.glob("sva_*.png"))) == 7
+    assert len(list((out / "figures").glob("sva_*.png"))) == 8
+    with open(out / "agreement.csv") as handle:
+        methods = {r["method"] for r in csv.DictReader(handle)}
+    assert methods == {"gradient flow", "best path (Max)", "attribution patching", "AttnLRP relevance",
+                       "UDIG conductance"}
     assert "Spearman" in (out / "report.md").read_text()
     assert (out / "my_notes.txt").read_text() == "mine"
     with open(out / "items.csv") as handle:
         items = list(csv.DictReader(handle))
-    assert len(items) == 8 and len({r["prefix"] for r in items}) == 8
+    assert len(items) == 6 and all(0 < float(r["normalised_entropy"]) <= 1 for r in items)
+    tracer = json.loads((out / "circuit-tracer/gradgraph-sva.json").read_text())
+    assert set(tracer) == {"metadata", "qParams", "nodes", "links"}
+    ids = {n["node_id"] for n in tracer["nodes"]}
+    assert len(ids) == len(tracer["nodes"]) and all(l["source"] in ids and l["target"] in ids for l in tracer["links"])
+    assert {n["feature_type"] for n in tracer["nodes"]} == {"embedding", "cross layer transcoder", "logit"}
+
+
+def test_sva_bad_inputs_leave_nothing_behind(tmp_path, capsys):
+    out = tmp_path / "a-file"
+    out.write_text("not a folder")
+    assert main(["sva", "--limit", "2", "--out", str(out)]) == 2
+    assert "must be a folder" in capsys.readouterr().err and out.read_text() == "not a folder"
+    with pytest.raises(SystemExit):
+        main(["sva", "--methods", "flow,shap"])
+    assert "unknown method" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [out]  # no staging folder left behind
 
 
 @pytest.mark.real

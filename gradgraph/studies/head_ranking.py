@@ -25,10 +25,10 @@ from gradgraph.heads import mask
 from gradgraph.interventions import PATHWAYS, activation_means, intervene
 from gradgraph.metrics import logit_diff
 from gradgraph.models import load_model
-from gradgraph.prompts import single_token_id, to_tokens
+from gradgraph.prompts import read_prompts, single_token_id, to_tokens
 from gradgraph.studies import head_types
 from gradgraph.studies.compare import agreement, importance
-from gradgraph.studies.output import check_out, staged_run, write_csv
+from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
 
 TRUTHS = {"mean_ablation": "mean ablation", "patching": "activation patching"}
 
@@ -49,22 +49,6 @@ class Config:
     top: int = 8  # components printed per method
     out: str = "results/heads"
     figures: str | None = None  # default: OUT/figures
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; an empty line is an error (it would silently shift any pairing)."""
-    path = Path(path)
-    if not path.is_file():
-        raise GradGraphError(f"prompts file {path} does not exist")
-    lines = path.read_text().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()  # trailing newlines are fine
-    empty = [n + 1 for n, line in enumerate(lines) if not line.strip()]
-    if empty:
-        raise GradGraphError(f"{path} has empty line(s) {empty[:5]}; give one non-empty prompt per line")
-    if not lines:
-        raise GradGraphError(f"{path} has no prompts")
-    return lines
 
 
 def rank_components(model, prompts: list[str], good: str, bad: str, *, counterfactuals: list[str] | None = None,
@@ -176,16 +160,8 @@ def write(result: dict) -> None:
                        methods=[METHODS[m] for m in result["scores"]], agreement=result["agreement"],
                        good=config.good, bad=config.bad)
         out.path("summary.json").write_text(json.dumps(summary, indent=1))
-        links = {Path(f).name: _relative(out.final(f), Path(config.out)) for f in made}
+        links = {Path(f).name: relative_link(out.final(f), Path(config.out)) for f in made}
         out.path("report.html").write_text(report.heads_page(summary, heat, result["tokens"], links))
-
-
-def _relative(path: Path, base: Path) -> str:
-    path, base = Path(path).absolute(), Path(base).absolute()
-    try:
-        return str(path.relative_to(base))
-    except ValueError:
-        return path.as_uri()
 
 
 def main(config: Config) -> list[dict]:

@@ -14,7 +14,7 @@ from gradgraph.data.sentiment import rotten_tomatoes
 from gradgraph.data.sva import sva_items
 from gradgraph.heads import RELATIONS, positional_heads, syntactic_heads
 from gradgraph.models import load_model
-from gradgraph.studies.head_ranking import read_prompts
+from gradgraph.prompts import read_prompts
 from gradgraph.studies.output import staged_run, write_csv
 
 

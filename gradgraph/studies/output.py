@@ -70,6 +70,15 @@ def check_out(out: str | Path) -> None:
             return
 
 
+def relative_link(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` where it lies inside it (a report links its figures), else a file URI."""
+    path, base = Path(path).absolute(), Path(base).absolute()
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return path.as_uri()
+
+
 def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
     """A table of dicts as CSV (columns: ``fields``, default the first row's keys); nothing when empty."""
     if not rows:

@@ -50,7 +50,7 @@ from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max
 from gradgraph.studies import head_types
 from gradgraph.studies.compare import agreement, importance, subject_wins
-from gradgraph.studies.output import check_out, staged_run, write_csv
+from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
 
 TRUTHS = {"mean_ablation": "mean ablation", "patching": "activation patching"}
 SHARES = {"top_path": "best path (Du et al.)", "flow": "gradient flow", "attn_lrp": "AttnLRP relevance",
@@ -375,7 +375,12 @@ def write(result: Result) -> dict:
         if result.graph is not None:
             cg = nx.DiGraph()
             for edge in result.graph["edges"]:
-                cg.add_edge(edge["source"], edge["target"], **{k: v for k, v in edge["values"].items()})
+                cg.add_edge(edge["source"], edge["target"], **{k: v for k, v in edge["values"].items() if v is not None})
+            flows = nx.DiGraph([(u, v, dict(weight=d["flow"])) for u, v, d in cg.edges(data=True) if "flow" in d])
+            made.append(plot.component_graph_plot(
+                flows, result.graph["tokens"], out.figure("sva_component_graph.png"), registry=result.registry,
+                title=f"|gradient| flow between components: {result.graph['prefix']!r} → {result.graph['good']!r} "
+                      f"vs {result.graph['bad']!r}"))
             nx.write_graphml(cg, out.path("component_graph.graphml"))
             out.path("component_graph.json").write_text(json.dumps(result.graph, indent=1))
             slug = "gradgraph-sva"
@@ -387,20 +392,11 @@ def write(result: Result) -> dict:
         out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str))
         text = markdown(summary, result)
         out.path("report.md").write_text(text)
-        figure_links = {Path(f).name: _relative(out.final(f), Path(config.out)) for f in made}
+        figure_links = {Path(f).name: relative_link(out.final(f), Path(config.out)) for f in made}
         out.path("report.html").write_text(report.sva_page(summary, result, heat, figure_links))
     print(text)
     print(f"\nReport: {Path(config.out) / 'report.html'} (open it in a browser; it needs no network)")
     return summary
-
-
-def _relative(path: Path, base: Path) -> str:
-    """``path`` relative to ``base`` where it lies inside it, else absolute (the report links figures)."""
-    path, base = Path(path).absolute(), Path(base).absolute()
-    try:
-        return str(path.relative_to(base))
-    except ValueError:
-        return path.as_uri()
 
 
 def main(config: Config) -> dict:

@@ -1,0 +1,54 @@
+"""The interactive report in a real browser (headless Chromium): it renders with no JavaScript
+error, its component graph has every node the study kept, and the threshold slider changes how
+many edges are shown. A screenshot is left for a person to look at."""
+
+import json
+import shutil
+import time
+
+import pytest
+
+CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+
+
+@pytest.mark.real
+@pytest.mark.skipif(CHROMIUM is None or DRIVER is None, reason="needs Debian's chromium and chromium-driver "
+                    "(make test installs them)")
+def test_report_in_headless_chromium(tmp_path, sva_run):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    out = sva_run
+    graph = json.loads((out / "component_graph.json").read_text())
+    options = Options()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2000"):
+        options.add_argument(argument)
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        driver.get((out / "report.html").as_uri())
+        time.sleep(1.5)
+        state = driver.execute_script("return window.ggReport")
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+        assert state["nodeCount"] == len(graph["nodes"]) > 50
+        shown = state["visibleEdges"]
+        driver.execute_script("const s = document.getElementById('gg-threshold'); s.value = 0;"
+                              "s.dispatchEvent(new Event('input'));")
+        assert driver.execute_script("return window.ggReport.visibleEdges") > shown
+        driver.execute_script("const s = document.getElementById('gg-threshold'); s.value = 40;"
+                              "s.dispatchEvent(new Event('input'));")
+        assert 0 < driver.execute_script("return window.ggReport.visibleEdges") < shown
+        driver.execute_script("const m = document.getElementById('gg-method'); m.value = 'attn_lrp';"
+                              "m.dispatchEvent(new Event('change'));")
+        assert "AttnLRP" in driver.find_element("id", "gg-visible").text or driver.execute_script(
+            "return document.getElementById('gg-method').selectedOptions[0].text").startswith("AttnLRP")
+        assert driver.find_elements("css selector", "#gg-heatmaps .main-svg")  # plotly drew the heatmaps
+        screenshot = tmp_path / "report.png"
+        driver.save_screenshot(str(screenshot))
+        assert screenshot.stat().st_size > 10_000
+        print(f"screenshot of the report: {screenshot}")
+    finally:
+        driver.quit()
