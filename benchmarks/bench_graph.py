@@ -20,6 +20,10 @@ process, alternating with it: a machine that slows down for a while slows both s
 
     .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3] [--jobs ...]
 
+``--families pythia gemma2 ...`` measures random-weight models of those families instead
+(``gradgraph.models.tiny_model`` at ``FAMILY_SHAPE``, random tokens; a length ``BxN`` is a batch of
+B prompts of N tokens): what each family's own ops cost beside the GPT-2 and Llama layouts.
+
 Every process keeps freed memory for reuse (``gradgraph.allocator``), as the ``gradgraph`` command
 does; ``--default-malloc`` leaves glibc's malloc as it is.
 """
@@ -102,7 +106,26 @@ def prompts(model, length: str):
     return tokens, torch.ones_like(tokens), logit_diff(" are", " is")
 
 
-def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool = True) -> dict:
+# a model of about GPT-2 small's width, 6 layers: big enough that the matrices dominate, as they do in real models
+FAMILY_SHAPE = dict(n_layers=6, d_model=512, n_heads=8, d_head=64, d_mlp=2048, d_vocab=8192, n_ctx=1024)
+
+
+def family_model(family: str, length: str, device: str):
+    """A random model of ``family``, and random tokens: ``(model, tokens, mask, metric)``."""
+    from gradgraph.metrics import logit_diff, mask_positions
+    from gradgraph.models import FAMILIES, tiny_model
+
+    model = tiny_model(family, seed=0, **FAMILY_SHAPE).to(device)
+    batch, n = (int(x) for x in length.split("x")) if "x" in length else (1, int(length))
+    tokens = torch.randint(3, FAMILY_SHAPE["d_vocab"], (batch, n), generator=torch.Generator().manual_seed(1)).to(device)
+    if FAMILIES[family].get("encoder"):  # a masked-LM metric at the middle token
+        tokens[:, n // 2] = 2
+        return model, tokens, torch.ones_like(tokens), logit_diff(0, 1, pos=mask_positions(model, tokens, 2))
+    return model, tokens, torch.ones_like(tokens), logit_diff(0, 1)
+
+
+def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool = True,
+            family: str | None = None) -> dict:
     """Time and memory of one job in this (fresh) process, with both baselines timed beside it."""
     from gradgraph import hooks, load_model
     from gradgraph.allocator import keep_freed_memory
@@ -117,15 +140,19 @@ def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool 
     if keep_memory:  # as the gradgraph command runs (both sides of every ratio share the process)
         keep_freed_memory()
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens announces the device
-        model = load_model("smollm2-135m", device=device)
+        if family is None:
+            model = load_model("smollm2-135m", device=device)
+            tokens, mask, metric = prompts(model, length)
+        else:
+            model, tokens, mask, metric = family_model(family, length, device)
     model.requires_grad_(False)  # gradients at activations only, as the graph computes them
-    tokens, mask, metric = prompts(model, length)
     metric = prepare(metric, model)
+    encoder_mask = dict(one_zero_attention_mask=mask) if hooks.is_encoder(model.cfg) else {}
 
     def baseline(everywhere: bool):
         def run():
-            with hooks.recording(model, keep_grad=True, names=None if everywhere else {hooks.name("embed")}):
-                logits = model(tokens)
+            with hooks.recording(model, keep_grad=True, names=None if everywhere else {hooks.inputs(model)[0]}):
+                logits = model(tokens, **encoder_mask)
             metric(logits, mask).sum().backward()
 
         return run
@@ -177,6 +204,8 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=list(DEFAULT_JOBS), choices=JOBS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--families", nargs="+", default=[None],
+                        help="random models of these families (gradgraph.models.FAMILIES) instead of SmolLM2")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (the gradgraph command keeps freed memory)")
     args = parser.parse_args()
@@ -185,13 +214,13 @@ def main() -> None:
           f"each job in a fresh process; memory = peak above the loaded model")
     pool = multiprocessing.get_context("spawn")
     ratios: dict[tuple[str, str], float] = {}
-    print(f"{'tokens':>7} {'job':<12} {'time (s)':>9} {'x torch':>8} {'x t+hooks':>10} {'target':>7} "
+    print(f"{'model':<10} {'tokens':>7} {'job':<12} {'time (s)':>9} {'x torch':>8} {'x t+hooks':>10} {'target':>7} "
           f"{'peak MB':>9} {'x torch':>8} {'x t+hooks':>10}")
-    for length in args.lengths:
+    for family, length in ((f, n) for f in args.families for n in args.lengths):
         memory: dict[str, int] = {}
         for job in args.jobs:
             worker = pool.Pool(1)
-            result = worker.apply(measure, (job, length, args.device, args.repeats, not args.default_malloc))
+            result = worker.apply(measure, (job, length, args.device, args.repeats, not args.default_malloc, family))
             worker.close()
             worker.join()  # the worker's memory is back before the next job checks what is available
             seconds = result["seconds"]
@@ -200,12 +229,12 @@ def main() -> None:
             ratios[(job, length)] = t
             target = TARGETS.get((job, length))
             m, mh = memory.get("torch"), memory.get("torch+hooks")
-            print(f"{length:>7} {job:<12} {seconds[job]:>9.3f} {t:>8.2f} {th:>10.2f} "
+            print(f"{family or 'smollm2':<10} {length:>7} {job:<12} {seconds[job]:>9.3f} {t:>8.2f} {th:>10.2f} "
                   f"{('<= %.1fx' % target) if target else '':>7} {memory[job] / 2**20:>9.0f} "
                   f"{(memory[job] / m if m else float('nan')):>8.2f} {(memory[job] / mh if mh else float('nan')):>10.2f}",
                   flush=True)
     numbers = [n for n in args.lengths if n.isdigit()]
-    if len(numbers) >= 2:
+    if len(numbers) >= 2 and len(args.families) == 1:
         lo, hi = numbers[0], numbers[-1]
         print(f"\ngrowth of the time ratio to torch from {lo} to {hi} tokens (target for 64 → 512: within 1.3x):")
         for job in args.jobs:

@@ -18,7 +18,7 @@ import torch
 from gradgraph import hooks, ig_paths, integrated
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
-from gradgraph.components import KINDS, component_values
+from gradgraph.components import KINDS, Registry, component_values
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.prompts import to_tokens
@@ -60,7 +60,8 @@ def cuts(graph: GradGraph) -> list[str]:
     out = []
     for layer in range(graph.n_layers):
         out += [hooks.name("resid_pre", layer), hooks.name("resid_mid", layer)]
-    return out + [hooks.name("resid_post", graph.n_layers - 1)]
+    out.append(hooks.name("resid_post", graph.n_layers - 1))
+    return [name for name in out if name in graph.shapes]  # no resid_mid in parallel and attention-only blocks
 
 
 def token_scores(graph: GradGraph, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -269,10 +270,10 @@ def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attr
                     positions=positions, batch_size=batch_size, **opts)
     ones = [_attribute_one(model, ids[: int(m.sum())], metric, method, opts, baseline, attribute_bos, batch_size,
                            positions) for ids, m in zip(token_ids, mask)]
-    return _pack(method, token_ids, mask, ones)
+    return _pack(method, token_ids, mask, ones, hooks.inputs(model)[0])
 
 
-def _pack(method: str, token_ids: torch.Tensor, mask: torch.Tensor, ones: list[_One]) -> Attribution:
+def _pack(method: str, token_ids: torch.Tensor, mask: torch.Tensor, ones: list[_One], embed: str) -> Attribution:
     B, P = token_ids.shape
     d = ones[0].elements.shape[-1]
     elements = torch.zeros(B, P, d, dtype=ones[0].elements.dtype)
@@ -288,7 +289,7 @@ def _pack(method: str, token_ids: torch.Tensor, mask: torch.Tensor, ones: list[_
         for b, one in enumerate(ones):
             path[b, :, : one.path.shape[1]] = one.path
     return Attribution(ones[0].kind or method, token_ids, scores, target, scores.sum(1) - target,
-                       {hooks.name("embed"): elements}, None, {}, path)
+                       {embed: elements}, None, {}, path)
 
 
 def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straight", semiring: Semiring = Real,
@@ -302,7 +303,8 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
     node values sum to F(x) − F(x′) up to ``cut_deltas`` (the path's discretisation error).
     ``by_component()`` says how much passes through each head, q/k/v pathway, MLP and position;
     ``values["blocks.L.hook_resid_pre->blocks.L.hook_resid_mid"]`` is what each layer's residual skip
-    carries (beside its q/k/v inputs: Du et al.'s branches). ``semiring=Abs`` gives the total
+    carries (beside its q/k/v inputs: Du et al.'s branches; ``->blocks.L.hook_resid_post`` where
+    attention and MLP run in parallel). ``semiring=Abs`` gives the total
     absolute flow instead (an upper bound on |conductance|)."""
     token_ids, mask = to_tokens(model, tokens)
     if len(token_ids) != 1:
@@ -322,12 +324,12 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
         polyline, kind = one.polyline, one.kind
     else:
         raise GradGraphError(f"path must be 'straight', 'dig', 'udig' or a [N, pos, d_model] tensor, got {path!r}")
-    skips = tuple((hooks.name("resid_pre", layer), hooks.name("resid_mid", layer)) for layer in range(model.cfg.n_layers))
+    skips = tuple(map(Registry.of(model).skip_edge, range(model.cfg.n_layers)))
     totals, f = integrated.flow(model, ids, metric, polyline, semiring=semiring, batch_size=batch_size,
                                 progress=progress, edges=skips)
     graph = build_graph(model, ids[None], metric)
     values = totals  # node -> [1, *shape]
-    scores = values[hooks.name("embed")].sum(-1)  # [1, pos]
+    scores = values[hooks.inputs(model)[0]].sum(-1)  # [1, pos]
     target = (f[-1] - f[0]).reshape(1)
     cut_deltas = {} if semiring is not Real else {n: values[n].flatten(1).sum(1) - target for n in cuts(graph)}
     name = f"integrated flow ({kind})" if semiring is Real else f"integrated {semiring.name} flow ({kind})"

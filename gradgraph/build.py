@@ -33,6 +33,17 @@ folded), the logits ``unembed.hook_out`` = x W_U + b_U (only the vocabulary colu
 depends on: no other logit lies on a path to it), and ``metric``: one op from the logits with
 weights ∂metric/∂logits (by autograd).
 
+What other families add, each one emitter: parallel blocks (Pythia, GPT-J, Phi: the MLP reads
+``hook_mlp_in`` = resid_pre, and resid_post = resid_pre + attn_out + mlp_out) and attention-only
+ones (resid_post = resid_pre + attn_out); no norm (the norm's nodes are absent); q/k norms (Qwen3
+per head, OLMo-2 over all heads: ``Reshape`` to the rows TransformerLens normalises, the norm, its
+weight as a diagonal, ``Reshape`` back to ``attn.q_normed``); norms after attention and the MLP
+(Gemma 2's ``ln1_post``/``ln2_post``; OLMo-2's ``ln1``/``ln2``, which then have none before)
+between ``attn.out`` / ``mlp.out`` and ``hook_attn_out`` / ``hook_mlp_out``; soft caps c·tanh(x/c)
+as element-wise ops from ``attn.scores_raw`` and into ``unembed.soft_capped``; local layers mask
+keys outside the window like causally masked ones; SoLU is a softmax over the MLP's width, a
+product with its input (``mlp.hook_mid``) and a LayerNorm. Encoders: ``gradgraph.encoder``.
+
 Under ``rules=GRADIENT`` every block is the true local Jacobian; other rule sets (``gradgraph.rules``)
 change the norm, activation, softmax, linear, bilinear and residual blocks and nothing else.
 """
@@ -46,73 +57,118 @@ from typing import Mapping
 
 import einops
 import torch
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedEncoder, HookedTransformer
 
 from gradgraph import hooks, memory
 from gradgraph.errors import GradGraphError
 from gradgraph.backprop import backprop
-from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending, Place
+from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending, Place, Reshape
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
 from gradgraph.rules import GRADIENT, NormOp, RuleSet, SoftmaxOp, SumOp, rule_set
 from gradgraph.weights import Weight, model_weights, shared_weight
 
 
+POST_NORM = {"Olmo2ForCausalLM"}  # norms after attention and the MLP only, none before (OLMo-2)
+QK_NORM_ACROSS_HEADS = {"Olmo2ForCausalLM"}  # q/k norms over all heads at once, not per head
+
+
 def unsupported_features(model) -> list[str]:
     """What in ``model``'s architecture the graph builder does not cover (empty: all of it)."""
-    if not isinstance(model, HookedTransformer):
-        return [f"a {type(model).__name__}, not a transformer_lens.HookedTransformer"]
+    if not isinstance(model, (HookedTransformer, HookedEncoder)):
+        return [f"a {type(model).__name__}, not a transformer_lens.HookedTransformer or HookedEncoder"]
     cfg = model.cfg
+    if isinstance(model, HookedEncoder):
+        return _encoder_problems(cfg)
     problems = []
-    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
-        problems.append(f"normalization_type={cfg.normalization_type!r} (supported: LN, LNPre, RMS, RMSPre)")
+    if cfg.normalization_type not in (None, "LN", "LNPre", "RMS", "RMSPre"):
+        problems.append(f"normalization_type={cfg.normalization_type!r} (supported: LN, LNPre, RMS, RMSPre, None)")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r} (supported: standard, rotary)")
     flags = {
-        "parallel_attn_mlp": "parallel attention and MLP",
-        "attn_only": "attention-only blocks",
-        "use_normalization_before_and_after": "post-norm (normalization before and after)",
-        "use_qk_norm": "q/k normalisation",
         "use_attention_sinks": "attention sinks",
         "use_logn_attn": "log-n attention scaling",
-        "use_local_attn": "local attention",
-        "scale_attn_by_inverse_layer_idx": "attention scaled by inverse layer index",
         "use_dynamic_ntk_rope": "dynamic NTK rotary scaling",
+        "post_embedding_ln": "a norm after the embedding",
+        "use_attn_result": "use_attn_result (per-head results; switch it off)",
+        "ungroup_grouped_query_attention": "ungroup_grouped_query_attention (switch it off)",
     }
     for flag, label in flags.items():
         if getattr(cfg, flag, False):
             problems.append(label)
     if getattr(cfg, "attention_dir", "causal") != "causal":
-        problems.append("bidirectional attention (encoder)")
-    if cfg.act_fn is not None and cfg.act_fn.endswith("_ln"):
-        problems.append(f"act_fn={cfg.act_fn!r} (a normalised activation)")
+        problems.append("bidirectional attention in a HookedTransformer (encoders: HookedEncoder)")
+    if cfg.act_fn is not None and cfg.act_fn not in _ACTIVATIONS:
+        problems.append(f"act_fn={cfg.act_fn!r} (supported: {', '.join(sorted(_ACTIVATIONS))})")
+    if cfg.act_fn == "solu_ln" and cfg.gated_mlp:
+        problems.append("a gated MLP with act_fn='solu_ln'")
     if getattr(cfg, "num_experts", None):
         problems.append("mixture-of-experts MLPs")
-    if getattr(cfg, "attn_scores_soft_cap", -1.0) and cfg.attn_scores_soft_cap > 0:
-        problems.append("attention-score soft-capping")
-    if getattr(cfg, "output_logits_soft_cap", -1.0) and cfg.output_logits_soft_cap > 0:
-        problems.append("logit soft-capping")
     if getattr(cfg, "clip_qkv", None) is not None:
         problems.append("q/k/v clipping")
-    if getattr(cfg, "original_architecture", None) in {"BertForMaskedLM", "OlmoForCausalLM", "Olmo2ForCausalLM"}:
-        problems.append(f"architecture {cfg.original_architecture}")
+    if getattr(cfg, "use_qk_norm", False) and cfg.original_architecture in QK_NORM_ACROSS_HEADS:
+        problems.append("use_qk_norm on an OLMo architecture (two q/k norms)")
+    architecture = getattr(cfg, "original_architecture", None)
+    if architecture in {"Olmo3ForCausalLM", "OlmoeForCausalLM"}:  # post-norm with sliding windows / experts
+        problems.append(f"architecture {architecture}")
     return problems
+
+
+def _encoder_problems(cfg) -> list[str]:
+    problems = []
+    if cfg.normalization_type != "LN":
+        problems.append(f"an encoder with normalization_type={cfg.normalization_type!r} (BERT's is LN)")
+    if cfg.act_fn not in _ACTIVATIONS or cfg.act_fn == "solu_ln":
+        problems.append(f"an encoder with act_fn={cfg.act_fn!r}")
+    if not hooks.is_encoder(cfg):
+        problems.append("a HookedEncoder with causal attention")
+    return problems
+
+
+# the element-wise activations TransformerLens offers (solu_ln: x ⊙ softmax(x), then a LayerNorm)
+_ACTIVATIONS = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "solu_ln", "relu2"}
+
+
+def layout_features(cfg) -> list[str]:
+    """The features of ``cfg`` beyond the GPT-2 / Llama layout (pre-norm, sequential attention then
+    MLP, one norm kind, element-wise activation, full causal attention): what code that computes a
+    forward pass from the weights alone (``gradgraph.inference``) must handle to cover the model."""
+    checks = {
+        "parallel attention and MLP": cfg.parallel_attn_mlp,
+        "attention-only blocks": cfg.attn_only,
+        "no normalisation": cfg.normalization_type is None,
+        "q/k normalisation": getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in QK_NORM_ACROSS_HEADS,
+        "norms after attention and MLP": (getattr(cfg, "use_normalization_before_and_after", False)
+                                          or cfg.original_architecture in POST_NORM),
+        "attention-score soft-capping": _soft_cap(getattr(cfg, "attn_scores_soft_cap", None)) is not None,
+        "logit soft-capping": _soft_cap(getattr(cfg, "output_logits_soft_cap", None)) is not None,
+        "local attention": getattr(cfg, "use_local_attn", False),
+        "a SoLU activation": cfg.act_fn == "solu_ln",
+        "attention scaled by inverse layer index": getattr(cfg, "scale_attn_by_inverse_layer_idx", False),
+    }
+    return [label for label, present in checks.items() if present]
+
+
+def _soft_cap(cap) -> float | None:
+    """The soft cap ``c`` of ``c · tanh(x / c)``, or None when the model has none."""
+    return float(cap) if cap is not None and cap > 0 else None
 
 
 def check_supported(model: HookedTransformer) -> None:
     """Raise ``GradGraphError`` naming the first feature the graph builder does not cover."""
-    if not isinstance(model, HookedTransformer):
-        raise GradGraphError(f"build_graph needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
+    if not isinstance(model, (HookedTransformer, HookedEncoder)):
+        raise GradGraphError(f"build_graph needs a transformer_lens.HookedTransformer or HookedEncoder, got "
+                             f"{type(model).__name__}")
     problems = unsupported_features(model)
     if problems:
         raise GradGraphError(
-            "build_graph supports pre-norm GPT-2- and Llama-family models; this model has "
-            + "; ".join(problems)
+            "build_graph does not cover this model's " + "; ".join(problems)
+            + " (the families it covers: README, 'Model families')"
         )
-    if not (model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in):
+    if not (model.cfg.use_split_qkv_input and (model.cfg.use_hook_mlp_in or model.cfg.attn_only)):
         raise GradGraphError(
             "build_graph needs model.set_use_split_qkv_input(True) and model.set_use_hook_mlp_in(True) "
-            "(gradgraph.load_model and tiny_model set them)"
+            "(gradgraph.models.set_flags sets them, and gradgraph.load_model and tiny_model call it)"
         )
 
 
@@ -197,6 +253,15 @@ def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
     return acts
 
 
+def _check_prefix_layout(cfg) -> None:
+    if hooks.is_encoder(cfg):
+        raise GradGraphError("a cached prefix is for causal models; an encoder's positions all read each other: "
+                             "record the whole sequence")
+    if "q/k normalisation" in layout_features(cfg):
+        raise GradGraphError("graphs after a cached prefix do not cover q/k normalisation yet; record the whole "
+                             "sequence (no prefix)")
+
+
 def _check_prefix(model, prefix, tokens) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         raise GradGraphError("a prefix goes with a [batch, pos] tensor of the token ids that follow it (no BOS)")
@@ -243,13 +308,16 @@ def record(
     check_supported(model)
     metric = prepare(metric, model)
     if prefix is not None:
+        _check_prefix_layout(model.cfg)
         prefix = _check_prefix(model, prefix, tokens)
     token_ids, mask = _tokens_and_mask(model, tokens, attention_mask)
-    replacements = {} if embed is None else {hooks.name("embed"): _check_embed(model, embed, token_ids)}
+    replacements = {} if embed is None else {hooks.inputs(model)[0]: _check_embed(model, embed, token_ids)}
     p0 = 0 if prefix is None else len(prefix)
     memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, model.cfg.dtype, token_ids.device)
     cache = None if prefix is None else _prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
+    if hooks.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
+        run = dict(one_zero_attention_mask=mask)
     with torch.no_grad(), hooks.replacing(model, replacements), hooks.recording(model) as store:
         logits = model(token_ids, **run)
     acts = _deduplicated(hooks.node_firings(store), model.cfg.n_layers)
@@ -259,7 +327,7 @@ def record(
             acts[hooks.name("cached_k", layer)] = entry.past_keys
             acts[hooks.name("cached_v", layer)] = entry.past_values
     # NaN and inf propagate into the residual stream; masked attention scores are -inf by design
-    checked = [n for n in acts if "resid" in n or n == hooks.name("embed")]
+    checked = [n for n in acts if "resid" in n or n == hooks.inputs(model)[0]]
     bad = [n for n in checked if not torch.isfinite(acts[n]).all()]
     if bad:
         raise GradGraphError(
@@ -275,7 +343,11 @@ def record(
         (grad,) = torch.autograd.grad(value.sum(), logits, allow_unused=True)
     grad = torch.zeros_like(logits) if grad is None else grad
     logit_ids = grad.flatten(0, 1).any(0).nonzero()[:, 0]
-    acts[hooks.name("logits")] = logits.detach()[..., logit_ids]
+    if _soft_cap(model.cfg.output_logits_soft_cap) is None:
+        acts[hooks.name("logits")] = logits.detach()[..., logit_ids]
+    else:  # the hook holds the logits before the cap, the metric reads them after it
+        acts[hooks.name("logits")] = acts[hooks.name("logits")][..., logit_ids]
+        acts[hooks.name("logits_capped")] = logits.detach()[..., logit_ids]
     return Recording(model, token_ids, mask, acts, value.detach(), grad[..., logit_ids].detach(), logit_ids,
                      prefix=prefix)
 
@@ -287,6 +359,7 @@ def after_prefix(recording: Recording, length: int) -> Recording:
     tokens, mask = recording.tokens, recording.attention_mask
     if recording.prefix is not None:
         raise GradGraphError("this recording already follows a cached prefix")
+    _check_prefix_layout(recording.model.cfg)
     if not 0 < length < int(mask.sum(1).min()):
         raise GradGraphError(f"a prefix of {length} tokens must leave every row at least one token after it "
                              f"(shortest row: {int(mask.sum(1).min())})")
@@ -326,6 +399,7 @@ class _Assembly:
         self.stored: dict[str, torch.Tensor] = {}
         self.weights = model_weights(self.model)
         self.prefix = 0 if recording.prefix is None else len(recording.prefix)
+        self.encoder = hooks.is_encoder(self.cfg)  # post-LN blocks around the residual sums, attention both ways
 
     def node(self, name: str, tensor: torch.Tensor | None = None) -> str:
         if tensor is None:
@@ -361,11 +435,28 @@ def _norm_weight(module) -> torch.Tensor | None:
     return module.w.detach() if hasattr(module, "w") else None
 
 
-def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, firing: str | None = None) -> str:
-    """A norm on node ``x``; returns ``hook_normalized``'s node."""
+def _norm_kind(module) -> str | None:
+    """``"LN"``, ``"LNPre"``, ``"RMS"``, ``"RMSPre"``, or None for no norm (``nn.Identity``)."""
+    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+    if isinstance(module, torch.nn.Identity):
+        return None
+    for kind, cls in (("LN", LayerNorm), ("LNPre", LayerNormPre), ("RMS", RMSNorm), ("RMSPre", RMSNormPre)):
+        if type(module) is cls:
+            return kind
+    raise GradGraphError(f"a norm of type {type(module).__name__} is not covered (LayerNorm, LayerNormPre, RMSNorm, "
+                         f"RMSNormPre or none)")
+
+
+def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, module, firing: str | None = None) -> str:
+    """The norm ``module`` on node ``x``; returns ``hook_normalized``'s node (``x`` itself when the
+    model has no norm there)."""
+    kind = _norm_kind(module)
+    if kind is None:
+        return x
     centered = None
     x_tilde = asm.stored[x]
-    if asm.cfg.normalization_type in ("LN", "LNPre"):
+    if kind in ("LN", "LNPre"):
         compact = x_tilde[:, :, :1] if x_tilde.ndim == 4 and x_tilde.stride(2) == 0 else x_tilde  # per-head copies
         x_tilde = (compact - compact.mean(-1, keepdim=True)).expand_as(x_tilde)
         centered = asm.node(hooks.name(f"{prefix}_centered", layer, firing), x_tilde)
@@ -374,6 +465,23 @@ def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, firing: str | 
     asm.add_derived("norm", (x, y), lambda: asm.rules.norm(
         NormOp(x, centered, scale, y, asm.stored[x], x_tilde, asm.stored[scale], layer)))
     return y
+
+
+def _norm_out(asm: _Assembly, prefix: str, x: str, layer: int, module, out: str) -> str:
+    """A norm whose weight no linear map takes up (after attention or the MLP, on q and k, SoLU's):
+    ``out = normalized ⊙ w + b``, a diagonal; returns ``out``'s node (its tensor recorded or formed)."""
+    y = _norm(asm, prefix, x, layer, module)
+    w = _norm_weight(module)
+    if out in asm.rec.activations:
+        asm.node(out)
+    else:
+        bias = module.b.detach() if hasattr(module, "b") else 0.0
+        asm.node(out, asm.stored[y] if w is None else asm.stored[y] * w + bias)
+    if w is None:
+        asm.add([Identity(y, out, "copy" if y == x else "norm", layer)])
+    else:
+        asm.add([Diag(y, out, "norm", layer, ((Weight(w), None),))])
+    return out
 
 
 def _linear(asm: _Assembly, src: str, tgt: str, layer: int | None, weight: Weight, src_pattern: str,
@@ -388,9 +496,7 @@ def _sum(asm: _Assembly, sources: tuple[str, ...], target: str, layer: int | Non
 
 
 def _embed(asm: _Assembly) -> str:
-    sources = [asm.node(hooks.name("embed"))]
-    if asm.cfg.positional_embedding_type == "standard":
-        sources.append(asm.node(hooks.name("pos_embed")))
+    sources = [asm.node(name) for name in hooks.inputs(asm.cfg)]
     resid = asm.node(hooks.name("resid_pre", 0))
     _sum(asm, tuple(sources), resid, None)
     return resid
@@ -403,19 +509,23 @@ def _kv_weight(attn, which: str) -> torch.Tensor:
 
 
 def _attention(asm: _Assembly, layer: int, resid: str) -> str:
-    """ln1, q/k/v, rotary, scores, pattern, z and attn_out of one layer; returns attn_out's node."""
-    cfg, attn = asm.cfg, asm.model.blocks[layer].attn
+    """ln1, q/k/v, q/k norms, rotary, scores (soft-capped), pattern, z and attn_out of one layer (a
+    norm after it); returns attn_out's node."""
+    cfg, block = asm.cfg, asm.model.blocks[layer]
+    attn = block.attn
     B, P = asm.valid.shape
     H = cfg.n_heads
     G = cfg.n_key_value_heads or H
     R = H // G
-    w1 = _norm_weight(asm.model.blocks[layer].ln1)
+    post_norm = cfg.original_architecture in POST_NORM  # no norm before attention
+    pre_norm = not (post_norm or asm.encoder)
+    w1 = _norm_weight(block.ln1) if pre_norm else None
     matrices = {"q": lambda: attn.W_Q, "k": lambda: _kv_weight(attn, "K"), "v": lambda: _kv_weight(attn, "V")}
     proj = {}
     for firing, copies in (("q", H), ("k", G), ("v", G)):
         inp = asm.node(hooks.name(f"{firing}_input", layer))
         asm.add([Broadcast(resid, inp, "copy", layer, 2, copies)])
-        y = _norm(asm, "ln1", inp, layer, firing)
+        y = _norm(asm, "ln1", inp, layer, block.ln1, firing) if pre_norm else inp
 
         def folded(firing=firing):
             W = matrices[firing]().detach()
@@ -426,6 +536,9 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         proj[firing] = _linear(asm, y, out, layer, weight, "b p h d -> h (b p) d", "b p h e -> h (b p) e",
                                dict(zip("bph", asm.shapes[out][:3])))
     q_name, k_name, v_name = proj["q"], proj["k"], proj["v"]
+    if attn.q_norm is not None:  # Qwen3 (per head), OLMo-2 (over all heads)
+        q_name = _qk_norm(asm, layer, "q", q_name, attn.q_norm)
+        k_name = _qk_norm(asm, layer, "k", k_name, attn.k_norm)
     p0 = asm.prefix
     if p0:  # the cached prefix's keys and values, then this run's
         k_name, v_name = _after_cache(asm, k_name, "k", layer), _after_cache(asm, v_name, "v", layer)
@@ -434,23 +547,37 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         k_name = _rotary(asm, attn, k_name, asm.node(hooks.name("rot_k", layer)), layer)
     rq, rk, v = asm.stored[q_name], asm.stored[k_name], asm.stored[v_name]
     axes = dict(g=G, r=R, b=B)
-    # scores = q·k / attn_scale, causally masked and padded scores are constants
-    scores = asm.node(hooks.name("attn_scores", layer))
-    causal = torch.ones(P, p0 + P, dtype=torch.bool, device=rq.device).tril(p0)  # query i sees keys ≤ p0 + i
+    # scores = q·k / attn_scale (then cap · tanh(· / cap)); causally masked, out-of-window and padded
+    # scores are constants
+    query_at = torch.arange(p0, p0 + P, device=rq.device)[:, None]
+    key_at = torch.arange(p0 + P, device=rq.device)[None, :]
+    causal = (key_at <= query_at) | asm.encoder  # [q, k]
+    if getattr(attn, "attn_type", "global") == "local":
+        causal = causal & (key_at > query_at - cfg.window_size)
     keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
     allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
+    scores = hooks.name("attn_scores", layer)
+    cap = _soft_cap(cfg.attn_scores_soft_cap)
+    if cap is None:
+        raw = asm.node(scores)
+    else:
+        raw = asm.node(hooks.name("scores_raw", layer), torch.einsum("bqhe,bkhe->bhqk", rq, rk.repeat_interleave(R, 2))
+                       / attn.attn_scale)
     f_q, f_k = asm.rules.bilinear("qk")
     k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
     q_canon = einops.rearrange(rq, "b q (g r) e -> (b g) (r q) e", g=G, r=R)
     score_layout = "b (g r) q k -> (b g) (r q) k"
     asm.add(_nonzero([
-        (f_q, lambda: Matmul(q_name, scores, "bilinear", layer, Weight(k_canon, f_q / attn.attn_scale), True,
+        (f_q, lambda: Matmul(q_name, raw, "bilinear", layer, Weight(k_canon, f_q / attn.attn_scale), True,
                              "b q (g r) e -> (b g) (r q) e", score_layout, axes, allowed, k_name,
                              "b k g e -> (b g) e k")),
-        (f_k, lambda: Matmul(k_name, scores, "bilinear", layer, Weight(q_canon, f_k / attn.attn_scale), False,
+        (f_k, lambda: Matmul(k_name, raw, "bilinear", layer, Weight(q_canon, f_k / attn.attn_scale), False,
                              "b k g e -> (b g) e k", score_layout, axes, allowed, q_name,
                              "b q (g r) e -> (b g) (r q) e")),
     ]))
+    if cap is not None:
+        asm.node(scores)
+        _soft_capped(asm, raw, scores, layer, cap, allowed)
     # pattern = softmax(scores)
     pattern = asm.node(hooks.name("pattern", layer))
     asm.add_derived("softmax", (scores, pattern), lambda: asm.rules.softmax(
@@ -472,11 +599,39 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         (f_v, lambda: Matmul(v_name, z, "bilinear", layer, Weight(p_canon, f_v), False, "b k g e -> (b g) k e",
                              z_layout, axes, z_mask, pattern, score_layout)),
     ]))
-    # attn_out = Σ_h z_h W_O[h]
-    attn_out = asm.node(hooks.name("attn_out", layer))
+    # attn_out = Σ_h z_h W_O[h] (+ b_O), through a norm after attention where the model has one
+    attn_out = hooks.name("attn_out", layer)
+    after = None if asm.encoder else block.ln1 if post_norm else getattr(block, "ln1_post", None)
     W_O = asm.shared(("W_O", layer), lambda: attn.W_O.detach().reshape(1, -1, cfg.d_model))
-    return _linear(asm, z, attn_out, layer, W_O, "b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d",
-                   dict(b=B, p=P, h=H))
+    if after is None:
+        return _linear(asm, z, asm.node(attn_out), layer, W_O, "b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d",
+                       dict(b=B, p=P, h=H))
+    raw_out = asm.node(hooks.name("attn_raw", layer), asm.stored[z].flatten(2) @ attn.W_O.detach().reshape(-1, cfg.d_model)
+                      + attn.b_O.detach())
+    _linear(asm, z, raw_out, layer, W_O, "b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d", dict(b=B, p=P, h=H))
+    return _norm_out(asm, "ln1" if post_norm else "ln1_post", raw_out, layer, after, attn_out)
+
+
+def _qk_norm(asm: _Assembly, layer: int, which: str, src: str, module) -> str:
+    """The q (or k) norm: ``src`` ``[B, P, heads, e]`` reshaped as TransformerLens normalises it
+    (rows of ``e``: Qwen3; rows of ``heads · e``: OLMo-2), normalised, weighted, reshaped back."""
+    prefix = f"{which}_norm"
+    shape = tuple(asm.rec.activations[hooks.name(f"{prefix}_normalized", layer)].shape)
+    heads_shape = asm.shapes[src]
+    inp = asm.node(hooks.name(f"{prefix}_input", layer), asm.stored[src].reshape(shape))
+    asm.add([Reshape(src, inp, "copy", layer, heads_shape, shape)])
+    out = _norm_out(asm, prefix, inp, layer, module, hooks.name(f"{prefix}_output", layer))
+    normed = asm.node(hooks.name(f"{which}_normed", layer), asm.stored[out].reshape(heads_shape))
+    asm.add([Reshape(out, normed, "copy", layer, shape, heads_shape)])
+    return normed
+
+
+def _soft_capped(asm: _Assembly, raw: str, capped: str, layer: int | None, cap: float,
+                 mask: torch.Tensor | None = None) -> None:
+    """``capped = cap · tanh(raw / cap)``, an element-wise function (Gemma 2's scores and logits)."""
+    fn = lambda x: cap * torch.tanh(x / cap)  # noqa: E731
+    slope = asm.rules.activation(fn, asm.stored[raw])
+    asm.add([Diag(raw, capped, "activation", layer, ((Weight(slope) if mask is None else Weight(slope, mask), None),))])
 
 
 def _after_cache(asm: _Assembly, own: str, which: str, layer: int) -> str:
@@ -514,11 +669,14 @@ def _rotary(asm: _Assembly, attn, src: str, tgt: str, layer: int, start: int = 0
 
 
 def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
-    """ln2, the (gated) MLP and its output; returns mlp_out's node."""
-    cfg, mlp = asm.cfg, asm.model.blocks[layer].mlp
+    """ln2, the (gated) MLP and its output (a norm after it); returns mlp_out's node."""
+    cfg, block = asm.cfg, asm.model.blocks[layer]
+    mlp = block.mlp
     B, P = asm.valid.shape
-    y = _norm(asm, "ln2", mlp_in, layer)
-    w2 = _norm_weight(asm.model.blocks[layer].ln2)
+    post_norm = cfg.original_architecture in POST_NORM  # no norm before the MLP
+    pre_norm = not (post_norm or asm.encoder)  # an encoder's MLP reads ln1's output
+    y = _norm(asm, "ln2", mlp_in, layer, block.ln2) if pre_norm else mlp_in
+    w2 = _norm_weight(block.ln2) if pre_norm else None
 
     def folded(matrix):
         return lambda: matrix.detach() if w2 is None else w2[:, None] * matrix.detach()
@@ -529,38 +687,75 @@ def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
                        lambda: folded(mlp.W_gate if cfg.gated_mlp else mlp.W_in)()[None])
     _linear(asm, y, pre, layer, W_pre, *rows)
     pre_act = asm.stored[pre]
-    slope = asm.rules.activation(mlp.act_fn, pre_act)
-    if cfg.gated_mlp:
+    post = hooks.name("mlp_post", layer)
+    if cfg.act_fn == "solu_ln":
+        _solu(asm, layer, pre, mlp, post)
+    elif cfg.gated_mlp:
+        slope = asm.rules.activation(mlp.act_fn, pre_act)
         lin = asm.node(hooks.name("mlp_pre_linear", layer))
         _linear(asm, y, lin, layer, asm.shared(("W_in", layer), lambda: folded(mlp.W_in)()[None]), *rows)
-        post = asm.node(hooks.name("mlp_post", layer))
+        asm.node(post)
         f_gate, f_lin = asm.rules.bilinear("gate")
         asm.add(_nonzero([
             (f_gate, lambda: Diag(pre, post, "activation", layer, ((Weight(slope, asm.stored[lin], f_gate), None),))),
             (f_lin, lambda: Diag(lin, post, "activation", layer, ((Weight(mlp.act_fn(pre_act), f_lin), None),))),
         ]))
     else:
-        post = asm.node(hooks.name("mlp_post", layer))
+        slope = asm.rules.activation(mlp.act_fn, pre_act)
+        asm.node(post)
         asm.add([Diag(pre, post, "activation", layer, ((Weight(slope), None),))])
-    mlp_out = asm.node(hooks.name("mlp_out", layer))
+    mlp_out = hooks.name("mlp_out", layer)
     W_out = asm.shared(("W_out", layer), lambda: mlp.W_out.detach()[None])
-    return _linear(asm, post, mlp_out, layer, W_out, "b p m -> 1 (b p) m", "b p d -> 1 (b p) d", dict(b=B, p=P))
+    out_rows = ("b p m -> 1 (b p) m", "b p d -> 1 (b p) d", dict(b=B, p=P))
+    after = None if asm.encoder else block.ln2 if post_norm else getattr(block, "ln2_post", None)
+    if after is None:
+        return _linear(asm, post, asm.node(mlp_out), layer, W_out, *out_rows)
+    raw = asm.node(hooks.name("mlp_raw", layer), asm.stored[post] @ mlp.W_out.detach() + mlp.b_out.detach())
+    _linear(asm, post, raw, layer, W_out, *out_rows)
+    return _norm_out(asm, "ln2" if post_norm else "ln2_post", raw, layer, after, mlp_out)
 
 
-def _unembed(asm: _Assembly, resid: str) -> None:
-    """ln_final, the logits the metric reads, and the metric."""
-    B, P = asm.valid.shape
-    y = _norm(asm, "ln_final", resid, None)
+def _solu(asm: _Assembly, layer: int, pre: str, mlp, post: str) -> None:
+    """SoLU with its LayerNorm: ``mid = pre ⊙ softmax(pre)`` (a softmax over the MLP's width, then a
+    product of two operands, ``"solu"`` for the rule set's bilinear factors), ``post = LN(mid)``."""
+    x = asm.stored[pre]
+    soft = asm.node(hooks.name("mlp_softmax", layer), torch.softmax(x, -1))
+    everywhere = torch.ones(x.shape[:-1] + (1,), dtype=torch.bool, device=x.device)  # [B, P, 1]
+    asm.add_derived("softmax", (pre, soft), lambda: asm.rules.softmax(
+        SoftmaxOp(pre, soft, asm.stored[soft], everywhere, layer, x)))
+    mid = asm.node(hooks.name("mlp_mid", layer))
+    f_soft, f_x = asm.rules.bilinear("solu")
+    asm.add(_nonzero([
+        (f_soft, lambda: Diag(soft, mid, "activation", layer, ((Weight(x, f_soft), None),))),
+        (f_x, lambda: Diag(pre, mid, "activation", layer, ((Weight(asm.stored[soft], f_x), None),))),
+    ]))
+    _norm_out(asm, "mlp_ln", mid, layer, mlp.ln, post)
+
+
+def _final_norm(asm: _Assembly, resid: str) -> str:
+    """ln_final into ``unembed.hook_in``; returns its node."""
+    y = _norm(asm, "ln_final", resid, None, asm.model.ln_final) if asm.cfg.normalization_type else resid
     unembed_in = asm.node(hooks.name("unembed_in"))
-    wf = _norm_weight(asm.model.ln_final)
+    wf = _norm_weight(asm.model.ln_final) if asm.cfg.normalization_type else None
     if wf is None:
-        asm.add([Identity(y, unembed_in, "linear", None)])
+        asm.add([Identity(y, unembed_in, "linear" if y != resid else "copy", None)])
     else:  # y * w + b
         asm.add([Diag(y, unembed_in, "linear", None, ((Weight(wf), None),))])
+    return unembed_in
+
+
+def _unembed(asm: _Assembly, unembed_in: str) -> None:
+    """The logits the metric reads (soft-capped), and the metric."""
+    B, P = asm.valid.shape
     ids = asm.rec.logit_ids
     logits = asm.node(hooks.name("logits"))
     W_U = Weight(asm.model.W_U.detach()[:, ids][None])
     _linear(asm, unembed_in, logits, None, W_U, "b p d -> 1 (b p) d", "b p v -> 1 (b p) v", dict(b=B, p=P))
+    cap = _soft_cap(asm.cfg.output_logits_soft_cap)
+    if cap is not None:
+        capped = asm.node(hooks.name("logits_capped"))
+        _soft_capped(asm, logits, capped, None, cap)
+        logits = capped
     metric = asm.node(hooks.name("metric"), asm.rec.metric_value)
     g = asm.rec.grad_logits.reshape(B, -1, 1)  # [B, P * V', 1]
     asm.add([Matmul(logits, metric, "metric", None, Weight(g), True, "b p v -> b 1 (p v)", "b -> b 1 1",
@@ -580,6 +775,36 @@ def check_head_mask(head_mask, cfg) -> torch.Tensor | None:
     return head_mask
 
 
+def _decoder(asm: _Assembly) -> str:
+    """The embeddings and every layer of a decoder (sequential, parallel or attention-only blocks);
+    returns the last ``hook_resid_post``'s node."""
+    cfg = asm.cfg
+    resid = _embed(asm)
+    for layer in range(cfg.n_layers):
+        attn_out = _attention(asm, layer, resid)
+        post = hooks.name("resid_post", layer)
+        if cfg.attn_only:  # resid_post = resid_pre + attn_out
+            _sum(asm, (resid, attn_out), asm.node(post), layer)
+        elif cfg.parallel_attn_mlp:  # the MLP reads resid_pre too: resid_post = resid_pre + attn_out + mlp_out
+            mlp_in = asm.node(hooks.name("mlp_in", layer))
+            asm.add([Identity(resid, mlp_in, "copy", layer)])
+            mlp_out = _mlp(asm, layer, mlp_in)
+            _sum(asm, (resid, attn_out, mlp_out), asm.node(post), layer)
+        else:
+            mid = asm.node(hooks.name("resid_mid", layer))
+            _sum(asm, (resid, attn_out), mid, layer)
+            mlp_in = asm.node(hooks.name("mlp_in", layer))
+            asm.add([Identity(mid, mlp_in, "copy", layer)])
+            mlp_out = _mlp(asm, layer, mlp_in)
+            _sum(asm, (mid, mlp_out), asm.node(post), layer)
+        if layer + 1 < cfg.n_layers:
+            resid = asm.node(hooks.name("resid_pre", layer + 1))
+            asm.add([Identity(post, resid, "copy", layer)])
+        else:
+            resid = post
+    return resid
+
+
 def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask: torch.Tensor | None = None) -> GradGraph:
     """The gradient graph of a recording under ``rules`` (the recording is not changed).
 
@@ -591,23 +816,13 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
         raise GradGraphError(f"{rules.name} normalises relevance over every position of the sequence, so a graph "
                              f"after a cached prefix cannot apply it; record the whole sequence (no prefix)")
     asm = _Assembly(recording, rules, check_head_mask(head_mask, cfg))
-    resid = _embed(asm)
-    for layer in range(cfg.n_layers):
-        attn_out = _attention(asm, layer, resid)
-        mid = asm.node(hooks.name("resid_mid", layer))
-        _sum(asm, (resid, attn_out), mid, layer)
-        mlp_in = asm.node(hooks.name("mlp_in", layer))
-        asm.add([Identity(mid, mlp_in, "copy", layer)])
-        mlp_out = _mlp(asm, layer, mlp_in)
-        post = asm.node(hooks.name("resid_post", layer))
-        _sum(asm, (mid, mlp_out), post, layer)
-        if layer + 1 < cfg.n_layers:
-            resid = asm.node(hooks.name("resid_pre", layer + 1))
-            asm.add([Identity(post, resid, "copy", layer)])
-        else:
-            resid = post
-    _unembed(asm, resid)
-    sources = (hooks.name("embed"),) + ((hooks.name("pos_embed"),) if cfg.positional_embedding_type == "standard" else ())
+    if asm.encoder:
+        from gradgraph import encoder
+
+        _unembed(asm, encoder.emit(asm))
+    else:
+        _unembed(asm, _final_norm(asm, _decoder(asm)))
+    sources = hooks.inputs(cfg)
     name = rules.name if head_mask is None else f"{rules.name}+mask({int(head_mask.sum())} heads)"
     cached = tuple(hooks.name(f"cached_{w}", layer) for layer in range(cfg.n_layers) for w in "kv") if asm.prefix else ()
     graph = GradGraph(

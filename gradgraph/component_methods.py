@@ -99,8 +99,9 @@ class Scores:
 
 
 def _component_nodes(graph: GradGraph) -> list[str]:
-    return [hooks.name(kind, layer) for layer in range(graph.n_layers)
-            for kind in ("q_input", "k_input", "v_input", "z", "mlp_out")]
+    nodes = [hooks.name(kind, layer) for layer in range(graph.n_layers)
+             for kind in ("q_input", "k_input", "v_input", "z", "mlp_out")]
+    return [n for n in nodes if n in graph.shapes]  # attention-only blocks have no MLP
 
 
 def _branch_nodes(graph: GradGraph) -> list[str]:
@@ -109,15 +110,11 @@ def _branch_nodes(graph: GradGraph) -> list[str]:
 
 
 def _relevance(graph: GradGraph, grads: dict[str, torch.Tensor], nodes) -> dict[str, torch.Tensor]:
-    """activation ⊙ value at ``nodes`` ``{node: [1, *shape]}``; the skip (``hook_resid_mid``, read
-    from ``hook_resid_pre``) takes the activation of the residual it carries."""
-    out = {}
-    for node in nodes:
-        act = graph.activations[node]
-        if node.endswith("hook_resid_mid"):
-            act = graph.activations[node.replace("hook_resid_mid", "hook_resid_pre")]
-        out[node] = grads[node] * act[None]
-    return out
+    """activation ⊙ value at ``nodes`` ``{node: [1, *shape]}``; a skip node (``hook_resid_mid``,
+    read from ``hook_resid_pre``) takes the activation of the residual it carries."""
+    reg = Registry.of(graph)
+    carried = {skip: pre for pre, skip in map(reg.skip_edge, range(graph.n_layers))}
+    return {node: grads[node] * graph.activations[carried.get(node, node)][None] for node in nodes}
 
 
 def _through(graph: GradGraph, semiring, nodes: list[str]):
@@ -214,6 +211,7 @@ def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseli
     tokens = torch.full((B, P), float("nan"), dtype=torch.float64)
     delta = torch.full((B,), float("nan"), dtype=torch.float64)
     names = _branch_nodes(gradient)
+    carried = {skip: pre for pre, skip in map(Registry.of(gradient).skip_edge, range(gradient.n_layers))}
     branch = {n: torch.zeros((1, *gradient.shapes[n]), dtype=torch.float64) for n in names}
     for b in chosen.nonzero()[:, 0].tolist():
         n = int(gradient.attention_mask[b].sum())
@@ -226,8 +224,7 @@ def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseli
         tokens[b, :n] = result.scores[0].double()
         delta[b] = float(result.delta[0])
         for node in names:
-            key = node if not node.endswith("hook_resid_mid") else \
-                f"{node.replace('hook_resid_mid', 'hook_resid_pre')}->{node}"
+            key = f"{carried[node]}->{node}" if node in carried else node
             branch[node][0, b, :n] = result.values[key][0].double()
     return rows, at, tokens, Branches(Real, "sum", branch, chosen.clone()), delta
 

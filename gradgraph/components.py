@@ -53,14 +53,18 @@ class Registry:
     n_heads: int
     n_key_value_heads: int
     embeds: tuple[str, ...]  # the embedding nodes: hook_embed (and hook_pos_embed)
+    mlps: bool = True  # False: attention-only blocks
+    sequential: bool = True  # False: attention and MLP read the same resid_pre (no hook_resid_mid)
 
     @staticmethod
     def of(source) -> "Registry":
         if isinstance(source, GradGraph):
-            return Registry(source.n_layers, source.n_heads, source.n_key_value_heads, tuple(source.sources))
+            return Registry(source.n_layers, source.n_heads, source.n_key_value_heads, tuple(source.sources),
+                            hooks.name("mlp_out", 0) in source.shapes, hooks.name("resid_mid", 0) in source.shapes)
         cfg = getattr(source, "cfg", source)
-        embeds = (hooks.name("embed"),) + ((hooks.name("pos_embed"),) if cfg.positional_embedding_type == "standard" else ())
-        return Registry(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, embeds)
+        embeds = hooks.inputs(cfg)
+        return Registry(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, embeds, not cfg.attn_only,
+                        not (cfg.attn_only or cfg.parallel_attn_mlp))
 
     # ---------------------------------------------------------------- enumeration and labels
 
@@ -83,7 +87,7 @@ class Registry:
                 out.append(Component("embed", position=p))
         for layer in range(self.n_layers):
             for kind in ("q", "k", "v", "head", "mlp"):
-                if kind not in kinds:
+                if kind not in kinds or (kind == "mlp" and not self.mlps):
                     continue
                 heads = [None] if kind == "mlp" else range(self.copies(kind))
                 out += [Component(kind, layer, h, p) for p in where for h in heads]
@@ -112,6 +116,8 @@ class Registry:
         if label.startswith("embed"):
             component = Component("embed", position=position)
         elif mlp is not None:
+            if not self.mlps:
+                raise GradGraphError(f"{label!r}: this model's blocks are attention only")
             component = Component("mlp", int(mlp), None, position)
         elif branch in ("k", "v") and self.n_key_value_heads != self.n_heads:
             per = self.n_heads // self.n_key_value_heads
@@ -148,9 +154,16 @@ class Registry:
 
     def branch_nodes(self, layer: int) -> dict[str, str]:
         """The readers of a layer's attention input: the q/k/v input copies (one per query or
-        key/value head) and the skip past attention (``hook_resid_mid``)."""
+        key/value head) and the skip past attention (``hook_resid_mid``; ``hook_resid_post`` where
+        attention and MLP read the same input, whose MLP branch is then not among them)."""
+        skip = hooks.name("resid_mid" if self.sequential else "resid_post", layer)
         return {"q": hooks.name("q_input", layer), "k": hooks.name("k_input", layer),
-                "v": hooks.name("v_input", layer), "skip": hooks.name("resid_mid", layer)}
+                "v": hooks.name("v_input", layer), "skip": skip}
+
+    def skip_edge(self, layer: int) -> tuple[str, str]:
+        """The residual skip past a layer's attention: (``hook_resid_pre``, the skip node), a
+        weight-1 edge of the residual sum."""
+        return hooks.name("resid_pre", layer), self.branch_nodes(layer)["skip"]
 
     def kind_of_node(self, node: str) -> tuple[str, int | None] | None:
         """``(kind, layer)`` when ``node`` holds components (a head's z, an MLP's output, ...), else None."""
@@ -198,21 +211,6 @@ def component_values(graph: GradGraph, values: dict[str, torch.Tensor], semiring
     return rows
 
 
-def head_mlp_scores(graph: GradGraph, values: dict[str, torch.Tensor], semiring: Semiring) -> torch.Tensor:
-    """``[batch, n_layers, n_heads + 1]``: each head's output (``hook_z``) and, last, each MLP's
-    output (``hook_mlp_out``): the ⊕ over positions and units of a size-1 semiring's values (a
-    sum for Real/Abs flows, a max for Max)."""
-    if semiring.size != 1:
-        raise GradGraphError(f"head_mlp_scores needs a scalar semiring, got {semiring.name}")
-    reg = Registry.of(graph)
-    out = []
-    for layer in range(graph.n_layers):
-        z = values[reg.nodes(Component("head", layer, 0))[0]]  # [1, b, p, h, e]
-        mlp = values[reg.nodes(Component("mlp", layer))[0]]  # [1, b, p, d]
-        out.append(torch.cat([_reduce(semiring, z, (1, 3))[0], _reduce(semiring, mlp, (1, 2))[0][:, None]], 1))
-    return torch.stack(out, 1).double().cpu()
-
-
 PATHWAY_KINDS = ("q", "k", "v", "head", "mlp")
 
 
@@ -230,7 +228,7 @@ def pathway_scores(graph: GradGraph, values: dict[str, torch.Tensor], semiring: 
     over = () if per_position else (1,)
     for layer in range(graph.n_layers):
         for kind in ("q", "k", "v", "head", "mlp"):
-            if kind not in kinds:
+            if kind not in kinds or (kind == "mlp" and not reg.mlps):
                 continue
             node = reg.nodes(Component(kind, layer, 0 if kind != "mlp" else None))[0]
             value = values[node]  # [1, batch, pos, (copies,) units]

@@ -5,6 +5,7 @@ non-zero local partial derivative ∂tgt/∂src. It is stored lazily as blocks, 
 ``op`` whose derivative it is (one of ``OPS``) and its ``layer`` (``None`` outside the layers):
 
 - ``Identity``: same shape, weight 1 (residual sums, the residual read by the MLP);
+- ``Reshape``: the same elements in another shape, weight 1 (into and out of a per-head q/k norm);
 - ``Broadcast``: ``tgt = src.unsqueeze(dim).expand(n)``, weight 1 (per-head copies of the residual);
 - ``Place``: ``src`` is a slice of ``tgt`` along one dim, weight 1 (a cached prefix's keys and the
   run's own keys in one node);
@@ -105,6 +106,21 @@ class Identity(Block):
 
     def n_edges(self, shapes):
         return _numel(shapes[self.tgt])
+
+
+@dataclass(frozen=True, eq=False)
+class Reshape(Identity):
+    """``tgt = src.reshape(tgt shape)``, weight 1: the same elements in the same flat order (a q/k
+    norm that TransformerLens applies to ``[batch·pos·head, d_head]`` rows)."""
+
+    src_shape: tuple[int, ...]
+    tgt_shape: tuple[int, ...]
+
+    def backward(self, sr, value):
+        return value.reshape(value.shape[0], *self.src_shape)
+
+    def forward(self, sr, value):
+        return value.reshape(value.shape[0], *self.tgt_shape)
 
 
 @dataclass(frozen=True, eq=False)

@@ -59,7 +59,58 @@ _TEMPLATES = {
     "unembed_in": "unembed.hook_in",
     "logits": "unembed.hook_out",
     "metric": "metric",
+    # nodes of the features some families add (internal nodes have no "hook_")
+    "q_normed": "blocks.{L}.attn.q_normed",  # q after its q/k norm (Qwen3, OLMo-2), [batch, pos, head, d_head]
+    "k_normed": "blocks.{L}.attn.k_normed",
+    "scores_raw": "blocks.{L}.attn.scores_raw",  # q·k / attn_scale before soft-capping (Gemma 2)
+    "attn_raw": "blocks.{L}.attn.out",  # Σ_h z_h W_O[h] + b_O before a norm after attention
+    "mlp_raw": "blocks.{L}.mlp.out",  # post W_out + b_out before a norm after the MLP
+    "mlp_softmax": "blocks.{L}.mlp.softmax",  # softmax(pre) of SoLU
+    "mlp_mid": "blocks.{L}.mlp.hook_mid",  # SoLU: pre ⊙ softmax(pre), before its LayerNorm
+    "logits_capped": "unembed.soft_capped",  # cap · tanh(logits / cap) (Gemma 2)
 }
+
+# every norm's nodes: the input (where it differs from the node it reads), x̃ (LayerNorm), the scale,
+# the normalised vector and the output (where the norm's weight cannot be folded into a linear map)
+_NORMS = {
+    "ln1": "blocks.{L}.ln1", "ln2": "blocks.{L}.ln2", "ln_final": "ln_final",
+    "ln1_post": "blocks.{L}.ln1_post", "ln2_post": "blocks.{L}.ln2_post",
+    "q_norm": "blocks.{L}.attn.q_norm", "k_norm": "blocks.{L}.attn.k_norm", "mlp_ln": "blocks.{L}.mlp.ln",
+}
+for _norm, _path in _NORMS.items():
+    for _part, _leaf in (("input", "input"), ("centered", "centered"), ("scale", "hook_scale"),
+                         ("normalized", "hook_normalized"), ("output", "output")):
+        _TEMPLATES.setdefault(f"{_norm}_{_part}", f"{_path}.{_leaf}")
+
+_TEMPLATES.update({  # a BERT encoder's own (TransformerLens HookedEncoder)
+    "encoder_embed": "embed.hook_embed",
+    "encoder_pos_embed": "embed.hook_pos_embed",
+    "token_type_embed": "embed.hook_token_type_embed",
+    "embed_sum": "embed.sum",  # the three embeddings' sum, before the embedding LayerNorm
+    "full_embed": "hook_full_embed",
+    "normalized_resid_post": "blocks.{L}.hook_normalized_resid_post",
+    "mlm_dense": "mlm_head.dense",  # resid W + b of the MLM head
+    "mlm_act": "mlm_head.act",  # act(dense)
+})
+for _norm, _path in (("embed_ln", "embed.ln"), ("mlm_ln", "mlm_head.ln")):
+    for _part, _leaf in (("centered", "centered"), ("scale", "hook_scale"), ("normalized", "hook_normalized")):
+        _TEMPLATES[f"{_norm}_{_part}"] = f"{_path}.{_leaf}"
+
+
+def is_encoder(cfg) -> bool:
+    """Whether ``cfg`` is a bidirectional encoder's (BERT: TransformerLens ``HookedEncoder``)."""
+    return getattr(cfg, "attention_dir", "causal") == "bidirectional"
+
+
+def inputs(model) -> tuple[str, ...]:
+    """The hook points of ``model``'s (or a config's) input embeddings, the token embedding first:
+    ``hook_embed`` (and ``hook_pos_embed`` for learned positions); an encoder's ``embed.hook_embed``,
+    ``embed.hook_pos_embed`` and ``embed.hook_token_type_embed``."""
+    cfg = getattr(model, "cfg", model)
+    if is_encoder(cfg):
+        return name("encoder_embed"), name("encoder_pos_embed"), name("token_type_embed")
+    return (name("embed"),) + ((name("pos_embed"),) if cfg.positional_embedding_type == "standard" else ())
+
 
 # hook points that fire once per q/k/v input under use_split_qkv_input, in firing order
 SPLIT_FIRINGS = ("q", "k", "v")
@@ -133,12 +184,14 @@ def plain_forward(model: HookedTransformer) -> Iterator[None]:
     read only outputs. The settings are restored on leaving, also when it raised."""
     split, mlp_in = model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in
     model.set_use_split_qkv_input(False)
-    model.set_use_hook_mlp_in(False)
+    if not model.cfg.attn_only:  # TransformerLens refuses the flag on attention-only models
+        model.set_use_hook_mlp_in(False)
     try:
         yield
     finally:
         model.set_use_split_qkv_input(split)
-        model.set_use_hook_mlp_in(mlp_in)
+        if not model.cfg.attn_only:
+            model.set_use_hook_mlp_in(mlp_in)
 
 
 def node_firings(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

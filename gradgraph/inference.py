@@ -21,7 +21,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from gradgraph import hooks
-from gradgraph.build import unsupported_features
+from gradgraph.build import layout_features, unsupported_features
 from gradgraph.weights import _fingerprint
 
 
@@ -62,8 +62,9 @@ _CACHE: "weakref.WeakKeyDictionary[HookedTransformer, tuple[tuple, _Weights]]" =
 
 
 def supported(model) -> bool:
-    """Whether these passes cover ``model``: the architectures the graph builder supports."""
-    return not unsupported_features(model)
+    """Whether these passes cover ``model``: the GPT-2 / Llama layout (``build.layout_features``
+    lists what else the graph builder covers, and what these passes leave to TransformerLens)."""
+    return not unsupported_features(model) and not layout_features(model.cfg)
 
 
 def _norm(module, kind: str) -> _Norm:

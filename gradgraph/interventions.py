@@ -49,7 +49,7 @@ def _cache(model: HookedTransformer, tokens: torch.Tensor, *, embed: torch.Tenso
     inputs, and the q/k/v inputs where ``kinds`` ask for them."""
     kinds = ("z", "mlp_out", "attn_out", "resid_pre") + tuple(f"{k}_input" for k in kinds if k in "qkv")
     wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
-    replacements = {} if embed is None else {hooks.name("embed"): embed}
+    replacements = {} if embed is None else {hooks.inputs(model)[0]: embed}
     with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
         model(tokens, stop_at_layer=model.cfg.n_layers)
     return {name: tensors[0].clone() for name, tensors in store.items() if name in wanted}
@@ -64,18 +64,28 @@ def _run_from(model, layer: int, resid: torch.Tensor, replacements: dict) -> tor
 def _metric_from_resid(model, resid_final: torch.Tensor, metric, mask, ids: torch.Tensor | None = None) -> torch.Tensor:
     """The metric of the final residual stream; with ``ids``, only those logit columns are computed
     (the rest are zero): a logit difference reads two columns of a 49k vocabulary."""
-    normalized = model.ln_final(resid_final)
+    normalized = _final_norm(model, resid_final)
     if ids is None:
-        return metric(model.unembed(normalized), mask)
+        return metric(_capped(model, model.unembed(normalized)), mask)
     logits = normalized.new_zeros((*normalized.shape[:-1], model.cfg.d_vocab))
-    logits[..., ids] = normalized @ model.W_U[:, ids] + model.b_U[ids]
+    logits[..., ids] = _capped(model, normalized @ model.W_U[:, ids] + model.b_U[ids])
     return metric(logits, mask)
+
+
+def _final_norm(model, resid_final: torch.Tensor) -> torch.Tensor:
+    return resid_final if model.cfg.normalization_type is None else model.ln_final(resid_final)
+
+
+def _capped(model, logits: torch.Tensor) -> torch.Tensor:
+    """The logits as the model returns them: soft-capped where it caps them (Gemma 2)."""
+    cap = model.cfg.output_logits_soft_cap
+    return logits if cap is None or cap <= 0 else cap * torch.tanh(logits / cap)
 
 
 def _read_columns(model, resid_final: torch.Tensor, metric, mask) -> torch.Tensor | None:
     """The logit columns the metric reads, if computing only them gives the same clean value."""
     with torch.enable_grad():
-        logits = model.unembed(model.ln_final(resid_final)).detach().requires_grad_(True)
+        logits = _capped(model, model.unembed(_final_norm(model, resid_final))).detach().requires_grad_(True)
         value = metric(logits, mask)
         (grad,) = torch.autograd.grad(value.sum(), logits)
     ids = (grad != 0).flatten(0, -2).any(0).nonzero()[:, 0]
@@ -87,6 +97,9 @@ def _read_columns(model, resid_final: torch.Tensor, metric, mask) -> torch.Tenso
 
 
 def _check(model, tokens, mask):
+    if hooks.is_encoder(model.cfg):
+        raise GradGraphError("interventions run a decoder from any layer (HookedTransformer); a HookedEncoder "
+                             "cannot start at a layer: score its components by the graph methods")
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise GradGraphError(f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}")
     if mask.shape != tokens.shape:
@@ -137,7 +150,7 @@ def intervene(
         return _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress)
     clean = _cache(model, tokens, embed=embed, kinds=kinds)
     corrupt = _cache(model, counterfactual, kinds=kinds) if counterfactual is not None else None
-    with hooks.replacing(model, {} if embed is None else {hooks.name("embed"): embed}):
+    with hooks.replacing(model, {} if embed is None else {hooks.inputs(model)[0]: embed}):
         last = model(tokens, stop_at_layer=model.cfg.n_layers)
     ids = _read_columns(model, last, metric, mask)
     base = _metric_from_resid(model, last, metric, mask, ids)

@@ -170,3 +170,32 @@ def _pick(at: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if (ids < 0).any() or (ids >= vocab).any():
         raise GradGraphError(f"token id out of range [0, {vocab}): {ids.tolist()}")
     return at.gather(-1, ids.expand(batch)[:, None])[:, 0]
+
+
+def mask_positions(model, tokens: torch.Tensor, mask_token_id: int | None = None) -> torch.Tensor:
+    """``[batch]``: where each row of ``tokens`` ``[batch, pos]`` holds the model's ``[MASK]`` token
+    (exactly one per row); ``mask_token_id`` overrides the tokenizer's (models without one)."""
+    if mask_token_id is None:
+        mask_token_id = getattr(getattr(model, "tokenizer", None), "mask_token_id", None)
+    if mask_token_id is None:
+        raise GradGraphError(
+            "this model has no [MASK] token (its tokenizer defines none); a masked-token metric is for masked "
+            "language models such as BERT: pass mask_token_id=, or read a causal model's next-token logits "
+            "with logit_diff(good, bad, pos=-1)"
+        )
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise GradGraphError("tokens must be a [batch, pos] tensor of token ids")
+    found = tokens == int(mask_token_id)
+    counts = found.sum(1)
+    if (counts != 1).any():
+        row = int((counts != 1).nonzero()[0])
+        raise GradGraphError(f"row {row} holds {int(counts[row])} [MASK] tokens (id {int(mask_token_id)}); "
+                             f"a masked-token metric reads exactly one per row")
+    return found.long().argmax(1)
+
+
+def masked_logit_diff(model, tokens: torch.Tensor, good: Tokens, bad: Tokens, *,
+                      mask_token_id: int | None = None) -> Metric:
+    """``logit[good] − logit[bad]`` at each row's ``[MASK]`` token: Du et al.'s SVA quantity for a
+    masked LM ("The keys to the cabinet [MASK] here", good " are", bad " is")."""
+    return logit_diff(good, bad, pos=mask_positions(model, tokens, mask_token_id))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
 
 from gradgraph.errors import GradGraphError
 
@@ -65,8 +65,14 @@ def cache_dir() -> Path:
 
 def set_flags(model: HookedTransformer) -> HookedTransformer:
     """Switch on the hook points the gradient graph reads; switch off the costly one."""
+    if isinstance(model, HookedEncoder):  # its blocks read the flags from the config
+        model.cfg.use_split_qkv_input = True
+        model.cfg.use_hook_mlp_in = True
+        model.cfg.use_attn_result = False
+        return model.eval()
     model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
+    if not model.cfg.attn_only:  # an attention-only model has no MLP input to hook
+        model.set_use_hook_mlp_in(True)
     model.set_use_attn_result(False)
     model.eval()
     return model
@@ -315,6 +321,46 @@ def _load_official(name: str) -> HookedTransformer:
 # --------------------------------------------------------------------------- tiny models
 
 
+def _rotary(**flags) -> dict:
+    return dict(positional_embedding_type="rotary", rotary_adjacent_pairs=False, **flags)
+
+
+# the flags TransformerLens' own configs give each family (loading_from_pretrained), at any size;
+# "biases": the family's linear maps have biases (made non-zero), "kv": grouped-query attention
+FAMILIES: dict[str, dict] = {
+    "gpt2": dict(cfg=dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new"),
+                 architecture="GPT2LMHeadModel", biases=True),
+    "llama": dict(cfg=_rotary(normalization_type="RMS", act_fn="silu", gated_mlp=True, final_rms=True),
+                  architecture="LlamaForCausalLM", kv=True),
+    "pythia": dict(cfg=_rotary(normalization_type="LN", act_fn="gelu", parallel_attn_mlp=True, rotary_pct=0.25),
+                   architecture="GPTNeoXForCausalLM", biases=True),
+    "gptj": dict(cfg=dict(normalization_type="LN", positional_embedding_type="rotary", rotary_adjacent_pairs=True,
+                          act_fn="gelu_new", parallel_attn_mlp=True, rotary_pct=0.5),
+                 architecture="GPTJForCausalLM", biases=True),
+    "phi": dict(cfg=_rotary(normalization_type="LN", act_fn="gelu_new", parallel_attn_mlp=True, rotary_pct=0.5),
+                architecture="PhiForCausalLM", biases=True),
+    "gemma": dict(cfg=_rotary(normalization_type="RMS", act_fn="gelu_pytorch_tanh", gated_mlp=True, final_rms=True),
+                  architecture="GemmaForCausalLM", kv=True),
+    "gemma2": dict(cfg=_rotary(normalization_type="RMS", act_fn="gelu_pytorch_tanh", gated_mlp=True, final_rms=True,
+                               use_normalization_before_and_after=True, attn_scores_soft_cap=50.0,
+                               output_logits_soft_cap=30.0, use_local_attn=True, window_size=4),
+                   architecture="Gemma2ForCausalLM", kv=True),
+    "qwen3": dict(cfg=_rotary(normalization_type="RMS", act_fn="silu", gated_mlp=True, final_rms=True, use_qk_norm=True),
+                  architecture="Qwen3ForCausalLM", kv=True),
+    "olmo2": dict(cfg=_rotary(normalization_type="RMS", act_fn="silu", gated_mlp=True, final_rms=True),
+                  architecture="Olmo2ForCausalLM"),
+    "attn-only": dict(cfg=dict(normalization_type="LN", positional_embedding_type="standard", attn_only=True),
+                      architecture="GPT2LMHeadModel", biases=True),
+    "no-norm": dict(cfg=dict(normalization_type=None, positional_embedding_type="standard", act_fn="relu"),
+                    architecture="GPT2LMHeadModel", biases=True),
+    "solu": dict(cfg=dict(normalization_type="LN", positional_embedding_type="standard", act_fn="solu_ln"),
+                 architecture="GPT2LMHeadModel", biases=True),
+    "bert": dict(cfg=dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu",
+                          attention_dir="bidirectional"),
+                 architecture="BertForMaskedLM", biases=True, encoder=True),
+}
+
+
 def tiny_model(
     arch: str,
     *,
@@ -329,35 +375,28 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     **cfg,
 ) -> HookedTransformer:
-    """A random-weight ``HookedTransformer`` for tests: ``"gpt2"`` or ``"llama"``.
+    """A random-weight ``HookedTransformer`` of a family in ``FAMILIES`` for tests, with the flags
+    TransformerLens gives that family: ``"gpt2"``, ``"llama"``, ``"pythia"``, ``"gptj"``, ``"phi"``,
+    ``"gemma"``, ``"gemma2"``, ``"qwen3"``, ``"olmo2"``, ``"attn-only"``, ``"no-norm"``, ``"solu"``, and
+    ``"bert"`` (a ``HookedEncoder``: post-LN, bidirectional, token types, the MLM head).
 
-    gpt2: LayerNorm (with weights), learned positions, GELU MLP, multi-head attention, all
-    biases non-zero. llama: RMSNorm, rotary, grouped-query attention (``n_key_value_heads``,
-    default ``n_heads // 2``), SiLU-gated MLP, no biases. Extra keyword arguments go to
-    ``HookedTransformerConfig``.
-    """
-    if arch == "gpt2":
-        base = dict(
-            normalization_type="LN",
-            positional_embedding_type="standard",
-            act_fn="gelu_new",
-            gated_mlp=False,
-        )
-    elif arch == "llama":
+    Norm weights are near 1 and, where the family has biases, biases small and non-zero; rotary
+    families rotate ``rotary_pct`` of each head; grouped-query families get ``n_key_value_heads =
+    n_heads // 2``; Gemma 2 alternates local (window 4) and global layers. Extra keyword arguments
+    go to ``HookedTransformerConfig`` and override the family's."""
+    if arch not in FAMILIES:
+        raise GradGraphError(f"tiny_model arch must be one of {sorted(FAMILIES)}, got {arch!r}")
+    family = FAMILIES[arch]
+    base = dict(family["cfg"])
+    rotary_pct = base.pop("rotary_pct", 1.0)
+    if base.get("positional_embedding_type") == "rotary":
         if d_head % 2:
             raise GradGraphError(f"rotary embeddings rotate pairs of dimensions: d_head must be even, got {d_head}")
-        base = dict(
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=d_head,
-            rotary_adjacent_pairs=False,
-            act_fn="silu",
-            gated_mlp=True,
-            final_rms=True,
-            n_key_value_heads=max(1, n_heads // 2),
-        )
-    else:
-        raise GradGraphError(f"tiny_model arch must be 'gpt2' or 'llama', got {arch!r}")
+        base["rotary_dim"] = max(2, 2 * round(rotary_pct * d_head / 2))
+    if family.get("kv"):
+        base["n_key_value_heads"] = max(1, n_heads // 2)
+    if base.get("use_local_attn"):
+        base["attn_types"] = ["local", "global"] * (n_layers // 2) + ["local"] * (n_layers % 2)
     base.update(cfg)
     config = HookedTransformerConfig(
         n_layers=n_layers,
@@ -371,17 +410,20 @@ def tiny_model(
         seed=seed,
         device="cpu",
         init_weights=True,
-        original_architecture="GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM",
+        original_architecture=family["architecture"],
         **base,
     )
-    model = HookedTransformer(config, move_to_device=False)
+    model = (HookedEncoder if family.get("encoder") else HookedTransformer)(config, move_to_device=False)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, param in model.named_parameters():
             is_bias = pname.split(".")[-1].startswith("b_") or pname.endswith(".b")
-            if (is_bias and arch == "gpt2") or pname.endswith(".w"):
+            if (is_bias and family.get("biases")) or pname.endswith(".w"):
                 # biases small and non-zero; norm weights around 1
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
                 base_value = 1.0 if pname.endswith(".w") else 0.0
                 param.copy_((base_value + 0.1 * noise).to(param.dtype))
+            elif family.get("encoder"):  # HookedEncoder leaves its matrices uninitialised
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+                param.copy_((config.initializer_range * noise).to(param.dtype))
     return set_flags(model)

@@ -11,7 +11,8 @@ Rules change the graph, never the semiring or the recursion (DESIGN.md). The bui
   its input ``x`` and its output ``y`` (bias included);
 - ``bilinear(product) -> (left factor, right factor)``: the factor on each operand's block of a
   bilinear product: ``"qk"`` (q·k → scores), ``"pv"`` (pattern · v → z), ``"gate"``
-  (act(gate) ⊙ linear → the gated MLP's hidden state); a factor 0 emits no block;
+  (act(gate) ⊙ linear → the gated MLP's hidden state), ``"solu"`` (softmax(x) ⊙ x → SoLU's hidden
+  state; the softmax is the first operand, as the gate is); a factor 0 emits no block;
 - ``residual(SumOp) -> blocks``: a residual sum.
 
 Copies (the per-head copies of the residual stream, the MLP's read of it), rotary rotations and the
@@ -199,8 +200,9 @@ def halves(product: str) -> tuple[float, float]:
 
 def pattern_held_constant(product: str) -> tuple[float, float]:
     """CP-LRP: q·k and the pattern carry nothing, v carries all of pattern · v; the gate of a gated
-    MLP held constant, its linear branch carries the product (as the reference implementation)."""
-    return {"qk": (0.0, 0.0), "pv": (0.0, 1.0), "gate": (0.0, 1.0)}[product]
+    MLP held constant, its linear branch carries the product (as the reference implementation);
+    likewise SoLU's softmax, so that its input carries x ⊙ softmax(x)."""
+    return {"qk": (0.0, 0.0), "pv": (0.0, 1.0), "gate": (0.0, 1.0), "solu": (0.0, 1.0)}[product]
 
 
 def attn_lrp(epsilon: float = 0.0) -> RuleSet:
@@ -242,7 +244,7 @@ def relp(pattern_constant: bool = False) -> RuleSet:
     (g/2 + (g/2).detach()), attention as it is, or with the pattern held constant (AH-rule)."""
 
     def bilinear(product: str) -> tuple[float, float]:
-        if product == "gate":
+        if product in ("gate", "solu"):
             return 0.5, 0.5
         return pattern_held_constant(product) if pattern_constant else (1.0, 1.0)
 

@@ -55,6 +55,11 @@ CASES = [
     dict(arch="llama", seed=2, d_model=10, n_heads=2, d_head=4, n_key_value_heads=2),  # plain multi-head
     dict(arch="llama", seed=3, n_heads=4, d_head=4, rotary_adjacent_pairs=True, n_layers=3),
     dict(arch="llama", seed=4, n_heads=4, d_head=6, rotary_dim=4),  # partial rotary
+    dict(arch="gpt2", seed=5, act_fn="gelu_fast", normalization_type="LNPre"),  # norms without weights
+    dict(arch="llama", seed=6, act_fn="relu", normalization_type="RMSPre"),  # ReGLU
+    dict(arch="gpt2", seed=7, act_fn="relu2", scale_attn_by_inverse_layer_idx=True),
+    dict(arch="solu", seed=8, normalization_type="LNPre"),  # SoLU as from_pretrained folds it
+    dict(arch="pythia", seed=9, normalization_type="LNPre", n_heads=2, d_head=8),
 ]
 
 
@@ -231,10 +236,9 @@ def test_bad_inputs_raise_and_leave_no_hook():
 @pytest.mark.parametrize(
     "overrides, feature",
     [
-        (dict(parallel_attn_mlp=True), "parallel attention and MLP"),
-        (dict(normalization_type=None), "normalization_type=None"),
         (dict(positional_embedding_type="alibi"), "positional_embedding_type='alibi'"),
-        (dict(attn_scores_soft_cap=30.0), "soft-capping"),
+        (dict(use_logn_attn=True), "log-n attention scaling"),
+        (dict(clip_qkv=4.0), "q/k/v clipping"),
     ],
 )
 def test_unsupported_architectures_are_named(overrides, feature):

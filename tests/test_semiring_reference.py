@@ -263,6 +263,23 @@ CASES = {
     "llama-s6-2layers-pad-logprob": ("llama", dict(seed=6, n_layers=2), [[5, 2], [3, 0]], [[1, 1], [1, 0]],
                                      logprob_of(0)),
 }
+# every other family, one layer (gradgraph.models.FAMILIES: each family's TransformerLens flags)
+FAMILY_CASES = {
+    "pythia-s20-pad": ("pythia", dict(seed=20), [[1, 5, 2], [4, 6, 0]], [[1, 1, 1], [1, 1, 0]], logit_diff(1, 2)),
+    "gptj-s21": ("gptj", dict(seed=21, d_head=4, d_model=8), [[3, 1, 7]], None, logprob_of(2)),
+    "phi-s22": ("phi", dict(seed=22, d_head=4, d_model=8), [[2, 2, 5]], None, logit_diff(3, 1)),
+    "gemma-s23": ("gemma", dict(seed=23), [[6, 1, 3]], None, logit_diff(0, 5)),
+    "gemma2-s24-pad": ("gemma2", dict(seed=24, attn_scores_soft_cap=0.5, output_logits_soft_cap=0.3, window_size=2),
+                       [[1, 4, 2], [3, 5, 0]], [[1, 1, 1], [1, 1, 0]], logprob_of(1)),
+    "qwen3-s25": ("qwen3", dict(seed=25), [[5, 3, 1]], None, logit_diff(2, 4)),
+    "olmo2-s26": ("olmo2", dict(seed=26), [[7, 2, 4]], None, logit_diff(6, 1)),
+    "attn-only-s27": ("attn-only", dict(seed=27), [[1, 2, 3]], None, logprob_of(4)),
+    "no-norm-s28": ("no-norm", dict(seed=28), [[4, 4, 1]], None, logit_diff(2, 7)),
+    "solu-s29": ("solu", dict(seed=29), [[2, 6, 3]], None, logit_diff(5, 0)),
+    "bert-s30-pad-mask": ("bert", dict(seed=30), [[1, 7, 2], [3, 7, 0]], [[1, 1, 1], [1, 1, 0]],
+                          logit_diff(torch.tensor([1, 2]), torch.tensor([4, 5]), pos=torch.tensor([1, 1]))),
+}
+CASES.update(FAMILY_CASES)
 
 
 def make_graph(arch, overrides, tokens, mask, metric):
