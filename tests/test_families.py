@@ -109,6 +109,26 @@ def test_attention_only_and_parallel_layouts_in_the_component_views():
     assert shares.value[1, 3].item() == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_branch_shares_and_component_views_on_the_encoder():
+    """BERT's q/k/v inputs read hook_resid_pre straight (no norm before attention) and its skip is
+    hook_resid_mid: the branch shares at the [MASK] are the Abs flows at those nodes."""
+    from gradgraph.components import component_values
+
+    model = family_model("bert", n_layers=2, seed=5)
+    tokens, mask, metric = prompts("bert")
+    graph = build_graph(model, tokens, metric, attention_mask=mask)
+    at = mask_positions(model, tokens, MASK_ID)
+    shares = branch_shares(graph, at, semiring=Abs, agg="sum")
+    flows = backprop(graph, Abs)
+    rows = torch.arange(3)
+    for layer in range(2):
+        for column, node in enumerate(["q_input", "k_input", "v_input", "resid_mid"]):
+            value = flows[hooks.name(node, layer)][0][rows, at].sum() / 3
+            assert shares.value[layer, column].item() == pytest.approx(value.item(), rel=1e-12)
+    values = component_values(graph, backprop(graph, Real), Real)
+    assert {row["kind"] for row in values} == {"embed", "q", "k", "v", "head", "mlp"}
+
+
 def test_masked_metric_reads_the_mask_position():
     model = family_model("bert", n_layers=1, seed=4)
     tokens, mask, _ = prompts("bert")

@@ -19,7 +19,7 @@ from gradgraph import hooks
 from gradgraph import tiny_model
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import build_graph
-from gradgraph.metrics import logit_diff, logprob_diff, select_positions
+from gradgraph.metrics import logit_diff, logprob_diff, mask_positions, select_positions
 from gradgraph.semirings import Abs, Count, Entropy, KMax, Log, Max, Real, SignedMax
 
 K = 3
@@ -276,8 +276,11 @@ FAMILY_CASES = {
     "attn-only-s27": ("attn-only", dict(seed=27), [[1, 2, 3]], None, logprob_of(4)),
     "no-norm-s28": ("no-norm", dict(seed=28), [[4, 4, 1]], None, logit_diff(2, 7)),
     "solu-s29": ("solu", dict(seed=29), [[2, 6, 3]], None, logit_diff(5, 0)),
-    "bert-s30-pad-mask": ("bert", dict(seed=30), [[1, 7, 2], [3, 7, 0]], [[1, 1, 1], [1, 1, 0]],
-                          logit_diff(torch.tensor([1, 2]), torch.tensor([4, 5]), pos=torch.tensor([1, 1]))),
+    "bert-s30-pad-mask": ("bert", dict(seed=30), [[1, 7, 2], [3, 0, 7]], [[1, 1, 1], [1, 1, 1]],
+                          logit_diff(torch.tensor([1, 2]), torch.tensor([4, 5]),  # at the [MASK] (id 7)
+                                     pos=mask_positions(None, torch.tensor([[1, 7, 2], [3, 0, 7]]), 7))),
+    "bert-s31-pad": ("bert", dict(seed=31), [[2, 5, 7], [7, 1, 0]], [[1, 1, 1], [1, 1, 0]],
+                     logit_diff(3, 6, pos=mask_positions(None, torch.tensor([[2, 5, 7], [7, 1, 0]]), 7))),
 }
 CASES.update(FAMILY_CASES)
 
