@@ -289,11 +289,17 @@ def _load_local_folder(folder: Path) -> HookedTransformer:
         ) from error
 
 
+def official_class(official: str) -> type:
+    """The TransformerLens class that loads an official model name: ``HookedEncoder`` for BERT's
+    masked language models, ``HookedTransformer`` for the rest."""
+    return HookedEncoder if official.startswith("google-bert/") else HookedTransformer
+
+
 def _load_official(name: str) -> HookedTransformer:
     from transformer_lens import loading_from_pretrained as loading
 
     try:
-        loading.get_official_model_name(name)
+        official = loading.get_official_model_name(name)
     except ValueError:
         raise GradGraphError(
             f"unknown model {name!r}: not an embedded model ({EMBEDDED_NAMES}), not a local folder, "
@@ -310,7 +316,7 @@ def _load_official(name: str) -> HookedTransformer:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return HookedTransformer.from_pretrained(name, device="cpu")
+            return official_class(official).from_pretrained(name, device="cpu")
     except Exception as error:
         raise GradGraphError(
             f"could not download {name!r} from the Hugging Face hub ({type(error).__name__}: "

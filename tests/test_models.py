@@ -68,6 +68,17 @@ def test_official_name_offline_says_so(monkeypatch):
         load_model("gpt2")
 
 
+def test_official_bert_names_load_as_encoders():
+    from transformer_lens import HookedEncoder, HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    from gradgraph.models import official_class
+
+    assert official_class(loading.get_official_model_name("bert-base-cased")) is HookedEncoder
+    assert official_class(loading.get_official_model_name("pythia-70m")) is HookedTransformer
+    assert official_class(loading.get_official_model_name("gemma-2-2b")) is HookedTransformer
+
+
 def test_folder_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(GradGraphError, match="no config.json"):
         load_model(str(tmp_path))
