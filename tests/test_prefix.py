@@ -48,9 +48,18 @@ def _assert_same_after_prefix(short, long, short_values, long_values, atol=1e-11
 
 
 @pytest.mark.parametrize("rules", [GRADIENT, ATTN_LRP, CP_LRP, RELP])
-@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", seed=1, n_heads=4, n_key_value_heads=2)],
-                         ids=["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", seed=1, n_heads=4, n_key_value_heads=2),
+                                  dict(arch="pythia", seed=2), dict(arch="olmo2", seed=4),
+                                  dict(arch="gemma2", seed=3, window_size=4, attn_scores_soft_cap=0.5,
+                                       output_logits_soft_cap=0.3)],
+                         ids=["gpt2", "llama-gqa", "pythia", "olmo2-refused", "gemma2-local"])
 def test_values_after_a_prefix_equal_the_whole_graphs(rules, case):
+    if case["arch"] == "olmo2":  # q/k norms: refused by name
+        model, prefix, after, mask, _, _ = _case(**case)
+        with pytest.raises(GradGraphError, match="q/k normalisation"):
+            build_graph(model, after, METRIC, attention_mask=mask, rules=rules, prefix=prefix)
+        assert no_hooks_left(model)
+        return
     model, prefix, after, mask, whole, whole_mask = _case(**case)
     short = build_graph(model, after, METRIC, attention_mask=mask, rules=rules, prefix=prefix)
     long = build_graph(model, whole, METRIC, attention_mask=whole_mask, rules=rules)
