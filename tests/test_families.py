@@ -166,3 +166,18 @@ def test_bad_inputs_name_the_problem():
         with pytest.raises(GradGraphError, match=feature):
             build_graph(model, torch.randint(0, 40, (1, 4)), lambda logits: logits[:, -1, 0])
         assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("family", ["bert", "gemma2", "pythia"])
+def test_integrated_gradients_are_complete(family):
+    """IG through each family's graph (the token embeddings replaced along the path: the encoder's
+    embed.hook_embed too) sums to F(x) − F(baseline), the baseline every position at token 0."""
+    from gradgraph import attribute
+
+    model = family_model(family, n_layers=2, seed=6)
+    tokens, mask, metric = prompts(family)
+    result = attribute(model, tokens[:1], logprob_diff(1, 4, pos=int(mask_positions(None, tokens[:1], MASK_ID))
+                                                       if family == "bert" else -1),
+                       method="ig", steps=48, baseline=0)  # from token 0: no zero vector into a norm
+    assert abs(float(result.delta[0])) < 1e-4 * max(1.0, abs(float(result.target[0])))
+    assert result.values[hooks.inputs(model)[0]].shape == (1, 7, model.cfg.d_model)
