@@ -76,6 +76,7 @@ _NORMS = {
     "ln1": "blocks.{L}.ln1", "ln2": "blocks.{L}.ln2", "ln_final": "ln_final",
     "ln1_post": "blocks.{L}.ln1_post", "ln2_post": "blocks.{L}.ln2_post",
     "q_norm": "blocks.{L}.attn.q_norm", "k_norm": "blocks.{L}.attn.k_norm", "mlp_ln": "blocks.{L}.mlp.ln",
+    "embed_ln": "embed.ln", "mlm_ln": "mlm_head.ln",  # a BERT encoder's
 }
 for _norm, _path in _NORMS.items():
     for _part, _leaf in (("input", "input"), ("centered", "centered"), ("scale", "hook_scale"),
@@ -92,9 +93,6 @@ _TEMPLATES.update({  # a BERT encoder's own (TransformerLens HookedEncoder)
     "mlm_dense": "mlm_head.dense",  # resid W + b of the MLM head
     "mlm_act": "mlm_head.act",  # act(dense)
 })
-for _norm, _path in (("embed_ln", "embed.ln"), ("mlm_ln", "mlm_head.ln")):
-    for _part, _leaf in (("centered", "centered"), ("scale", "hook_scale"), ("normalized", "hook_normalized")):
-        _TEMPLATES[f"{_norm}_{_part}"] = f"{_path}.{_leaf}"
 
 
 def is_encoder(cfg) -> bool:
