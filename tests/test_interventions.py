@@ -24,14 +24,19 @@ def _naive(model, tokens, mask, metric, hook, head, value):
         return metric(model(tokens), mask)
 
 
-def test_interventions_match_naive_runs_and_leave_model_unchanged():
-    model = tiny_model("llama", dtype=torch.float64, n_layers=3, seed=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def _clean_and_counterfactual():
+    """Two right-padded prompts, their mask, counterfactuals differing at position 1, a metric."""
     tokens = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     cf = tokens.clone()
     cf[:, 1] = torch.tensor([20, 21])
-    metric = logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    return tokens, mask, cf, logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+
+
+def test_interventions_match_naive_runs_and_leave_model_unchanged():
+    model = tiny_model("llama", dtype=torch.float64, n_layers=3, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens, mask, cf, metric = _clean_and_counterfactual()
     means = activation_means(model, tokens, mask)
     out = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False)
     clean = metric(model(tokens), mask)
@@ -194,11 +199,7 @@ def test_pathway_interventions_from_the_weights_equal_hooks(case):
 
     case = dict(case)
     model = tiny_model(case.pop("arch"), dtype=torch.float64, n_layers=2, seed=6, **case)
-    tokens = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    cf = tokens.clone()
-    cf[:, 1] = torch.tensor([20, 21])
-    metric = logit_diff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    tokens, mask, cf, metric = _clean_and_counterfactual()
     means = activation_means(model, tokens, mask)
     fast = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS)
     slow = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS,
