@@ -140,8 +140,8 @@ def layout_features(cfg) -> list[str]:
         "q/k normalisation": getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in QK_NORM_ACROSS_HEADS,
         "norms after attention and MLP": (getattr(cfg, "use_normalization_before_and_after", False)
                                           or cfg.original_architecture in POST_NORM),
-        "attention-score soft-capping": _soft_cap(getattr(cfg, "attn_scores_soft_cap", None)) is not None,
-        "logit soft-capping": _soft_cap(getattr(cfg, "output_logits_soft_cap", None)) is not None,
+        "attention-score soft-capping": soft_cap(getattr(cfg, "attn_scores_soft_cap", None)) is not None,
+        "logit soft-capping": soft_cap(getattr(cfg, "output_logits_soft_cap", None)) is not None,
         "local attention": getattr(cfg, "use_local_attn", False),
         "a SoLU activation": cfg.act_fn == "solu_ln",
         "attention scaled by inverse layer index": getattr(cfg, "scale_attn_by_inverse_layer_idx", False),
@@ -149,7 +149,7 @@ def layout_features(cfg) -> list[str]:
     return [label for label, present in checks.items() if present]
 
 
-def _soft_cap(cap) -> float | None:
+def soft_cap(cap) -> float | None:
     """The soft cap ``c`` of ``c · tanh(x / c)``, or None when the model has none."""
     return float(cap) if cap is not None and cap > 0 else None
 
@@ -343,7 +343,7 @@ def record(
         (grad,) = torch.autograd.grad(value.sum(), logits, allow_unused=True)
     grad = torch.zeros_like(logits) if grad is None else grad
     logit_ids = grad.flatten(0, 1).any(0).nonzero()[:, 0]
-    if _soft_cap(model.cfg.output_logits_soft_cap) is None:
+    if soft_cap(model.cfg.output_logits_soft_cap) is None:
         acts[hooks.name("logits")] = logits.detach()[..., logit_ids]
     else:  # the hook holds the logits before the cap, the metric reads them after it
         acts[hooks.name("logits")] = acts[hooks.name("logits")][..., logit_ids]
@@ -517,15 +517,14 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     H = cfg.n_heads
     G = cfg.n_key_value_heads or H
     R = H // G
-    post_norm = cfg.original_architecture in POST_NORM  # no norm before attention
-    pre_norm = not (post_norm or asm.encoder)
-    w1 = _norm_weight(block.ln1) if pre_norm else None
+    before, after, after_prefix = _norms_around(asm, block, "1")
+    w1 = None if before is None else _norm_weight(before)
     matrices = {"q": lambda: attn.W_Q, "k": lambda: _kv_weight(attn, "K"), "v": lambda: _kv_weight(attn, "V")}
     proj = {}
     for firing, copies in (("q", H), ("k", G), ("v", G)):
         inp = asm.node(hooks.name(f"{firing}_input", layer))
         asm.add([Broadcast(resid, inp, "copy", layer, 2, copies)])
-        y = _norm(asm, "ln1", inp, layer, block.ln1, firing) if pre_norm else inp
+        y = inp if before is None else _norm(asm, "ln1", inp, layer, before, firing)
 
         def folded(firing=firing):
             W = matrices[firing]().detach()
@@ -557,7 +556,7 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
     allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
     scores = hooks.name("attn_scores", layer)
-    cap = _soft_cap(cfg.attn_scores_soft_cap)
+    cap = soft_cap(cfg.attn_scores_soft_cap)
     if cap is None:
         raw = asm.node(scores)
     else:
@@ -599,17 +598,34 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         (f_v, lambda: Matmul(v_name, z, "bilinear", layer, Weight(p_canon, f_v), False, "b k g e -> (b g) k e",
                              z_layout, axes, z_mask, pattern, score_layout)),
     ]))
-    # attn_out = Σ_h z_h W_O[h] (+ b_O), through a norm after attention where the model has one
-    attn_out = hooks.name("attn_out", layer)
-    after = None if asm.encoder else block.ln1 if post_norm else getattr(block, "ln1_post", None)
+    # attn_out = Σ_h z_h W_O[h] (+ b_O)
     W_O = asm.shared(("W_O", layer), lambda: attn.W_O.detach().reshape(1, -1, cfg.d_model))
+    return _written(asm, z, layer, W_O, ("b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d", dict(b=B, p=P, h=H)),
+                    hooks.name("attn_out", layer), hooks.name("attn_raw", layer), after, after_prefix,
+                    lambda: asm.stored[z].flatten(2) @ attn.W_O.detach().reshape(-1, cfg.d_model) + attn.b_O.detach())
+
+
+def _norms_around(asm: _Assembly, block, which: str) -> tuple:
+    """``(norm before, norm after, the latter's node prefix)`` for attention (``which="1"``) or the
+    MLP (``"2"``): pre-norm ``ln1``/``ln2`` (and Gemma 2's ``ln1_post``/``ln2_post`` after); OLMo-2's
+    ``ln1``/``ln2`` after only; none for an encoder, whose norms sit after the residual sums."""
+    own = getattr(block, f"ln{which}", None)
+    if asm.encoder:
+        return None, None, None
+    if asm.cfg.original_architecture in POST_NORM:
+        return None, own, f"ln{which}"
+    return own, getattr(block, f"ln{which}_post", None), f"ln{which}_post"
+
+
+def _written(asm: _Assembly, src: str, layer: int, weight: Weight, rows: tuple, out: str, raw: str, after,
+             prefix: str | None, raw_value) -> str:
+    """A sublayer's output map ``src → out`` (``hook_attn_out``, ``hook_mlp_out``): straight, or into
+    ``raw`` (its tensor ``raw_value()``) and through the norm ``after`` when the model has one there."""
     if after is None:
-        return _linear(asm, z, asm.node(attn_out), layer, W_O, "b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d",
-                       dict(b=B, p=P, h=H))
-    raw_out = asm.node(hooks.name("attn_raw", layer), asm.stored[z].flatten(2) @ attn.W_O.detach().reshape(-1, cfg.d_model)
-                      + attn.b_O.detach())
-    _linear(asm, z, raw_out, layer, W_O, "b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d", dict(b=B, p=P, h=H))
-    return _norm_out(asm, "ln1" if post_norm else "ln1_post", raw_out, layer, after, attn_out)
+        return _linear(asm, src, asm.node(out), layer, weight, *rows)
+    node = asm.node(raw, raw_value())
+    _linear(asm, src, node, layer, weight, *rows)
+    return _norm_out(asm, prefix, node, layer, after, out)
 
 
 def _qk_norm(asm: _Assembly, layer: int, which: str, src: str, module) -> str:
@@ -673,10 +689,9 @@ def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
     cfg, block = asm.cfg, asm.model.blocks[layer]
     mlp = block.mlp
     B, P = asm.valid.shape
-    post_norm = cfg.original_architecture in POST_NORM  # no norm before the MLP
-    pre_norm = not (post_norm or asm.encoder)  # an encoder's MLP reads ln1's output
-    y = _norm(asm, "ln2", mlp_in, layer, block.ln2) if pre_norm else mlp_in
-    w2 = _norm_weight(block.ln2) if pre_norm else None
+    before, after, after_prefix = _norms_around(asm, block, "2")  # an encoder's MLP reads ln1's output
+    y = mlp_in if before is None else _norm(asm, "ln2", mlp_in, layer, before)
+    w2 = None if before is None else _norm_weight(before)
 
     def folded(matrix):
         return lambda: matrix.detach() if w2 is None else w2[:, None] * matrix.detach()
@@ -704,15 +719,10 @@ def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
         slope = asm.rules.activation(mlp.act_fn, pre_act)
         asm.node(post)
         asm.add([Diag(pre, post, "activation", layer, ((Weight(slope), None),))])
-    mlp_out = hooks.name("mlp_out", layer)
     W_out = asm.shared(("W_out", layer), lambda: mlp.W_out.detach()[None])
-    out_rows = ("b p m -> 1 (b p) m", "b p d -> 1 (b p) d", dict(b=B, p=P))
-    after = None if asm.encoder else block.ln2 if post_norm else getattr(block, "ln2_post", None)
-    if after is None:
-        return _linear(asm, post, asm.node(mlp_out), layer, W_out, *out_rows)
-    raw = asm.node(hooks.name("mlp_raw", layer), asm.stored[post] @ mlp.W_out.detach() + mlp.b_out.detach())
-    _linear(asm, post, raw, layer, W_out, *out_rows)
-    return _norm_out(asm, "ln2" if post_norm else "ln2_post", raw, layer, after, mlp_out)
+    return _written(asm, post, layer, W_out, ("b p m -> 1 (b p) m", "b p d -> 1 (b p) d", dict(b=B, p=P)),
+                    hooks.name("mlp_out", layer), hooks.name("mlp_raw", layer), after, after_prefix,
+                    lambda: asm.stored[post] @ mlp.W_out.detach() + mlp.b_out.detach())
 
 
 def _solu(asm: _Assembly, layer: int, pre: str, mlp, post: str) -> None:
@@ -751,7 +761,7 @@ def _unembed(asm: _Assembly, unembed_in: str) -> None:
     logits = asm.node(hooks.name("logits"))
     W_U = Weight(asm.model.W_U.detach()[:, ids][None])
     _linear(asm, unembed_in, logits, None, W_U, "b p d -> 1 (b p) d", "b p v -> 1 (b p) v", dict(b=B, p=P))
-    cap = _soft_cap(asm.cfg.output_logits_soft_cap)
+    cap = soft_cap(asm.cfg.output_logits_soft_cap)
     if cap is not None:
         capped = asm.node(hooks.name("logits_capped"))
         _soft_capped(asm, logits, capped, None, cap)

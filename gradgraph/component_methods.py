@@ -112,8 +112,7 @@ def _branch_nodes(graph: GradGraph) -> list[str]:
 def _relevance(graph: GradGraph, grads: dict[str, torch.Tensor], nodes) -> dict[str, torch.Tensor]:
     """activation ⊙ value at ``nodes`` ``{node: [1, *shape]}``; a skip node (``hook_resid_mid``,
     read from ``hook_resid_pre``) takes the activation of the residual it carries."""
-    reg = Registry.of(graph)
-    carried = {skip: pre for pre, skip in map(reg.skip_edge, range(graph.n_layers))}
+    carried = Registry.of(graph).skip_sources()
     return {node: grads[node] * graph.activations[carried.get(node, node)][None] for node in nodes}
 
 
@@ -211,7 +210,7 @@ def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseli
     tokens = torch.full((B, P), float("nan"), dtype=torch.float64)
     delta = torch.full((B,), float("nan"), dtype=torch.float64)
     names = _branch_nodes(gradient)
-    carried = {skip: pre for pre, skip in map(Registry.of(gradient).skip_edge, range(gradient.n_layers))}
+    carried = Registry.of(gradient).skip_sources()
     branch = {n: torch.zeros((1, *gradient.shapes[n]), dtype=torch.float64) for n in names}
     for b in chosen.nonzero()[:, 0].tolist():
         n = int(gradient.attention_mask[b].sum())

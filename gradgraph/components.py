@@ -165,6 +165,10 @@ class Registry:
         weight-1 edge of the residual sum."""
         return hooks.name("resid_pre", layer), self.branch_nodes(layer)["skip"]
 
+    def skip_sources(self) -> dict[str, str]:
+        """``{skip node: hook_resid_pre}`` for every layer: the residual each skip carries."""
+        return {skip: pre for pre, skip in map(self.skip_edge, range(self.n_layers))}
+
     def kind_of_node(self, node: str) -> tuple[str, int | None] | None:
         """``(kind, layer)`` when ``node`` holds components (a head's z, an MLP's output, ...), else None."""
         if node in self.embeds:

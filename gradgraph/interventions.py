@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer
 
 from gradgraph import hooks, inference
 from gradgraph.backprop import backprop
-from gradgraph.build import assemble, record
+from gradgraph.build import assemble, record, soft_cap
 from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.inference import KeysValues
@@ -78,8 +78,8 @@ def _final_norm(model, resid_final: torch.Tensor) -> torch.Tensor:
 
 def _capped(model, logits: torch.Tensor) -> torch.Tensor:
     """The logits as the model returns them: soft-capped where it caps them (Gemma 2)."""
-    cap = model.cfg.output_logits_soft_cap
-    return logits if cap is None or cap <= 0 else cap * torch.tanh(logits / cap)
+    cap = soft_cap(model.cfg.output_logits_soft_cap)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def _read_columns(model, resid_final: torch.Tensor, metric, mask) -> torch.Tensor | None:
