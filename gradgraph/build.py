@@ -57,10 +57,11 @@ from typing import Mapping
 
 import einops
 import torch
-from transformer_lens import HookedEncoder, HookedTransformer
 
 from gradgraph import hooks, memory
 from gradgraph.errors import GradGraphError
+from gradgraph import lens
+from gradgraph.lens import Model
 from gradgraph.backprop import backprop
 from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending, Place, Reshape
 from gradgraph.metrics import prepare
@@ -75,10 +76,11 @@ QK_NORM_ACROSS_HEADS = {"Olmo2ForCausalLM"}  # q/k norms over all heads at once,
 
 def unsupported_features(model) -> list[str]:
     """What in ``model``'s architecture the graph builder does not cover (empty: all of it)."""
-    if not isinstance(model, (HookedTransformer, HookedEncoder)):
-        return [f"a {type(model).__name__}, not a transformer_lens.HookedTransformer or HookedEncoder"]
-    cfg = model.cfg
-    if isinstance(model, HookedEncoder):
+    problems = lens.model_problems(model)
+    if problems:
+        return problems
+    cfg = lens.config(model)
+    if lens.is_hooked_encoder(model):
         return _encoder_problems(cfg)
     problems = []
     if cfg.normalization_type not in (None, "LN", "LNPre", "RMS", "RMSPre"):
@@ -108,7 +110,7 @@ def unsupported_features(model) -> list[str]:
         problems.append("q/k/v clipping")
     if getattr(cfg, "use_qk_norm", False) and cfg.original_architecture in QK_NORM_ACROSS_HEADS:
         problems.append("use_qk_norm on an OLMo architecture (two q/k norms)")
-    architecture = getattr(cfg, "original_architecture", None)
+    architecture = cfg.original_architecture
     if architecture in {"Olmo3ForCausalLM", "OlmoeForCausalLM"}:  # post-norm with sliding windows / experts
         problems.append(f"architecture {architecture}")
     return problems
@@ -154,11 +156,9 @@ def soft_cap(cap) -> float | None:
     return float(cap) if cap is not None and cap > 0 else None
 
 
-def check_supported(model: HookedTransformer) -> None:
+def check_supported(model: Model) -> None:
     """Raise ``GradGraphError`` naming the first feature the graph builder does not cover."""
-    if not isinstance(model, (HookedTransformer, HookedEncoder)):
-        raise GradGraphError(f"build_graph needs a transformer_lens.HookedTransformer or HookedEncoder, got "
-                             f"{type(model).__name__}")
+    lens.check_model(model)
     problems = unsupported_features(model)
     if problems:
         raise GradGraphError(
@@ -187,7 +187,7 @@ class Recording:
     activations cover the positions after it, and each layer's cached keys and values are recorded
     as ``cached_k`` / ``cached_v`` (before rotary, as TransformerLens caches them)."""
 
-    model: HookedTransformer
+    model: Model
     tokens: torch.Tensor  # [batch, pos]
     attention_mask: torch.Tensor  # [batch, pos]
     activations: Mapping[str, torch.Tensor]
@@ -227,7 +227,7 @@ def _check_embed(model, embed: torch.Tensor, token_ids: torch.Tensor) -> torch.T
         raise GradGraphError(f"embed must be a [batch, pos, d_model] = {list(shape)} tensor of input embeddings, got {got}")
     if not torch.isfinite(embed).all():
         raise GradGraphError("embed holds NaN or inf values")
-    return embed.detach().to(model.cfg.dtype)
+    return embed.detach().to(lens.dtype(model))
 
 
 def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -274,23 +274,8 @@ def _check_prefix(model, prefix, tokens) -> torch.Tensor:
     return prefix.long().to(tokens.device)
 
 
-@torch.no_grad()
-def _prefix_cache(model: HookedTransformer, prefix: torch.Tensor, batch: int):
-    """TransformerLens' key/value cache of ``prefix`` ``[p]``, one run shared by ``batch`` rows, frozen."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
-    model(prefix[None], past_kv_cache=cache, attention_mask=torch.ones_like(prefix[None]), stop_at_layer=model.cfg.n_layers)
-    for entry in cache.entries:
-        entry.past_keys = entry.past_keys.expand(batch, -1, -1, -1)
-        entry.past_values = entry.past_values.expand(batch, -1, -1, -1)
-    cache.previous_attention_mask = cache.previous_attention_mask.expand(batch, -1)
-    cache.freeze()
-    return cache
-
-
 def record(
-    model: HookedTransformer,
+    model: Model,
     tokens: str | list[str] | torch.Tensor,
     metric,
     *,
@@ -308,13 +293,15 @@ def record(
     check_supported(model)
     metric = prepare(metric, model)
     if prefix is not None:
-        _check_prefix_layout(model.cfg)
+        _check_prefix_layout(lens.config(model))
         prefix = _check_prefix(model, prefix, tokens)
     token_ids, mask = _tokens_and_mask(model, tokens, attention_mask)
+    if prefix is not None and not lens.caches_prefix(model):
+        return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed)
     replacements = {} if embed is None else {hooks.inputs(model)[0]: _check_embed(model, embed, token_ids)}
     p0 = 0 if prefix is None else len(prefix)
-    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, model.cfg.dtype, token_ids.device)
-    cache = None if prefix is None else _prefix_cache(model, prefix, token_ids.shape[0])
+    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, lens.dtype(model), token_ids.device)
+    cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if hooks.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
         run = dict(one_zero_attention_mask=mask)
@@ -352,6 +339,20 @@ def record(
                      prefix=prefix)
 
 
+def _whole_then_sliced(model, prefix, token_ids, mask, metric, embed) -> Recording:
+    """``record(prefix=)`` for a model with no key/value cache to start from (a bridge): the whole
+    sequence recorded, and what follows the prefix sliced from it (``after_prefix``): the same
+    recording, without the saving."""
+    B, p = token_ids.shape[0], len(prefix)
+    tokens = torch.cat([prefix.expand(B, -1), token_ids], 1)
+    if embed is not None:
+        embed = _check_embed(model, embed, token_ids)
+        embed = torch.cat([model.W_E.detach()[prefix].expand(B, -1, -1).to(embed.dtype), embed], 1)
+    whole = record(model, tokens, lambda logits, rows: metric(logits[:, p:], rows[:, p:]),
+                   attention_mask=torch.cat([mask.new_ones(B, p), mask], 1), embed=embed)
+    return after_prefix(whole, p)
+
+
 def after_prefix(recording: Recording, length: int) -> Recording:
     """The recording of the positions after the first ``length``, as ``record(..., prefix=)`` would
     make it, sliced from a recording of the whole sequence (no second forward pass). Every row must
@@ -359,7 +360,7 @@ def after_prefix(recording: Recording, length: int) -> Recording:
     tokens, mask = recording.tokens, recording.attention_mask
     if recording.prefix is not None:
         raise GradGraphError("this recording already follows a cached prefix")
-    _check_prefix_layout(recording.model.cfg)
+    _check_prefix_layout(lens.config(recording.model))
     if not 0 < length < int(mask.sum(1).min()):
         raise GradGraphError(f"a prefix of {length} tokens must leave every row at least one token after it "
                              f"(shortest row: {int(mask.sum(1).min())})")
@@ -391,7 +392,7 @@ class _Assembly:
 
     def __init__(self, recording: Recording, rules: RuleSet, head_mask: torch.Tensor | None):
         self.rec, self.rules, self.head_mask = recording, rules, head_mask
-        self.model, self.cfg = recording.model, recording.model.cfg
+        self.model, self.cfg = recording.model, lens.config(recording.model)
         self.valid = recording.attention_mask.bool()  # [B, P]
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.order: list[str] = []
@@ -435,23 +436,10 @@ def _norm_weight(module) -> torch.Tensor | None:
     return module.w.detach() if hasattr(module, "w") else None
 
 
-def _norm_kind(module) -> str | None:
-    """``"LN"``, ``"LNPre"``, ``"RMS"``, ``"RMSPre"``, or None for no norm (``nn.Identity``)."""
-    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
-
-    if isinstance(module, torch.nn.Identity):
-        return None
-    for kind, cls in (("LN", LayerNorm), ("LNPre", LayerNormPre), ("RMS", RMSNorm), ("RMSPre", RMSNormPre)):
-        if type(module) is cls:
-            return kind
-    raise GradGraphError(f"a norm of type {type(module).__name__} is not covered (LayerNorm, LayerNormPre, RMSNorm, "
-                         f"RMSNormPre or none)")
-
-
 def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, module, firing: str | None = None) -> str:
     """The norm ``module`` on node ``x``; returns ``hook_normalized``'s node (``x`` itself when the
     model has no norm there)."""
-    kind = _norm_kind(module)
+    kind = lens.norm_kind(module)
     if kind is None:
         return x
     centered = None
@@ -511,7 +499,7 @@ def _kv_weight(attn, which: str) -> torch.Tensor:
 def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     """ln1, q/k/v, q/k norms, rotary, scores (soft-capped), pattern, z and attn_out of one layer (a
     norm after it); returns attn_out's node."""
-    cfg, block = asm.cfg, asm.model.blocks[layer]
+    cfg, block = asm.cfg, lens.block(asm.model, layer)
     attn = block.attn
     B, P = asm.valid.shape
     H = cfg.n_heads
@@ -686,7 +674,7 @@ def _rotary(asm: _Assembly, attn, src: str, tgt: str, layer: int, start: int = 0
 
 def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
     """ln2, the (gated) MLP and its output (a norm after it); returns mlp_out's node."""
-    cfg, block = asm.cfg, asm.model.blocks[layer]
+    cfg, block = asm.cfg, lens.block(asm.model, layer)
     mlp = block.mlp
     B, P = asm.valid.shape
     before, after, after_prefix = _norms_around(asm, block, "2")  # an encoder's MLP reads ln1's output
@@ -744,9 +732,9 @@ def _solu(asm: _Assembly, layer: int, pre: str, mlp, post: str) -> None:
 
 def _final_norm(asm: _Assembly, resid: str) -> str:
     """ln_final into ``unembed.hook_in``; returns its node."""
-    y = _norm(asm, "ln_final", resid, None, asm.model.ln_final) if asm.cfg.normalization_type else resid
+    y = _norm(asm, "ln_final", resid, None, lens.final_norm(asm.model)) if asm.cfg.normalization_type else resid
     unembed_in = asm.node(hooks.name("unembed_in"))
-    wf = _norm_weight(asm.model.ln_final) if asm.cfg.normalization_type else None
+    wf = _norm_weight(lens.final_norm(asm.model)) if asm.cfg.normalization_type else None
     if wf is None:
         asm.add([Identity(y, unembed_in, "linear" if y != resid else "copy", None)])
     else:  # y * w + b
@@ -821,7 +809,7 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
     ``head_mask`` ``[n_layers, n_heads]`` bool (Mask-LRP): a head marked False passes nothing into
     its pattern · v product (its output node still receives what arrives from above)."""
     rules = rule_set(rules)
-    cfg = recording.model.cfg
+    cfg = lens.config(recording.model)
     if recording.prefix is not None and not rules.positionwise:
         raise GradGraphError(f"{rules.name} normalises relevance over every position of the sequence, so a graph "
                              f"after a cached prefix cannot apply it; record the whole sequence (no prefix)")
@@ -859,7 +847,7 @@ def _frozen(graph: GradGraph) -> GradGraph:
 
 
 def build_graph(
-    model: HookedTransformer,
+    model: Model,
     tokens: str | list[str] | torch.Tensor,
     metric,
     *,

@@ -7,10 +7,11 @@ from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from gradgraph.data.sva import SVAItem
 from gradgraph.errors import GradGraphError
+from gradgraph import lens
+from gradgraph.lens import Model
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import to_tokens
 
@@ -36,7 +37,7 @@ def take(items: list[SVAItem], limit: int | None, *, seed: int = 0) -> list[SVAI
 
 @torch.no_grad()
 def evaluate_sva(
-    model: HookedTransformer, items: list[SVAItem], *, batch_size: int = 32, progress: bool = True
+    model: Model, items: list[SVAItem], *, batch_size: int = 32, progress: bool = True
 ) -> list[dict]:
     """Per-item results: the logit difference good − bad at the last prefix token, and correctness."""
     if not items:

@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
-from transformer_lens import HookedTransformer
 
 from gradgraph.errors import GradGraphError
+from gradgraph import lens
+from gradgraph.lens import Model
 
 _TEMPLATES = {
     "embed": "hook_embed",
@@ -122,7 +123,7 @@ def name(kind: str, layer: int | None = None, firing: str | None = None) -> str:
 
 @contextmanager
 def recording(
-    model: HookedTransformer, *, keep_grad: bool = False, names: set[str] | None = None
+    model: Model, *, keep_grad: bool = False, names: set[str] | None = None
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record every firing of every hook point (or of ``names``) inside the block:
     ``{hook name: [tensor, ...]}``.
@@ -134,22 +135,25 @@ def recording(
     store: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def record(tensor: torch.Tensor, hook) -> None:
+        if not tensor.is_floating_point():  # token ids (a bridge's embed.hook_in)
+            return
         if keep_grad and not tensor.requires_grad and tensor.grad_fn is None:
             tensor.requires_grad_(True)  # an input (frozen weights): gradients start here
         if keep_grad and tensor.requires_grad:
             tensor.retain_grad()
-        store[hook.name].append(tensor if keep_grad else tensor.detach())
+        store[lens.hook_name(model, hook.name)].append(tensor if keep_grad else tensor.detach())
 
-    wanted = (lambda _: True) if names is None else (lambda hook_name: hook_name in names)
+    wanted = (lambda _: True) if names is None else (lambda hook_name: lens.hook_name(model, hook_name) in names)
     with model.hooks(fwd_hooks=[(wanted, record)], reset_hooks_end=True):
         yield store
+    lens.complete_firings(model, store)
 
 
 Replacement = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
 
 
 @contextmanager
-def replacing(model: HookedTransformer, replacements: Mapping[str, Replacement]) -> Iterator[None]:
+def replacing(model: Model, replacements: Mapping[str, Replacement]) -> Iterator[None]:
     """Inside the block, the activation at each hook point ``name`` is replaced: by a tensor of its
     shape (e.g. ``hook_embed`` by interpolated embeddings), or by ``fn(activation)`` (an ablated or
     patched head). The only place in the package that swaps activations; hooks go on leaving."""
@@ -176,7 +180,7 @@ def replacing(model: HookedTransformer, replacements: Mapping[str, Replacement])
 
 
 @contextmanager
-def plain_forward(model: HookedTransformer) -> Iterator[None]:
+def plain_forward(model: Model) -> Iterator[None]:
     """Inside the block the model runs without per-q/k/v copies of the residual stream and without
     ``hook_mlp_in`` (what recording needs, and what makes a forward ~25 % slower); for forwards that
     read only outputs. The settings are restored on leaving, also when it raised."""

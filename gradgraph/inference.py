@@ -18,9 +18,10 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import HookedTransformer
 
 from gradgraph import hooks
+from gradgraph import lens
+from gradgraph.lens import Model
 from gradgraph.build import layout_features, unsupported_features
 from gradgraph.weights import _fingerprint
 
@@ -58,13 +59,13 @@ class _Weights:
     W_pos: torch.Tensor | None  # [n_ctx, d_model]
 
 
-_CACHE: "weakref.WeakKeyDictionary[HookedTransformer, tuple[tuple, _Weights]]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[Model, tuple[tuple, _Weights]]" = weakref.WeakKeyDictionary()
 
 
 def supported(model) -> bool:
     """Whether these passes cover ``model``: the GPT-2 / Llama layout (``build.layout_features``
     lists what else the graph builder covers, and what these passes leave to TransformerLens)."""
-    return not unsupported_features(model) and not layout_features(model.cfg)
+    return not unsupported_features(model) and not layout_features(lens.config(model))
 
 
 def _norm(module, kind: str) -> _Norm:
@@ -82,15 +83,15 @@ def _grouped(attn, which: str) -> tuple[torch.Tensor, torch.Tensor]:
     return W.detach(), b.detach()
 
 
-def _weights(model: HookedTransformer) -> _Weights:
+def _weights(model: Model) -> _Weights:
     fingerprint = _fingerprint(model)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
-    cfg = model.cfg
+    cfg = lens.config(model)
     kind = cfg.normalization_type
     layers = []
-    for block in model.blocks:
+    for block in (lens.block(model, layer) for layer in range(cfg.n_layers)):
         attn, mlp = block.attn, block.mlp
         W_K, b_K = _grouped(attn, "K")
         W_V, b_V = _grouped(attn, "V")
@@ -110,7 +111,7 @@ def _weights(model: HookedTransformer) -> _Weights:
             ln2=_norm(block.ln2, kind), W_in=W_in, b_in=mlp.b_in.detach(), W_out=mlp.W_out.detach().contiguous(),
             b_out=mlp.b_out.detach(), act_fn=mlp.act_fn))
     W_pos = model.W_pos.detach() if cfg.positional_embedding_type == "standard" else None
-    weights = _Weights(tuple(layers), _norm(model.ln_final, kind), model.W_E.detach(), W_pos)
+    weights = _Weights(tuple(layers), _norm(lens.final_norm(model), kind), model.W_E.detach(), W_pos)
     _CACHE[model] = (fingerprint, weights)
     return weights
 
@@ -220,7 +221,7 @@ HEADS_TRACED = ("q", "k", "v", "z")
 
 
 @torch.no_grad()
-def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: torch.Tensor | None = None,
+def run(model: Model, tokens: torch.Tensor | None = None, *, resid: torch.Tensor | None = None,
         first_layer: int = 0, shared: KeysValues | None = None, past: KeysValues | None = None, keep: bool = False,
         last_only: bool = False, trace: dict[str, list[torch.Tensor]] | None = None, edits=None
         ) -> tuple[torch.Tensor, KeysValues | None]:
@@ -272,7 +273,7 @@ def run(model: HookedTransformer, tokens: torch.Tensor | None = None, *, resid: 
     return x, kept
 
 
-def project(model: HookedTransformer, layer: int, kind: str, inputs: torch.Tensor) -> torch.Tensor:
+def project(model: Model, layer: int, kind: str, inputs: torch.Tensor) -> torch.Tensor:
     """Each head's q, k or v (before rotary) from its own input vector: ``inputs`` ``[heads, d]``
     (query heads for q, key/value heads for k and v) → ``[heads, e]``."""
     cfg, block = model.cfg, _weights(model).layers[layer]
@@ -284,20 +285,20 @@ def project(model: HookedTransformer, layer: int, kind: str, inputs: torch.Tenso
     return full[heads, first + heads]
 
 
-def mlp_of(model: HookedTransformer, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+def mlp_of(model: Model, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
     """Layer ``layer``'s MLP output for the residual ``resid_mid`` ``[..., d_model]``."""
     block = _weights(model).layers[layer]
     x = resid_mid.reshape(1, -1, resid_mid.shape[-1])
     return _mlp(model, block, _apply_norm(block.ln2, x)).view_as(resid_mid)
 
 
-def final_logits(model: HookedTransformer, resid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def final_logits(model: Model, resid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``ln_final`` and the logits of the vocabulary entries ``ids`` for a final residual ``[..., d]``."""
     return _apply_norm(_weights(model).ln_final, resid) @ model.W_U[:, ids] + model.b_U[ids]
 
 
 @torch.no_grad()
-def last_logits(model: HookedTransformer, rows: torch.Tensor, ids: torch.Tensor, *, prefix: int = 0,
+def last_logits(model: Model, rows: torch.Tensor, ids: torch.Tensor, *, prefix: int = 0,
                 segments: int = 4, batch_tokens: int = 4096) -> torch.Tensor:
     """Logits of the vocabulary entries ``ids`` ``[k]`` at the last position of each row ``[n, pos]``
     (no padding), ``[n, k]``. The first ``prefix`` tokens, the same in every row, run once.

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from gradgraph import hooks, inference
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record, soft_cap
 from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
+from gradgraph import lens
+from gradgraph.lens import Model
 from gradgraph.inference import KeysValues
 from gradgraph.metrics import prepare
 from gradgraph.rules import GRADIENT
@@ -28,7 +29,7 @@ INTERVENED = ("head", "mlp")
 PATHWAYS = ("q", "k", "v", "head", "mlp")  # and each head's query, key and value input
 
 
-def intervened_components(model: HookedTransformer, kinds=INTERVENED) -> list[Component]:
+def intervened_components(model: Model, kinds=INTERVENED) -> list[Component]:
     """Every component of ``kinds`` (heads and MLPs by default), at every position."""
     return Registry.of(model).components(kinds=kinds)
 
@@ -36,14 +37,14 @@ def intervened_components(model: HookedTransformer, kinds=INTERVENED) -> list[Co
 SITES = ("resid_pre", "attn_out", "mlp_out")
 
 
-def _intervened_hooks(model: HookedTransformer, kinds=INTERVENED) -> list[str]:
+def _intervened_hooks(model: Model, kinds=INTERVENED) -> list[str]:
     """The hook points holding the intervened components (hook_z, hook_mlp_out, the q/k/v inputs)."""
     reg = Registry.of(model)
     return list(dict.fromkeys(reg.nodes(c)[0] for c in intervened_components(model, kinds)))
 
 
 @torch.no_grad()
-def _cache(model: HookedTransformer, tokens: torch.Tensor, *, embed: torch.Tensor | None = None,
+def _cache(model: Model, tokens: torch.Tensor, *, embed: torch.Tensor | None = None,
            kinds=INTERVENED) -> dict[str, torch.Tensor]:
     """Clean activations at every head output (hook_z), attention and MLP output, the residual
     inputs, and the q/k/v inputs where ``kinds`` ask for them."""
@@ -108,7 +109,7 @@ def _check(model, tokens, mask):
 
 @torch.no_grad()
 def intervene(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     metric,
@@ -188,7 +189,7 @@ def intervene(
     return results
 
 
-def _component_shapes(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
+def _component_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     """The per-position shape of each intervened hook's activation (what a mean has)."""
     cfg = model.cfg
     G = cfg.n_key_value_heads or cfg.n_heads
@@ -202,7 +203,7 @@ def _component_shapes(model: HookedTransformer) -> dict[str, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def activation_means(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def activation_means(model: Model, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean of every head output, MLP output and q/k/v input (per head: the residual stream's mean)
     over the real positions of a dataset batch."""
     _check(model, tokens, mask)
@@ -287,7 +288,7 @@ def _mean_sources(model, means: dict[str, torch.Tensor]) -> dict[str, list[torch
 
 
 def attribution_patching(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     counterfactual: torch.Tensor,
     gradients: dict[str, torch.Tensor],
@@ -316,7 +317,7 @@ def attribution_patching(
 
 @torch.no_grad()
 def patch_positions(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     counterfactual: torch.Tensor,
@@ -439,7 +440,7 @@ def position_attribution(
 
 
 def relevance_patching(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     counterfactual: torch.Tensor,

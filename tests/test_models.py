@@ -69,14 +69,11 @@ def test_official_name_offline_says_so(monkeypatch):
 
 
 def test_official_bert_names_load_as_encoders():
-    from transformer_lens import HookedEncoder, HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
+    from gradgraph.lens import HookedEncoder, HookedTransformer, official_class, official_name
 
-    from gradgraph.models import official_class
-
-    assert official_class(loading.get_official_model_name("bert-base-cased")) is HookedEncoder
-    assert official_class(loading.get_official_model_name("pythia-70m")) is HookedTransformer
-    assert official_class(loading.get_official_model_name("gemma-2-2b")) is HookedTransformer
+    assert official_class(official_name("bert-base-cased")) is HookedEncoder
+    assert official_class(official_name("pythia-70m")) is HookedTransformer
+    assert official_class(official_name("gemma-2-2b")) is HookedTransformer
 
 
 def test_folder_without_config_is_a_clear_error(tmp_path):

@@ -258,6 +258,9 @@ CASES = {
     "llama-s3-gqa-d6-pad": ("llama", dict(seed=3, d_model=6, n_heads=4, n_key_value_heads=2),
                             [[2, 6, 1], [7, 0, 0]], [[1, 1, 1], [1, 0, 0]],
                             logit_diff(torch.tensor([1, 2]), torch.tensor([5, 3]))),
+    "llama-s32-gqa-pad": ("llama", dict(seed=32, d_model=8, n_heads=4, n_key_value_heads=2),  # as a bridge allows
+                          [[2, 6, 1], [7, 3, 0]], [[1, 1, 1], [1, 1, 0]],
+                          logit_diff(torch.tensor([1, 2]), torch.tensor([5, 3]))),
     "gpt2-s4-d6-logprobdiff": ("gpt2", dict(seed=4, d_model=6), [[6, 3, 3]], None, logprob_diff(0, 7)),
     "gpt2-s5-2layers": ("gpt2", dict(seed=5, n_layers=2), [[4, 1]], None, logit_diff(2, 3)),
     "llama-s6-2layers-pad-logprob": ("llama", dict(seed=6, n_layers=2), [[5, 2], [3, 0]], [[1, 1], [1, 0]],

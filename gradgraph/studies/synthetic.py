@@ -34,9 +34,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformer_lens import HookedTransformer  # noqa: E402
 
 from gradgraph import hooks  # noqa: E402
+from gradgraph import lens  # noqa: E402
+from gradgraph.lens import Model  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
 from gradgraph.branches import BRANCHES, branch_shares  # noqa: E402
 from gradgraph.build import build_graph  # noqa: E402
@@ -58,13 +59,13 @@ INDUCTION_SHAPE = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32)
 # --------------------------------------------------------------------------- training
 
 
-def new_model(shape: dict, *, n_ctx: int, d_vocab: int, seed: int, dtype: torch.dtype = torch.float32) -> HookedTransformer:
+def new_model(shape: dict, *, n_ctx: int, d_vocab: int, seed: int, dtype: torch.dtype = torch.float32) -> Model:
     """A gpt2-style ``tiny_model`` with the given shape (``FIRST_TOKEN_SHAPE`` etc.)."""
     return tiny_model("gpt2", n_ctx=n_ctx, d_vocab=d_vocab, seed=seed, dtype=dtype, **shape)
 
 
 def train(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -111,17 +112,17 @@ def train(
 
 
 @torch.no_grad()
-def last_logits(model: HookedTransformer, tokens: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+def last_logits(model: Model, tokens: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
     """``[n, d_vocab]`` logits at the last position, in batches."""
     return torch.cat([model(tokens[i : i + batch_size])[:, -1] for i in range(0, tokens.shape[0], batch_size)])
 
 
-def accuracy(model: HookedTransformer, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+def accuracy(model: Model, tokens: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of sequences whose top logit at the last position (whole vocabulary) is the target."""
     return float((last_logits(model, tokens).argmax(-1) == targets).float().mean())
 
 
-def float64_copy(model: HookedTransformer) -> HookedTransformer:
+def float64_copy(model: Model) -> Model:
     """A float64 copy of ``model`` (for the graph analysis; the original is untouched)."""
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the dtype change
         out = copy.deepcopy(model).to(torch.float64)
@@ -144,7 +145,7 @@ def head_flow(graph: GradGraph, flow: dict[str, torch.Tensor] | None = None, *, 
 
 @torch.no_grad()
 def attention_to(
-    model: HookedTransformer, tokens: torch.Tensor, key_pos: torch.Tensor, query_pos: int | torch.Tensor = -1
+    model: Model, tokens: torch.Tensor, key_pos: torch.Tensor, query_pos: int | torch.Tensor = -1
 ) -> torch.Tensor:
     """``[n_layers, n_heads]``: mean attention from ``query_pos[b]`` (default the last position)
     to ``key_pos[b]``."""
@@ -158,7 +159,7 @@ def attention_to(
 
 @torch.no_grad()
 def ablation_drop(
-    model: HookedTransformer, tokens: torch.Tensor, targets: torch.Tensor, *, last_only: bool = True
+    model: Model, tokens: torch.Tensor, targets: torch.Tensor, *, last_only: bool = True
 ) -> torch.Tensor:
     """``[n_layers, n_heads]``: accuracy lost when one head's output (``hook_z``) is replaced by
     its mean over the batch (mean ablation), at the last position only or at every position."""
@@ -229,13 +230,13 @@ def branch_table(graph: GradGraph, positions: dict[str, int]) -> list[dict]:
 # --------------------------------------------------------------------------- experiments
 
 
-def first_token_graph(model: HookedTransformer, tokens: torch.Tensor, labels: torch.Tensor, vocab: int) -> GradGraph:
+def first_token_graph(model: Model, tokens: torch.Tensor, labels: torch.Tensor, vocab: int) -> GradGraph:
     """The graph of logit(correct answer) − logit(wrong answer) at the last position (float64)."""
     no, _ = answer_ids(vocab)
     return build_graph(float64_copy(model), tokens, logit_diff(no + labels, no + 1 - labels, pos=-1))
 
 
-def induction_graph(model: HookedTransformer, tokens: torch.Tensor, targets: torch.Tensor) -> GradGraph:
+def induction_graph(model: Model, tokens: torch.Tensor, targets: torch.Tensor) -> GradGraph:
     """The graph of logit(x_{i+1}) − logit(x_i) at the last position (float64): the answer against
     the token that a head attending to the matching position itself would copy."""
     return build_graph(float64_copy(model), tokens, logit_diff(targets, tokens[:, -1], pos=-1))

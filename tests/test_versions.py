@@ -1,0 +1,167 @@
+"""gradgraph on either TransformerLens: 3.9 (``HookedTransformer``) and 4.x (``TransformerBridge``).
+
+This file runs under both (``make test`` runs it a second time with TransformerLens 4 on the path):
+Real equals autograd at every hook point that carries a gradient, the semirings equal the path
+dynamic program, the embedded model's graph and SVA accuracy are the same under the other version
+(run in a subprocess), and a bridge gradgraph cannot read is refused by name."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradgraph import GradGraphError, backprop, build_graph, hooks, lens, load_model, tiny_model
+from gradgraph.metrics import logit_diff
+from gradgraph.prompts import single_token_id, to_tokens
+from gradgraph.semirings import Real
+
+from conftest import no_hooks_left
+from test_families import autograd_reference, family_model, prompts
+from test_graph import compare_with_autograd
+from test_semiring_reference import SEMIRINGS, assert_matches, case
+
+import version_fingerprint
+
+TL4_PATH = os.environ.get("GRADGRAPH_TL4_PATH")  # a folder holding transformer_lens 4 (make test makes it)
+bridge_only = pytest.mark.skipif(lens.MAJOR < 4, reason="a TransformerBridge needs TransformerLens 4")
+
+# Llama's RMSNorm in transformers computes in float32 whatever the model's dtype, and on a bridge the
+# Hugging Face modules compute: autograd itself is float32-exact there
+TOLERANCE = {("llama", True): 1e-6}
+
+
+def gradient_reference(model, tokens, mask, metric) -> dict[str, torch.Tensor]:
+    """Autograd at every hook point that carries 3.9's gradient on the installed TransformerLens."""
+    reference = autograd_reference(model, tokens, mask, metric)
+    if lens.is_bridge(model):
+        reference = {n: g for n, g in reference.items() if n.split(":")[0].endswith(lens.GRADIENT_POINTS)}
+    return reference
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_real_equals_autograd_on_the_installed_version(family):
+    model = family_model(family, n_layers=3, seed=11)
+    tokens, mask, metric = prompts(family)
+    graph = build_graph(model, tokens, metric, attention_mask=mask)
+    tol = TOLERANCE.get((family, lens.is_bridge(model)), 1e-10)
+    reference = gradient_reference(model, tokens, mask, metric)
+    compared = compare_with_autograd(graph, backprop(graph, Real), reference, tol)
+    # every kind of gradient-carrying hook point, in every layer, was compared
+    kinds = {n.split(":")[0] for n in reference}
+    expected = [f"blocks.{layer}.{kind}" for layer in range(3) for kind in ("hook_resid_pre", "hook_q_input",
+                "hook_k_input", "hook_v_input", "attn.hook_pattern", "hook_attn_out", "mlp.hook_post", "hook_mlp_out")]
+    assert set(expected) <= kinds, sorted(set(expected) - kinds)
+    assert compared >= 38
+    assert no_hooks_left(model)
+
+
+@bridge_only
+def test_a_bridge_hook_mlp_in_carries_the_residual_streams_gradient():
+    """3.9's hook_mlp_in is a copy that feeds only the MLP; a bridge's is the residual stream itself."""
+    model = family_model("gpt2", n_layers=2, seed=3)
+    tokens, mask, metric = prompts("gpt2")
+    values = backprop(build_graph(model, tokens, metric, attention_mask=mask), Real)
+    reference = autograd_reference(model, tokens, mask, metric)
+    for layer in range(2):
+        resid_mid = values[hooks.name("resid_mid", layer)][0]
+        assert torch.allclose(reference[hooks.name("mlp_in", layer)], resid_mid, rtol=0, atol=1e-12)
+        assert not torch.allclose(values[hooks.name("mlp_in", layer)][0], resid_mid, atol=1e-6)
+
+
+@pytest.mark.parametrize("sr_name", list(SEMIRINGS))
+@pytest.mark.parametrize("name", ["gpt2-s0", "llama-s1", "gpt2-s2-pad-logprob", "llama-s32-gqa-pad"])
+def test_semirings_equal_the_path_dp_on_the_installed_version(name, sr_name):
+    g, G, stats, _ = case(name)
+    assert_matches(g, G, backprop(g, SEMIRINGS[sr_name]), stats, sr_name, "backprop")
+
+
+@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", seed=1, n_heads=4, n_key_value_heads=2)])
+def test_graphs_after_a_prefix_equal_the_whole_graphs_on_the_installed_version(case):
+    """3.9 starts from the prefix's cached keys and values; a bridge records the whole sequence and
+    slices it: the graph is the same either way."""
+    from test_prefix import METRIC, P0, _assert_same_after_prefix, _case
+
+    model, prefix, after, mask, whole, whole_mask = _case(**case)
+    short = build_graph(model, after, METRIC, attention_mask=mask, prefix=prefix)
+    long = build_graph(model, whole, METRIC, attention_mask=whole_mask)
+    assert short.prefix == P0 and len(short.cached) == 2 * model.cfg.n_layers
+    assert torch.allclose(short.metric_value, long.metric_value, atol=1e-12)
+    assert _assert_same_after_prefix(short, long, backprop(short), backprop(long)) > 20
+    assert no_hooks_left(model)
+
+
+@pytest.mark.real
+def test_embedded_model_real_equals_autograd(smol_model):
+    model = smol_model
+    assert isinstance(model, lens.MODEL_TYPES)
+    good, bad = single_token_id(model.tokenizer, " are"), single_token_id(model.tokenizer, " is")
+    metric = logit_diff(good, bad)
+    tokens, mask = to_tokens(model, ["The keys to the cabinet", "The author of the books"])
+    graph = build_graph(model, tokens, metric, attention_mask=mask)
+    reference = gradient_reference(model, tokens, mask, metric)
+    assert compare_with_autograd(graph, backprop(graph, Real), reference, 1e-4) > 30 * 8
+    assert no_hooks_left(model)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not TL4_PATH, reason="GRADGRAPH_TL4_PATH names no TransformerLens 4 folder (make test sets it)")
+def test_embedded_graph_and_accuracy_are_the_same_on_both_versions(tmp_path, smol_model):
+    """The other version, in a subprocess: same nodes, same edge blocks (Jᵀv to 1e-5 of the largest),
+    Real's values to 1e-4, SVA accuracy to 1e-3."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != Path(TL4_PATH).resolve()]
+    if lens.MAJOR < 4:
+        paths.insert(0, TL4_PATH)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    out = tmp_path / "other.pt"
+    script = Path(__file__).with_name("version_fingerprint.py")
+    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True, timeout=600)
+    other = torch.load(out, weights_only=False)
+    ours = version_fingerprint.fingerprint(smol_model)
+    assert {ours["version"][0], other["version"][0]} == {"3", "4"}, (ours["version"], other["version"])
+    assert ours["shapes"] == other["shapes"]
+    assert list(ours["probes"]) == list(other["probes"])
+    for key, probe in ours["probes"].items():
+        assert (probe - other["probes"][key]).abs().max() <= 1e-5 * max(1.0, probe.abs().max().item()), key
+    for name, value in ours["values"].items():
+        assert (value - other["values"][name]).abs().max() <= 1e-4 * max(1.0, value.abs().max().item()), name
+    assert abs(ours["accuracy"] - other["accuracy"]) <= 1e-3
+    assert (ours["logit_diffs"] - other["logit_diffs"]).abs().max() < 1e-3
+
+
+@bridge_only
+def test_a_bridge_without_compatibility_mode_is_refused():
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = lens._hf_model(dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, n_ctx=8, d_vocab=20,
+                                   dtype=torch.float32), "GPT2LMHeadModel")
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model.config.save_pretrained(folder)
+        lens._word_tokenizer(20).save_pretrained(folder)
+        from transformers import AutoTokenizer
+
+        bridge = TransformerBridge.boot_transformers(folder, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder))
+    with pytest.raises(GradGraphError, match="compatibility mode"):
+        build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
+    assert no_hooks_left(bridge)
+
+
+@bridge_only
+def test_a_bridge_of_an_unknown_architecture_is_refused_by_name():
+    with pytest.raises(GradGraphError, match="GPTNeoXForCausalLM"):
+        tiny_model("pythia")
+
+
+def test_not_a_transformer_lens_model_is_refused():
+    with pytest.raises(GradGraphError, match=f"TransformerLens {lens.VERSION} is installed"):
+        build_graph(torch.nn.Linear(2, 2), torch.tensor([[1, 2]]), logit_diff(1, 2))
+
+
+def test_tiny_models_are_the_installed_versions_kind():
+    model = tiny_model("gpt2")
+    assert isinstance(model, lens.MODEL_TYPES)
+    assert lens.is_bridge(model) == (lens.MAJOR >= 4)
