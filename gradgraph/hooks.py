@@ -11,8 +11,9 @@ Every hook lives inside a ``with`` block and is removed on leaving it, also when
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -144,7 +145,10 @@ def recording(
         store[lens.hook_name(model, hook.name)].append(tensor if keep_grad else tensor.detach())
 
     wanted = (lambda _: True) if names is None else (lambda hook_name: lens.hook_name(model, hook_name) in names)
-    with model.hooks(fwd_hooks=[(wanted, record)], reset_hooks_end=True):
+    with ExitStack() as hooked:
+        with warnings.catch_warnings():  # a bridge names the hook points it gates off (hook_result): not news
+            warnings.filterwarnings("ignore", message="hooks: skipped", category=UserWarning)
+            hooked.enter_context(model.hooks(fwd_hooks=[(wanted, record)], reset_hooks_end=True))
         yield store
     lens.complete_firings(model, store)
 
@@ -194,6 +198,20 @@ def plain_forward(model: Model) -> Iterator[None]:
         model.set_use_split_qkv_input(split)
         if not model.cfg.attn_only:
             model.set_use_hook_mlp_in(mlp_in)
+
+
+def final_residual(model: Model, inputs: torch.Tensor, *, start_at_layer: int | None = None) -> torch.Tensor:
+    """The residual stream after the last layer, before ``ln_final``, of ``model(inputs)`` (tokens, or
+    a residual stream when starting at a layer). 3.9 stops there (``stop_at_layer=n_layers``); a
+    bridge goes on to the logits, so its last ``hook_resid_post`` is read on the way (kept in autograd)."""
+    n = model.cfg.n_layers
+    if lens.stops_after_last_layer(model):
+        return model(inputs, start_at_layer=start_at_layer, stop_at_layer=n)
+    kept: list[torch.Tensor] = []
+    with model.hooks(fwd_hooks=[(name("resid_post", n - 1), lambda tensor, hook: kept.append(tensor))],
+                     reset_hooks_end=True):
+        model(inputs, start_at_layer=start_at_layer)
+    return kept[-1]
 
 
 def node_firings(store: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

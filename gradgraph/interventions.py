@@ -52,14 +52,14 @@ def _cache(model: Model, tokens: torch.Tensor, *, embed: torch.Tensor | None = N
     wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
     replacements = {} if embed is None else {hooks.inputs(model)[0]: embed}
     with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
-        model(tokens, stop_at_layer=model.cfg.n_layers)
+        hooks.final_residual(model, tokens)
     return {name: tensors[0].clone() for name, tensors in store.items() if name in wanted}
 
 
 def _run_from(model, layer: int, resid: torch.Tensor, replacements: dict) -> torch.Tensor:
     """Final residual stream after running layers ``layer..`` from ``resid`` with ``replacements``."""
     with hooks.replacing(model, replacements):
-        return model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+        return hooks.final_residual(model, resid, start_at_layer=layer)
 
 
 def _metric_from_resid(model, resid_final: torch.Tensor, metric, mask, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +74,7 @@ def _metric_from_resid(model, resid_final: torch.Tensor, metric, mask, ids: torc
 
 
 def _final_norm(model, resid_final: torch.Tensor) -> torch.Tensor:
-    return resid_final if model.cfg.normalization_type is None else model.ln_final(resid_final)
+    return resid_final if model.cfg.normalization_type is None else lens.final_norm(model)(resid_final)
 
 
 def _capped(model, logits: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def intervene(
     clean = _cache(model, tokens, embed=embed, kinds=kinds)
     corrupt = _cache(model, counterfactual, kinds=kinds) if counterfactual is not None else None
     with hooks.replacing(model, {} if embed is None else {hooks.inputs(model)[0]: embed}):
-        last = model(tokens, stop_at_layer=model.cfg.n_layers)
+        last = hooks.final_residual(model, tokens)
     ids = _read_columns(model, last, metric, mask)
     base = _metric_from_resid(model, last, metric, mask, ids)
     results: dict[str, dict[str, torch.Tensor]] = {"clean": {"metric": base}}
@@ -394,7 +394,7 @@ def _patch_positions_from_weights(model, tokens, mask, counterfactual, metric, s
 
 def _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:
     clean, corrupt = _cache(model, tokens), _cache(model, counterfactual)
-    last = model(tokens, stop_at_layer=model.cfg.n_layers)
+    last = hooks.final_residual(model, tokens)
     ids = _read_columns(model, last, metric, mask)
     base = _metric_from_resid(model, last, metric, mask, ids)
     batch, P = tokens.shape

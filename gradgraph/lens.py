@@ -47,8 +47,6 @@ else:
 
     HookedEncoder = HookedTransformer = HookedTransformerConfig = None
     MODEL_TYPES = (TransformerBridge,)
-    # recording every hook point names some the bridge gates off (hook_attn_in, hook_result): not news
-    warnings.filterwarnings("ignore", message="hooks: skipped", category=UserWarning)
 
 # what gradgraph's functions take: a HookedTransformer or HookedEncoder (3.9), a TransformerBridge (4.x)
 Model = torch.nn.Module
@@ -137,8 +135,8 @@ def _is_unit(module) -> bool:
 
 
 def dtype(model) -> torch.dtype:
-    """The dtype the model computes in."""
-    return config(model).dtype
+    """The dtype the model computes in (a bridge's ``cfg.dtype`` stays float32 whatever its weights)."""
+    return model.W_E.dtype if is_bridge(model) else model.cfg.dtype
 
 
 # --------------------------------------------------------------------------- weights
@@ -266,6 +264,21 @@ def complete_firings(model, store: dict[str, list[torch.Tensor]]) -> None:
 
 
 # --------------------------------------------------------------------------- running
+
+
+def stops_after_last_layer(model) -> bool:
+    """Whether ``model(x, stop_at_layer=n_layers)`` returns the final residual stream (3.9); a
+    bridge's goes on to the logits (``hooks.final_residual`` reads the residual on the way)."""
+    return not is_bridge(model)
+
+
+def copy_model(model):
+    """An independent copy of ``model`` (3.9: ``copy.deepcopy``; a bridge holds tensors that cannot
+    be deep-copied, and is refused)."""
+    if is_bridge(model):
+        raise GradGraphError("a TransformerBridge cannot be copied (it holds non-leaf tensors); the synthetic "
+                             "study trains and copies TransformerLens 3.9 models")
+    return copy.deepcopy(model)
 
 
 def caches_prefix(model) -> bool:

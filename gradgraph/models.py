@@ -92,7 +92,7 @@ def load_model(
         model = _load_local_folder(Path(name))
     else:
         model = _load_official(name)
-    if dtype != model.cfg.dtype:
+    if dtype != lens.dtype(model):
         model = model.to(dtype)
         model.cfg.dtype = dtype
     if device is not None:
@@ -339,15 +339,16 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     **cfg,
 ) -> Model:
-    """A random-weight ``HookedTransformer`` of a family in ``FAMILIES`` for tests, with the flags
-    TransformerLens gives that family: ``"gpt2"``, ``"llama"``, ``"pythia"``, ``"gptj"``, ``"phi"``,
+    """A random-weight model of a family in ``FAMILIES`` for tests, with the flags TransformerLens
+    gives that family (on TransformerLens 4: a bridged Hugging Face GPT-2 or Llama; other families
+    raise ``GradGraphError``): ``"gpt2"``, ``"llama"``, ``"pythia"``, ``"gptj"``, ``"phi"``,
     ``"gemma"``, ``"gemma2"``, ``"qwen3"``, ``"olmo2"``, ``"attn-only"``, ``"no-norm"``, ``"solu"``, and
     ``"bert"`` (a ``HookedEncoder``: post-LN, bidirectional, token types, the MLM head).
 
     Norm weights are near 1 and, where the family has biases, biases small and non-zero; rotary
     families rotate ``rotary_pct`` of each head; grouped-query families get ``n_key_value_heads =
     n_heads // 2``; Gemma 2 alternates local (window 4) and global layers. Extra keyword arguments
-    go to ``HookedTransformerConfig`` and override the family's."""
+    go to ``HookedTransformerConfig`` and override the family's (on 4.x only the sizes can change)."""
     if arch not in FAMILIES:
         raise GradGraphError(f"tiny_model arch must be one of {sorted(FAMILIES)}, got {arch!r}")
     family = FAMILIES[arch]

@@ -94,6 +94,33 @@ def test_graphs_after_a_prefix_equal_the_whole_graphs_on_the_installed_version(c
     assert no_hooks_left(model)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_interventions_from_the_weights_equal_the_models_own_runs_on_the_installed_version(family):
+    """Mean ablation and patching of every head, q/k/v input and MLP: the runs from the weights
+    equal the model's own forward with hooks (forced by ``embed``), which on a bridge starts at a
+    layer and reads the final residual on the way to the logits (``hooks.final_residual``)."""
+    from gradgraph.interventions import PATHWAYS, activation_means, intervene
+
+    from test_interventions import _clean_and_counterfactual
+
+    model = tiny_model(family, dtype=torch.float64, n_layers=2, seed=6, n_heads=4,
+                       **({"n_key_value_heads": 2} if family == "llama" else {}))
+    tokens, mask, cf, metric = _clean_and_counterfactual()
+    means = activation_means(model, tokens, mask)
+    fast = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS)
+    slow = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS,
+                     embed=model.W_E[tokens])
+    # a Llama bridge's own forward runs transformers' float32 RMSNorm: float32's resolution of the metric
+    atol = 1e-7 if TOLERANCE.get((family, lens.is_bridge(model))) else 1e-10
+    for job in ("mean_ablation", "patching"):
+        assert set(fast[job]) == set(slow[job]) and len(fast[job]) > 20
+        for label, effect in fast[job].items():
+            assert torch.allclose(effect, slow[job][label], rtol=0, atol=atol), (job, label)
+    last = hooks.final_residual(model, tokens)
+    assert last.shape == (*tokens.shape, model.cfg.d_model)
+    assert no_hooks_left(model)
+
+
 @pytest.mark.real
 def test_embedded_model_real_equals_autograd(smol_model):
     model = smol_model

@@ -21,7 +21,6 @@ Config → run → write: ``main(Config())`` trains the models, prints the table
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import io
 import json
@@ -125,7 +124,7 @@ def accuracy(model: Model, tokens: torch.Tensor, targets: torch.Tensor) -> float
 def float64_copy(model: Model) -> Model:
     """A float64 copy of ``model`` (for the graph analysis; the original is untouched)."""
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the dtype change
-        out = copy.deepcopy(model).to(torch.float64)
+        out = lens.copy_model(model).to(torch.float64)
     out.cfg.dtype = torch.float64
     return out.eval()
 
