@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradgraph import GradGraphError, backprop, build_graph, hooks, lens, load_model, tiny_model
+import gradgraph.models
+from gradgraph import GradGraphError, backprop, build_graph, hooks, lens, tiny_model
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import single_token_id, to_tokens
 from gradgraph.semirings import Real
@@ -124,7 +125,7 @@ def test_interventions_from_the_weights_equal_the_models_own_runs_on_the_install
 @pytest.mark.real
 def test_embedded_model_real_equals_autograd(smol_model):
     model = smol_model
-    assert isinstance(model, lens.MODEL_TYPES)
+    assert isinstance(model, lens.MODEL_TYPES) and lens.is_bridge(model) == (lens.MAJOR >= 4)
     good, bad = single_token_id(model.tokenizer, " are"), single_token_id(model.tokenizer, " is")
     metric = logit_diff(good, bad)
     tokens, mask = to_tokens(model, ["The keys to the cabinet", "The author of the books"])
@@ -160,26 +161,40 @@ def test_embedded_graph_and_accuracy_are_the_same_on_both_versions(tmp_path, smo
     assert (ours["logit_diffs"] - other["logit_diffs"]).abs().max() < 1e-3
 
 
-@bridge_only
-def test_a_bridge_without_compatibility_mode_is_refused():
+def _bare_bridge(hf_model):
+    """``hf_model`` bridged as a user would, without gradgraph's set-up."""
+    from transformers import AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model = lens._hf_model(dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, n_ctx=8, d_vocab=20,
-                                   dtype=torch.float32), "GPT2LMHeadModel")
     with tempfile.TemporaryDirectory() as folder:
         hf_model.config.save_pretrained(folder)
-        lens._word_tokenizer(20).save_pretrained(folder)
-        from transformers import AutoTokenizer
+        lens._word_tokenizer(hf_model.config.vocab_size).save_pretrained(folder)
+        return TransformerBridge.boot_transformers(folder, hf_model=hf_model,
+                                                   tokenizer=AutoTokenizer.from_pretrained(folder))
 
-        bridge = TransformerBridge.boot_transformers(folder, hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(folder))
-    with pytest.raises(GradGraphError, match="compatibility mode"):
+
+@bridge_only
+def test_a_bridge_without_compatibility_mode_is_refused():
+    hf_model = lens._hf_model(dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, n_ctx=8, d_vocab=20,
+                                   dtype=torch.float32), "GPT2LMHeadModel")
+    bridge = _bare_bridge(hf_model)
+    with pytest.raises(GradGraphError, match="without compatibility mode"):
         build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
     assert no_hooks_left(bridge)
 
 
 @bridge_only
 def test_a_bridge_of_an_unknown_architecture_is_refused_by_name():
-    with pytest.raises(GradGraphError, match="GPTNeoXForCausalLM"):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=16, max_position_embeddings=8)
+    config.architectures = ["GPTNeoXForCausalLM"]
+    bridge = gradgraph.models.set_flags(_bare_bridge(GPTNeoXForCausalLM(config).eval()))
+    with pytest.raises(GradGraphError, match="architecture GPTNeoXForCausalLM"):
+        build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
+    assert no_hooks_left(bridge)
+    with pytest.raises(GradGraphError, match="GPTNeoXForCausalLM"):  # and no tiny one is made
         tiny_model("pythia")
 
 
