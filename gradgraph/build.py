@@ -58,12 +58,11 @@ from typing import Mapping
 import einops
 import torch
 
-from gradgraph import hooks, memory
+from gradgraph import hooks, lens, memory
 from gradgraph.errors import GradGraphError
-from gradgraph import lens
-from gradgraph.lens import Model
 from gradgraph.backprop import backprop
 from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending, Place, Reshape
+from gradgraph.lens import Model
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
 from gradgraph.rules import GRADIENT, NormOp, RuleSet, SoftmaxOp, SumOp, rule_set

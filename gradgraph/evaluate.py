@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 
 from gradgraph.data.sva import SVAItem
 from gradgraph.errors import GradGraphError
-from gradgraph import lens
 from gradgraph.lens import Model
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import to_tokens

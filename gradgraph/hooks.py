@@ -18,8 +18,8 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from gradgraph.errors import GradGraphError
 from gradgraph import lens
+from gradgraph.errors import GradGraphError
 from gradgraph.lens import Model
 
 _TEMPLATES = {

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gradgraph import hooks
-from gradgraph import lens
-from gradgraph.lens import Model
+from gradgraph import hooks, lens
 from gradgraph.build import layout_features, unsupported_features
+from gradgraph.lens import Model
 from gradgraph.weights import _fingerprint
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import hooks, inference
+from gradgraph import hooks, inference, lens
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record, soft_cap
 from gradgraph.components import Component, Registry
 from gradgraph.errors import GradGraphError
-from gradgraph import lens
-from gradgraph.lens import Model
 from gradgraph.inference import KeysValues
+from gradgraph.lens import Model
 from gradgraph.metrics import prepare
 from gradgraph.rules import GRADIENT
 

@@ -52,8 +52,8 @@ else:
 Model = torch.nn.Module
 
 # the Hugging Face architectures whose bridges this module has been checked on (hook names, folded
-# weights, rotary tables): Real = autograd, tests/test_versions.py
-BRIDGE_ARCHITECTURES = {"LlamaForCausalLM", "GPT2LMHeadModel"}
+# weights, rotary tables): Real = autograd, tests/test_versions.py (Pythia's bridge fires no hook_rot_q/k)
+BRIDGE_ARCHITECTURES = {"LlamaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"}
 
 # hook points whose gradient on a bridge is 3.9's (the rest are observation copies, or, for
 # hook_mlp_in, the residual stream before its split into MLP and skip)
@@ -117,7 +117,7 @@ def config(model):
     out.original_architecture = architecture_of(cfg)
     out.dtype = model.W_E.dtype
     if cfg.positional_embedding_type == "rotary" and not cfg.rotary_dim:
-        out.rotary_dim = cfg.d_head
+        out.rotary_dim = _rotary_tables(model, model.W_E, 1)[0].shape[-1]  # partial rotary (Pythia): fewer
     if cfg.normalization_type in ("LN", "RMS") and _folded(model):
         out.normalization_type = cfg.normalization_type + "Pre"  # as 3.9's fold_ln leaves it
     return out
@@ -194,10 +194,10 @@ def _attention_view(model, attn, layer: int) -> SimpleNamespace:
     return view
 
 
-def _rotary_tables(model, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[n_ctx, rotary_dim]`` from the Hugging Face model's own rotary module."""
-    rotary = model.original_model.model.rotary_emb
-    positions = torch.arange(model.cfg.n_ctx, device=like.device)[None]
+def _rotary_tables(model, like: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[n (n_ctx), rotary_dim]`` from the Hugging Face model's own rotary module."""
+    rotary = next(m for name, m in model.original_model.named_modules() if name.endswith("rotary_emb"))
+    positions = torch.arange(model.cfg.n_ctx if n is None else n, device=like.device)[None]
     with torch.no_grad():
         cos, sin = rotary(like.new_zeros(1), positions)
     return cos[0].to(like.dtype), sin[0].to(like.dtype)
@@ -261,6 +261,22 @@ def complete_firings(model, store: dict[str, list[torch.Tensor]]) -> None:
         if len(parts) == 4 and parts[2] == "ln1" and parts[3] in ("hook_scale", "hook_normalized") and len(tensors) == 1:
             (tensor,) = tensors
             store[name] = [tensor[:, :, None].expand(*tensor.shape[:2], n, tensor.shape[-1]) for n in (H, G, G)]
+    for layer in range(model.cfg.n_layers):  # GPT-NeoX's bridge fires no hook_rot_q/k: formed as it rotates
+        for which in "qk":
+            x, rot = f"blocks.{layer}.attn.hook_{which}", f"blocks.{layer}.attn.hook_rot_{which}"
+            cos, sin = store.get(f"blocks.{layer}.attn.hook_cos"), store.get(f"blocks.{layer}.attn.hook_sin")
+            if rot not in store and x in store and cos and sin:
+                store[rot] = [_rotated(store[x][0], cos[0][0], sin[0][0])]
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on the first ``rotary_dim`` dims of ``x`` ``[B, P, heads, e]`` in halves (cos, sin
+    ``[P, rotary_dim]``): ``x cos + rotate(x) sin``, rotate(x) = (−x₂, x₁); the rest pass through."""
+    rd = cos.shape[-1]
+    part, rest = x[..., :rd], x[..., rd:]
+    first, second = part[..., : rd // 2], part[..., rd // 2:]
+    turned = torch.cat([-second, first], -1)
+    return torch.cat([part * cos[:, None] + turned * sin[:, None], rest], -1)
 
 
 # --------------------------------------------------------------------------- running
@@ -427,6 +443,8 @@ _HF_FIELDS = {
     "GPT2LMHeadModel": dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new"),
     "LlamaForCausalLM": dict(normalization_type="RMS", positional_embedding_type="rotary", act_fn="silu",
                              gated_mlp=True, final_rms=True, rotary_adjacent_pairs=False),
+    "GPTNeoXForCausalLM": dict(normalization_type="LN", positional_embedding_type="rotary", act_fn="gelu",
+                               parallel_attn_mlp=True, rotary_adjacent_pairs=False),
 }
 _SIZES = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab", "dtype", "seed", "device",
           "init_weights", "n_key_value_heads", "rotary_dim")
@@ -440,7 +458,8 @@ def _hf_model(config: dict, architecture: str):
                              f"{', '.join(sorted(_HF_FIELDS))}; {architecture} is not one (TransformerLens 3.9 "
                              f"builds every family)")
     other = {k: v for k, v in config.items() if k not in _SIZES and _HF_FIELDS[architecture].get(k, object()) != v}
-    if other or config.get("rotary_dim", config["d_head"]) != config["d_head"]:
+    partial = architecture == "GPTNeoXForCausalLM"  # the one with a rotary_pct
+    if other or (not partial and config.get("rotary_dim", config["d_head"]) != config["d_head"]):
         raise GradGraphError(f"a bridged {architecture} has no setting for {sorted(other) or ['rotary_dim']}")
     c = config
     sizes = dict(vocab_size=c["d_vocab"], tie_word_embeddings=False)
@@ -451,6 +470,12 @@ def _hf_model(config: dict, architecture: str):
         hf_config = transformers.GPT2Config(n_positions=c["n_ctx"], n_embd=c["d_model"], n_layer=c["n_layers"],
                                             n_head=c["n_heads"], n_inner=c["d_mlp"], activation_function="gelu_new",
                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **sizes)
+    elif partial:
+        hf_config = transformers.GPTNeoXConfig(
+            hidden_size=c["d_model"], intermediate_size=c["d_mlp"], num_hidden_layers=c["n_layers"],
+            num_attention_heads=c["n_heads"], max_position_embeddings=c["n_ctx"], hidden_act="gelu",
+            rotary_pct=c.get("rotary_dim", c["d_head"]) / c["d_head"], use_parallel_residual=True,
+            attention_dropout=0.0, hidden_dropout=0.0, **sizes)
     else:
         hf_config = transformers.LlamaConfig(
             hidden_size=c["d_model"], intermediate_size=c["d_mlp"], num_hidden_layers=c["n_layers"],

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from gradgraph.errors import GradGraphError
 from gradgraph import lens
+from gradgraph.errors import GradGraphError
 from gradgraph.lens import Model
 
 CACHE_FORMAT = 2  # bump when what is cached changes (2: the dequantised Hugging Face weights)
@@ -340,7 +340,7 @@ def tiny_model(
     **cfg,
 ) -> Model:
     """A random-weight model of a family in ``FAMILIES`` for tests, with the flags TransformerLens
-    gives that family (on TransformerLens 4: a bridged Hugging Face GPT-2 or Llama; other families
+    gives that family (on TransformerLens 4: a bridged Hugging Face GPT-2, Llama or Pythia; other families
     raise ``GradGraphError``): ``"gpt2"``, ``"llama"``, ``"pythia"``, ``"gptj"``, ``"phi"``,
     ``"gemma"``, ``"gemma2"``, ``"qwen3"``, ``"olmo2"``, ``"attn-only"``, ``"no-norm"``, ``"solu"``, and
     ``"bert"`` (a ``HookedEncoder``: post-LN, bidirectional, token types, the MLM head).

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from gradgraph.errors import GradGraphError
-from gradgraph import lens
 from gradgraph.lens import Model
 
 

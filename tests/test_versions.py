@@ -43,7 +43,7 @@ def gradient_reference(model, tokens, mask, metric) -> dict[str, torch.Tensor]:
     return reference
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia"])
 def test_real_equals_autograd_on_the_installed_version(family):
     model = family_model(family, n_layers=3, seed=11)
     tokens, mask, metric = prompts(family)
@@ -56,7 +56,7 @@ def test_real_equals_autograd_on_the_installed_version(family):
     expected = [f"blocks.{layer}.{kind}" for layer in range(3) for kind in ("hook_resid_pre", "hook_q_input",
                 "hook_k_input", "hook_v_input", "attn.hook_pattern", "hook_attn_out", "mlp.hook_post", "hook_mlp_out")]
     assert set(expected) <= kinds, sorted(set(expected) - kinds)
-    assert compared >= 38
+    assert compared >= 30  # 3 layers × at least 10 gradient-carrying hook points
     assert no_hooks_left(model)
 
 
@@ -74,13 +74,14 @@ def test_a_bridge_hook_mlp_in_carries_the_residual_streams_gradient():
 
 
 @pytest.mark.parametrize("sr_name", list(SEMIRINGS))
-@pytest.mark.parametrize("name", ["gpt2-s0", "llama-s1", "gpt2-s2-pad-logprob", "llama-s32-gqa-pad"])
+@pytest.mark.parametrize("name", ["gpt2-s0", "llama-s1", "gpt2-s2-pad-logprob", "llama-s32-gqa-pad", "pythia-s20-pad"])
 def test_semirings_equal_the_path_dp_on_the_installed_version(name, sr_name):
     g, G, stats, _ = case(name)
     assert_matches(g, G, backprop(g, SEMIRINGS[sr_name]), stats, sr_name, "backprop")
 
 
-@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", seed=1, n_heads=4, n_key_value_heads=2)])
+@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", seed=1, n_heads=4, n_key_value_heads=2),
+                                  dict(arch="pythia", seed=2)])
 def test_graphs_after_a_prefix_equal_the_whole_graphs_on_the_installed_version(case):
     """3.9 starts from the prefix's cached keys and values; a bridge records the whole sequence and
     slices it: the graph is the same either way."""
@@ -185,17 +186,17 @@ def test_a_bridge_without_compatibility_mode_is_refused():
 
 @bridge_only
 def test_a_bridge_of_an_unknown_architecture_is_refused_by_name():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = GPTNeoXConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=16, max_position_embeddings=8)
-    config.architectures = ["GPTNeoXForCausalLM"]
-    bridge = gradgraph.models.set_flags(_bare_bridge(GPTNeoXForCausalLM(config).eval()))
-    with pytest.raises(GradGraphError, match="architecture GPTNeoXForCausalLM"):
+    config = Qwen2Config(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=16, max_position_embeddings=8)
+    config.architectures = ["Qwen2ForCausalLM"]
+    bridge = gradgraph.models.set_flags(_bare_bridge(Qwen2ForCausalLM(config).eval()))
+    with pytest.raises(GradGraphError, match="architecture Qwen2ForCausalLM"):
         build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
     assert no_hooks_left(bridge)
-    with pytest.raises(GradGraphError, match="GPTNeoXForCausalLM"):  # and no tiny one is made
-        tiny_model("pythia")
+    with pytest.raises(GradGraphError, match="GemmaForCausalLM"):  # and no tiny one is made
+        tiny_model("gemma")
 
 
 def test_not_a_transformer_lens_model_is_refused():

@@ -34,15 +34,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gradgraph import hooks  # noqa: E402
-from gradgraph import lens  # noqa: E402
-from gradgraph.lens import Model  # noqa: E402
+from gradgraph import hooks, lens  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
 from gradgraph.branches import BRANCHES, branch_shares  # noqa: E402
 from gradgraph.build import build_graph  # noqa: E402
 from gradgraph.components import Component, Registry  # noqa: E402
 from gradgraph.data.synthetic import answer_ids, first_token_repeated, induction, unseen  # noqa: E402
 from gradgraph.graph import GradGraph  # noqa: E402
+from gradgraph.lens import Model  # noqa: E402
 from gradgraph.metrics import logit_diff  # noqa: E402
 from gradgraph.models import tiny_model  # noqa: E402
 from gradgraph.paths import gradient_flow  # noqa: E402
