@@ -273,7 +273,6 @@ def _mean_sources(model, means: dict[str, torch.Tensor]) -> dict[str, list[torch
     """The replacements mean ablation makes, in ``inference.run``'s trace layout: per layer q, k, v
     projected from each head's mean input (``[heads, e]``), z's mean ``[H, e]``, the MLP output's ``[d]``."""
     out = {site: [] for site in ("q", "k", "v", "z", "mlp_out")}
-    G = model.cfg.n_key_value_heads or model.cfg.n_heads
     for layer in range(model.cfg.n_layers):
         projected = {}
         for kind in "qkv":

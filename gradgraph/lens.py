@@ -178,7 +178,7 @@ def _zeros_if_none(tensor, shape, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device) if tensor is None else tensor
 
 
-def _attention_view(model, attn, layer: int) -> SimpleNamespace:
+def _attention_view(model, attn) -> SimpleNamespace:
     cfg = model.cfg
     H, G, e = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, cfg.d_head
     W_Q, W_K, W_V, W_O = attn.W_Q, attn.W_K, attn.W_V, attn.W_O  # [H, d, e], [G, d, e], [G, d, e], [H, e, d]
@@ -221,7 +221,7 @@ def block(model, layer: int):
         return model.blocks[layer]
     own = model.blocks[layer]
     rms = model.cfg.normalization_type == "RMS"
-    view = SimpleNamespace(attn=_attention_view(model, own.attn, layer), ln1=_NormView(own.ln1, rms, model.cfg.eps))
+    view = SimpleNamespace(attn=_attention_view(model, own.attn), ln1=_NormView(own.ln1, rms, model.cfg.eps))
     if not model.cfg.attn_only:
         view.mlp = _mlp_view(model, own.mlp)
         view.ln2 = _NormView(own.ln2, rms, model.cfg.eps)
