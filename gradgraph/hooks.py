@@ -70,6 +70,11 @@ _TEMPLATES = {
     "mlp_softmax": "blocks.{L}.mlp.softmax",  # softmax(pre) of SoLU
     "mlp_mid": "blocks.{L}.mlp.hook_mid",  # SoLU: pre ⊙ softmax(pre), before its LayerNorm
     "logits_capped": "unembed.soft_capped",  # cap · tanh(logits / cap) (Gemma 2)
+    # what a TransformerLens 4 bridge fires instead (gradgraph.lens renames and completes them)
+    "block_in": "blocks.{L}.hook_in",  # hook_resid_pre
+    "block_out": "blocks.{L}.hook_out",  # hook_resid_post
+    "attn_cos": "blocks.{L}.attn.hook_cos",  # the rotary tables the layer used, [1, pos, rotary_dim]
+    "attn_sin": "blocks.{L}.attn.hook_sin",
 }
 
 # every norm's nodes: the input (where it differs from the node it reads), x̃ (LayerNorm), the scale,

@@ -127,7 +127,7 @@ def _apply_norm(norm: _Norm, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
     """Rotary embedding of ``x`` ``[n, s, heads, e]`` at the positions of ``cos``/``sin`` ``[s, rd]``."""
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
@@ -179,8 +179,8 @@ def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple 
         q, k, v = edit("q", q), edit("k", k), edit("v", v)
     if layer.rotary is not None:
         cos, sin = (t[start:start + s].to(x.dtype) for t in layer.rotary)
-        q = _rotate(q, cos, sin, cfg.rotary_adjacent_pairs)
-        k = _rotate(k, cos, sin, cfg.rotary_adjacent_pairs)
+        q = rotate(q, cos, sin, cfg.rotary_adjacent_pairs)
+        k = rotate(k, cos, sin, cfg.rotary_adjacent_pairs)
     # query heads g R .. g R + R - 1 read key/value head g: [G, n, R s, e]
     q = q.reshape(n, s, G, R, e).permute(2, 0, 3, 1, 4).reshape(G, n, R * s, e)
     k_new, v_new = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # [G, n, s, e]

@@ -17,13 +17,14 @@ Everything else in gradgraph reads a model through what this module gives:
 
 A bridge's hook points are observation copies in places (``hook_q``/``k``/``v``/``z``, the norms'
 ``hook_scale``/``hook_normalized``): their values are right but no gradient reaches them, and its
-``hook_mlp_in`` is the residual stream itself (its gradient includes the skip's). ``GRADIENT_POINTS``
+``hook_mlp_in`` is the residual stream itself (its gradient includes the skip's). ``gradient_points``
 says which hook points carry 3.9's gradient on a bridge.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import math
 import tempfile
@@ -55,11 +56,19 @@ Model = torch.nn.Module
 # weights, rotary tables): Real = autograd, tests/test_versions.py (Pythia's bridge fires no hook_rot_q/k)
 BRIDGE_ARCHITECTURES = {"LlamaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"}
 
-# hook points whose gradient on a bridge is 3.9's (the rest are observation copies, or, for
-# hook_mlp_in, the residual stream before its split into MLP and skip)
-GRADIENT_POINTS = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_q_input", "hook_k_input",
-                   "hook_v_input", "hook_attn_scores", "hook_pattern", "hook_attn_out", "hook_resid_mid",
-                   "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+# the kinds of hook point (``hooks.name``) whose gradient on a bridge is 3.9's, in every layer (the
+# rest are observation copies, or, for hook_mlp_in, the residual stream before its split into MLP and skip)
+GRADIENT_KINDS = ("resid_pre", "q_input", "k_input", "v_input", "attn_scores", "pattern", "attn_out", "resid_mid",
+                  "mlp_pre", "mlp_pre_linear", "mlp_post", "mlp_out", "resid_post")
+
+
+def gradient_points(model) -> set[str]:
+    """The hook points of ``model`` whose autograd gradient is 3.9's: the input embeddings' and
+    ``GRADIENT_KINDS`` in every layer (on 3.9 every hook point's is, and these are among them)."""
+    from gradgraph import hooks  # hooks reads this module at import
+
+    layers = range(model.cfg.n_layers)
+    return set(hooks.inputs(model)) | {hooks.name(kind, layer) for kind in GRADIENT_KINDS for layer in layers}
 
 
 def is_bridge(model) -> bool:
@@ -241,42 +250,40 @@ def final_norm(model):
 def hook_name(model, name: str) -> str:
     """The 3.9 name of the hook point that fires as ``name``: a bridge fires ``blocks.L.hook_in`` /
     ``hook_out`` for ``hook_resid_pre`` / ``hook_resid_post``."""
-    if not is_bridge(model):
-        return name
-    parts = name.split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in ("hook_in", "hook_out"):
-        return f"blocks.{parts[1]}.hook_resid_{'pre' if parts[2] == 'hook_in' else 'post'}"
-    return name
+    return _renamed(model.cfg.n_layers).get(name, name) if is_bridge(model) else name
+
+
+@functools.lru_cache(maxsize=None)
+def _renamed(n_layers: int) -> dict[str, str]:
+    from gradgraph import hooks  # hooks reads this module at import
+
+    pairs = (("block_in", "resid_pre"), ("block_out", "resid_post"))
+    return {hooks.name(bridge, layer): hooks.name(own, layer) for layer in range(n_layers) for bridge, own in pairs}
 
 
 def complete_firings(model, store: dict[str, list[torch.Tensor]]) -> None:
     """Give recorded firings 3.9's counts, in place: a bridge fires ``ln1``'s hooks once, on the
     residual, where 3.9 fires them per q/k/v input; each becomes the three firings, copied along the
-    head axis as 3.9's split inputs give them (no gradient reaches these copies)."""
+    head axis as 3.9's split inputs give them (no gradient reaches these copies). GPT-NeoX's bridge
+    fires no ``hook_rot_q``/``hook_rot_k``: they are formed from ``hook_q``/``hook_k`` and the
+    rotary tables the layer recorded."""
     if not is_bridge(model):
         return
+    from gradgraph import hooks, inference  # both read this module at import
+
     H, G = model.cfg.n_heads, model.cfg.n_key_value_heads or model.cfg.n_heads
-    for name, tensors in store.items():
-        parts = name.split(".")
-        if len(parts) == 4 and parts[2] == "ln1" and parts[3] in ("hook_scale", "hook_normalized") and len(tensors) == 1:
-            (tensor,) = tensors
-            store[name] = [tensor[:, :, None].expand(*tensor.shape[:2], n, tensor.shape[-1]) for n in (H, G, G)]
-    for layer in range(model.cfg.n_layers):  # GPT-NeoX's bridge fires no hook_rot_q/k: formed as it rotates
+    for layer in range(model.cfg.n_layers):
+        for kind in ("ln1_scale", "ln1_normalized"):
+            tensors = store.get(hooks.name(kind, layer))
+            if tensors is not None and len(tensors) == 1:
+                (tensor,) = tensors
+                store[hooks.name(kind, layer)] = [tensor[:, :, None].expand(*tensor.shape[:2], n, tensor.shape[-1])
+                                                  for n in (H, G, G)]
+        cos, sin = store.get(hooks.name("attn_cos", layer)), store.get(hooks.name("attn_sin", layer))
         for which in "qk":
-            x, rot = f"blocks.{layer}.attn.hook_{which}", f"blocks.{layer}.attn.hook_rot_{which}"
-            cos, sin = store.get(f"blocks.{layer}.attn.hook_cos"), store.get(f"blocks.{layer}.attn.hook_sin")
+            x, rot = hooks.name(which, layer), hooks.name(f"rot_{which}", layer)
             if rot not in store and x in store and cos and sin:
-                store[rot] = [_rotated(store[x][0], cos[0][0], sin[0][0])]
-
-
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on the first ``rotary_dim`` dims of ``x`` ``[B, P, heads, e]`` in halves (cos, sin
-    ``[P, rotary_dim]``): ``x cos + rotate(x) sin``, rotate(x) = (−x₂, x₁); the rest pass through."""
-    rd = cos.shape[-1]
-    part, rest = x[..., :rd], x[..., rd:]
-    first, second = part[..., : rd // 2], part[..., rd // 2:]
-    turned = torch.cat([-second, first], -1)
-    return torch.cat([part * cos[:, None] + turned * sin[:, None], rest], -1)
+                store[rot] = [inference.rotate(store[x][0], cos[0][0], sin[0][0], adjacent=False)]
 
 
 # --------------------------------------------------------------------------- running
@@ -427,14 +434,23 @@ def new_model(config: dict, architecture: str, randomise, *, encoder: bool = Fal
     hf_model = _hf_model(config, architecture)
     with torch.no_grad():
         randomise(_kinds(hf_model, hf=True))
+    model = word_bridge(hf_model)
+    model.enable_compatibility_mode(disable_warnings=True)
+    return model
+
+
+def word_bridge(hf_model):
+    """``hf_model`` bridged as ``TransformerBridge.boot_transformers`` gives it (no compatibility mode),
+    with a word-per-id tokenizer (a bridge insists on one, and reloads it from its path)."""
+    from transformers import AutoTokenizer
+
     with tempfile.TemporaryDirectory() as folder:
         hf_model.config.save_pretrained(folder)
-        _word_tokenizer(config["d_vocab"]).save_pretrained(folder)  # the bridge reloads it by its path
+        _word_tokenizer(hf_model.config.vocab_size).save_pretrained(folder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from transformers import AutoTokenizer
-
-            return _bridge(folder, hf_model, AutoTokenizer.from_pretrained(folder))
+            return TransformerBridge.boot_transformers(folder, hf_model=hf_model.eval(),
+                                                       tokenizer=AutoTokenizer.from_pretrained(folder))
 
 
 # HookedTransformerConfig fields a Hugging Face config of each bridged architecture carries; any

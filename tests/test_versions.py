@@ -8,7 +8,6 @@ dynamic program, the embedded model's graph and SVA accuracy are the same under 
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,8 @@ def gradient_reference(model, tokens, mask, metric) -> dict[str, torch.Tensor]:
     """Autograd at every hook point that carries 3.9's gradient on the installed TransformerLens."""
     reference = autograd_reference(model, tokens, mask, metric)
     if lens.is_bridge(model):
-        reference = {n: g for n, g in reference.items() if n.split(":")[0].endswith(lens.GRADIENT_POINTS)}
+        points = lens.gradient_points(model)
+        reference = {n: g for n, g in reference.items() if n.split(":")[0] in points}
     return reference
 
 
@@ -162,23 +162,11 @@ def test_embedded_graph_and_accuracy_are_the_same_on_both_versions(tmp_path, smo
     assert (ours["logit_diffs"] - other["logit_diffs"]).abs().max() < 1e-3
 
 
-def _bare_bridge(hf_model):
-    """``hf_model`` bridged as a user would, without gradgraph's set-up."""
-    from transformers import AutoTokenizer
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with tempfile.TemporaryDirectory() as folder:
-        hf_model.config.save_pretrained(folder)
-        lens._word_tokenizer(hf_model.config.vocab_size).save_pretrained(folder)
-        return TransformerBridge.boot_transformers(folder, hf_model=hf_model,
-                                                   tokenizer=AutoTokenizer.from_pretrained(folder))
-
-
 @bridge_only
 def test_a_bridge_without_compatibility_mode_is_refused():
     hf_model = lens._hf_model(dict(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, n_ctx=8, d_vocab=20,
                                    dtype=torch.float32), "GPT2LMHeadModel")
-    bridge = _bare_bridge(hf_model)
+    bridge = lens.word_bridge(hf_model)
     with pytest.raises(GradGraphError, match="without compatibility mode"):
         build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
     assert no_hooks_left(bridge)
@@ -191,7 +179,7 @@ def test_a_bridge_of_an_unknown_architecture_is_refused_by_name():
     config = Qwen2Config(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=16, max_position_embeddings=8)
     config.architectures = ["Qwen2ForCausalLM"]
-    bridge = gradgraph.models.set_flags(_bare_bridge(Qwen2ForCausalLM(config).eval()))
+    bridge = gradgraph.models.set_flags(lens.word_bridge(Qwen2ForCausalLM(config).eval()))
     with pytest.raises(GradGraphError, match="architecture Qwen2ForCausalLM"):
         build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
     assert no_hooks_left(bridge)
