@@ -18,7 +18,8 @@ import torch
 from gradgraph import hooks, ig_paths, integrated
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
-from gradgraph.components import KINDS, Registry, component_values
+from gradgraph.components import component_values
+from gradgraph.labels import KINDS, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.prompts import to_tokens

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from gradgraph.backprop import backprop
-from gradgraph.components import Registry
+from gradgraph.labels import Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.metrics import resolve_positions

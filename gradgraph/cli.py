@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import fields
 
-from gradgraph.errors import GradGraphError
+from gradgraph.errors import GradGraphError, OutputIncomplete
 
 
 def _integer(minimum: int, what: str):
@@ -35,11 +35,14 @@ def _defaults(config_class) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from gradgraph.models import EMBEDDED
+    from gradgraph.models import EMBEDDED, TINY
 
     print("Embedded models (load offline):")
     for entry in EMBEDDED.values():
         print(f"  {entry.name:<14} {entry.description}")
+    for name, (embedded, sizes) in TINY.items():
+        print(f"  {name:<14} random weights, {sizes['num_hidden_layers']} layers, d_model {sizes['hidden_size']}, "
+              f"{embedded}'s tokenizer: tries any command in seconds (its numbers mean nothing)")
     print("Also accepted: TransformerLens official names (need the hub) and local Hugging Face folders.")
 
 
@@ -81,6 +84,9 @@ def _methods(text: str) -> tuple[str, ...]:
 def cmd_sva(args: argparse.Namespace) -> None:
     from gradgraph.studies import sva
 
+    if args.redraw:
+        sva.redraw(args.redraw, args.figures)
+        return
     sva.main(sva.Config(model=args.model, limit=args.limit, intervention_items=args.intervention_items,
                         batch_size=args.batch_size, methods=args.methods, udig_steps=args.udig_steps,
                         head_sentences=args.head_sentences, resamples=args.resamples, out=args.out,
@@ -90,6 +96,12 @@ def cmd_sva(args: argparse.Namespace) -> None:
 def cmd_heads(args: argparse.Namespace) -> None:
     from gradgraph.studies import head_ranking
 
+    if args.redraw:
+        head_ranking.redraw(args.redraw, args.figures)
+        return
+    missing = [f"--{name}" for name in ("prompts", "good", "bad") if getattr(args, name) is None]
+    if missing:
+        raise GradGraphError(f"gradgraph heads needs {', '.join(missing)} (or --redraw OUT to draw a saved run again)")
     head_ranking.main(head_ranking.Config(
         prompts=args.prompts, good=args.good, bad=args.bad, counterfactuals=args.counterfactuals,
         position=args.position, model=args.model, methods=args.methods, udig_steps=args.udig_steps,
@@ -108,6 +120,9 @@ def cmd_synthetic(args: argparse.Namespace) -> None:
 def cmd_head_types(args: argparse.Namespace) -> None:
     from gradgraph.studies import head_types
 
+    if args.redraw:
+        head_types.redraw(args.redraw, args.figures)
+        return
     head_types.main(head_types.Config(corpus=args.corpus, sentences=args.sentences, threshold=args.threshold,
                                       margin=args.margin, model=args.model, out=args.out,
                                       figures=args.figures or f"{args.out}/figures"))
@@ -116,6 +131,9 @@ def cmd_head_types(args: argparse.Namespace) -> None:
 def cmd_lrp_eval(args: argparse.Namespace) -> None:
     from gradgraph.studies import lrp_eval
 
+    if args.redraw:
+        lrp_eval.redraw(args.redraw, args.figures)
+        return
     lrp_eval.main(lrp_eval.Config(sentences=args.sentences, sva_items=args.sva_items, relp_items=args.relp_items,
                                   head_sentences=args.head_sentences, max_words=args.max_words,
                                   graph_tokens=args.graph_tokens, seed=args.seed, model=args.model, out=args.out,
@@ -157,10 +175,19 @@ def cmd_explain(args: argparse.Namespace) -> None:
 def cmd_attr_eval(args: argparse.Namespace) -> None:
     from gradgraph.studies import attr_eval
 
+    if args.redraw:
+        attr_eval.redraw(args.redraw, args.figures)
+        return
     attr_eval.main(attr_eval.Config(sentences=args.sentences, sva_items=args.sva_items, corpus=args.corpus,
                                     steps=args.steps, samples=args.samples, max_words=args.max_words,
                                     seed=args.seed, model=args.model, out=args.out,
                                     figures=args.figures or f"{args.out}/figures"))
+
+
+def _redraw_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redraw", metavar="OUT", help="draw the tables, figures and reports of the run saved in OUT "
+                                                   "again, without the model or any computing (after a failed figure, "
+                                                   "say); the other options but --figures are then ignored")
 
 
 def _fraction(text: str) -> float:
@@ -197,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, default=d["limit"],
                    help=f"items for the graph methods (default {d['limit']})")
     p.add_argument("--intervention-items", type=_positive, default=d["intervention_items"],
-                   help=f"items for mean ablation, patching and UDIG (default {d['intervention_items']})")
+                   help=f"items for mean ablation, patching and UDIG, among the --limit ones (default "
+                        f"{sva.INTERVENTION_ITEMS}, or all of them when --limit is smaller)")
     p.add_argument("--methods", type=_methods, default=d["methods"],
                    help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     p.add_argument("--udig-steps", type=_positive, default=d["udig_steps"], help="UDIG's anchors m")
@@ -208,13 +236,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d["out"], help=f"folder for tables, figures and the report (default {d['out']})")
     p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
     p.add_argument("--seed", type=int, default=d["seed"])
+    _redraw_option(p)
     p.set_defaults(func=cmd_sva)
 
     d = _defaults(head_ranking.Config)
     p = sub.add_parser("heads", help="rank every head by every method for your prompts")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    p.add_argument("--good", required=True, help="the expected next token, e.g. ' are' (one token)")
-    p.add_argument("--bad", required=True, help="the contrasting token, e.g. ' is' (one token)")
+    p.add_argument("--prompts", help="text file, one prompt per line (required unless --redraw)")
+    p.add_argument("--good", help="the expected next token, e.g. ' are' (one token; required unless --redraw)")
+    p.add_argument("--bad", help="the contrasting token, e.g. ' is' (one token; required unless --redraw)")
     p.add_argument("--counterfactuals", help="optional file of aligned counterfactual prompts (for patching)")
     p.add_argument("--position", type=int, default=d["position"], help="metric position (default: each prompt's last token)")
     p.add_argument("--model", default=d["model"])
@@ -228,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive, default=d["top"], help="components printed per method")
     p.add_argument("--out", default=d["out"])
     p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
+    _redraw_option(p)
     p.set_defaults(func=cmd_heads)
 
     d = _defaults(synthetic.Config)
@@ -251,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d["model"])
     p.add_argument("--out", default=d["out"])
     p.add_argument("--figures", default=None, help="default: OUT/figures")
+    _redraw_option(p)
     p.set_defaults(func=cmd_head_types)
 
     p = sub.add_parser("explain", help="token attributions of one prediction, coloured in the terminal and drawn")
@@ -281,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d["model"])
     p.add_argument("--out", default=d["out"])
     p.add_argument("--figures", default=None, help="default: OUT/figures")
+    _redraw_option(p)
     p.set_defaults(func=cmd_lrp_eval)
 
     d = _defaults(attr_eval.Config)
@@ -295,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d["model"])
     p.add_argument("--out", default=d["out"])
     p.add_argument("--figures", default=None, help="default: OUT/figures")
+    _redraw_option(p)
     p.set_defaults(func=cmd_attr_eval)
     return top
 
@@ -306,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # a third faster on CPU: freed tensors' pages are reused, not faulted in anew
     try:
         args.func(args)
-    except GradGraphError as error:
+    except OutputIncomplete as error:  # computed and saved, but some output failed: 1
+        print(f"gradgraph: error: {error}", file=sys.stderr)
+        return 1
+    except GradGraphError as error:  # a bad input, refused before any work: 2
         print(f"gradgraph: error: {error}", file=sys.stderr)
         return 2
     return 0

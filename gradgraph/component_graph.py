@@ -7,7 +7,7 @@ import torch
 
 from gradgraph import hooks
 from gradgraph.backprop import backprop, forward
-from gradgraph.components import Component, Registry
+from gradgraph.labels import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Broadcast, GradGraph, Identity, Matmul
 from gradgraph.semirings import Abs, Semiring

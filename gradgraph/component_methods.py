@@ -32,7 +32,8 @@ from gradgraph import hooks
 from gradgraph.attribution import integrated_flow, token_scores
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import assemble, record
-from gradgraph.components import PATHWAY_KINDS, Registry, pathway_scores
+from gradgraph.components import PATHWAY_KINDS, pathway_scores
+from gradgraph.labels import Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.interventions import PATHWAYS, _cache

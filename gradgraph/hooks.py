@@ -11,6 +11,7 @@ Every hook lives inside a ``with`` block and is removed on leaving it, also when
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
@@ -125,6 +126,26 @@ def name(kind: str, layer: int | None = None, firing: str | None = None) -> str:
     """The node name for ``kind`` in ``layer``, with a firing suffix (``q``/``k``/``v``) if given."""
     text = _TEMPLATES[kind].format(L=layer)
     return f"{text}:{firing}" if firing else text
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{L}"), r"(\d+)") + r"(?::([a-z]+))?$")
+
+
+# node name -> kind: every template but a bridge's own names, which are renamed before a graph is built
+_PARSERS = [(kind, _pattern(t)) for kind, t in _TEMPLATES.items() if kind not in ("block_in", "block_out")]
+
+
+def parse(node: str) -> tuple[str, int | None, str | None] | None:
+    """``(kind, layer, firing)`` of a node name (the inverse of ``name``), or None for a name this
+    module does not spell."""
+    for kind, pattern in _PARSERS:
+        match = pattern.match(node)
+        if match:
+            groups = match.groups()
+            layer = int(groups[0]) if "{L}" in _TEMPLATES[kind] else None
+            return kind, layer, groups[-1]
+    return None
 
 
 @contextmanager

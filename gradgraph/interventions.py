@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from gradgraph import hooks, inference, lens
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record, soft_cap
-from gradgraph.components import Component, Registry
+from gradgraph.labels import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.inference import KeysValues
 from gradgraph.lens import Model

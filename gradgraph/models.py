@@ -60,6 +60,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 # names = models.EMBEDDED.keys(); kept as a plain list for `gradgraph models` and error messages
 EMBEDDED_NAMES: list[str] = list(EMBEDDED)
 
+# Small models of an embedded model's architecture and tokenizer with random weights (seeded): every
+# command runs on one in seconds, so a pipeline can be tried end to end (its numbers mean nothing;
+# the tests' studies run on it). name -> (the embedded model whose tokenizer it has, Llama sizes)
+TINY: dict[str, tuple[str, dict]] = {
+    "tiny-smollm2": ("smollm2-135m", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, intermediate_size=128)),
+}
+
 
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/gradgraph`` or ``~/.cache/gradgraph``."""
@@ -88,6 +96,8 @@ def load_model(
         )
     if name in EMBEDDED:
         model = _load_embedded(EMBEDDED[name])
+    elif name in TINY:
+        model = _load_tiny(name)
     elif Path(name).is_dir():
         model = _load_local_folder(Path(name))
     else:
@@ -206,6 +216,24 @@ def _load_embedded(entry: EmbeddedModel) -> Model:
         )
     hf_model.tie_weights()
     return lens.wrap_causal_lm(hf_model.eval(), load_tokenizer(entry.name))
+
+
+def _load_tiny(name: str) -> Model:
+    """``TINY[name]``: a Llama with SmolLM2's vocabulary, tokenizer, norms and rotary base, random weights
+    (seed 0, Hugging Face's initialisation), through the same conversion as the embedded model."""
+    import transformers
+
+    embedded, sizes = TINY[name]
+    tokenizer = load_tokenizer(embedded)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=EMBEDDED_N_CTX,
+                                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      **sizes)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf_model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    return lens.wrap_causal_lm(hf_model.eval(), tokenizer)
 
 
 def _dequantise(entry: EmbeddedModel) -> tuple[dict, dict]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from gradgraph import hooks
 from gradgraph.backprop import backprop, through
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.labels import Component, Registry
 from gradgraph.semirings import Abs, Count, Entropy, Max
 
 
@@ -20,19 +22,85 @@ class GradientPath:
 
     ``weight`` is the signed product of its local derivatives (its contribution to the
     gradient), ``nodes`` its elements as ``(node name, index)`` pairs, from an input embedding
-    element to ``("metric", (b,))``.
+    element to ``("metric", (b,))``. ``str(path)`` reads as a person would say it (``steps``);
+    ``path.full()`` spells every node.
     """
 
     weight: float
     nodes: tuple[tuple[str, tuple[int, ...]], ...]
+    registry: Registry | None = field(default=None, compare=False, repr=False)  # for the components' labels
 
     @property
     def magnitude(self) -> float:
         return abs(self.weight)
 
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The path in readable steps: the input element (``embed@5[25]``: position 5, dimension 25),
+        each component by its label (``L3H6-8.v@2``, ``L3H7@5``, ``MLP0@5 (neuron 53)``), every run
+        along the residual stream as one step (``resid@5[247] × 29 layers``: dimension 247 carried
+        past the attention and MLP of 29 layers), the logit (``logit[314]``: token id 314) and the
+        metric. The nodes inside a component (norms, q/k/v, scores, pattern) are left out."""
+        if self.registry is None:
+            return tuple(f"{name}{list(index)}" for name, index in self.nodes)
+        return readable_steps(self.nodes, self.registry)
+
+    def full(self) -> str:
+        """Every node of the path with its index: ``+0.5024: hook_embed[0, 5, 25] → blocks.0.hook_resid_pre[0, 5, 25] → …``."""
+        return f"{self.weight:+.4g}: " + " → ".join(f"{name}{list(index)}" for name, index in self.nodes)
+
     def __str__(self) -> str:
-        steps = " → ".join(f"{name}{list(index)}" for name, index in self.nodes)
-        return f"{self.weight:+.4g}: {steps}"
+        return f"{self.weight:+.4g}: " + " → ".join(self.steps)
+
+
+_RESIDUAL = ("resid_pre", "resid_mid", "resid_post")
+_EMBEDS = {"embed": "embed", "pos_embed": "pos_embed", "encoder_embed": "embed", "encoder_pos_embed": "pos_embed",
+           "token_type_embed": "token_type"}
+
+
+def readable_steps(nodes, registry: Registry) -> tuple[str, ...]:
+    """``GradientPath.steps`` of ``nodes``."""
+    steps: list[str] = []
+    run: dict | None = None  # the residual run being walked: position, unit, layers skipped, last node
+    neuron = None
+    for name, index in nodes:
+        parsed = hooks.parse(name)
+        kind, layer = (parsed[0], parsed[1]) if parsed else (None, None)
+        if kind in _RESIDUAL:
+            if run is None or (run["position"], run["unit"]) != (index[1], index[-1]):
+                run = dict(position=index[1], unit=index[-1], layers=set(), last=None, step=None)
+            previous = run["last"]
+            if previous is not None and previous[1] == layer and _RESIDUAL.index(previous[0]) < _RESIDUAL.index(kind):
+                run["layers"].add(layer)  # a hop past a sublayer of this layer: the residual skip
+            run["last"] = (kind, layer)
+            n = len(run["layers"])
+            if n:  # a run that skips no sublayer is only the hop between two components: not a step
+                if run["step"] is None:
+                    run["step"] = len(steps)
+                    steps.append("")
+                steps[run["step"]] = f"resid@{run['position']}[{run['unit']}] × {n} layer{'s' if n != 1 else ''}"
+            continue
+        run = None
+        if kind in _EMBEDS:
+            step = f"{_EMBEDS[kind]}@{index[1]}[{index[-1]}]"
+        elif kind == "mlp_post":
+            neuron = index[-1]
+            continue
+        elif kind == "logits":
+            step = f"logit[{index[-1]}]"
+        elif kind == "metric":
+            step = "metric"
+        elif registry.kind_of_node(name) is not None:
+            component, layer = registry.kind_of_node(name)
+            head = index[2] if component in ("q", "k", "v", "head") else None
+            step = registry.label(Component(component, layer, head, index[1]))
+            if component == "mlp" and neuron is not None:
+                step += f" (neuron {neuron})"
+        else:
+            continue  # inside a component, or the final norm
+        if not steps or steps[-1] != step:
+            steps.append(step)
+    return tuple(steps)
 
 
 def gradient_flow(graph: GradGraph, *, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
@@ -118,10 +186,12 @@ def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None, s
     best = backprop(graph, Max)
     flat_best = {node: value[0].reshape(-1).double() for node, value in best.items()}
     chosen = range(graph.batch_size) if items is None else set(items)
-    return [_search(graph, flat_best, b, k, starts[b]) if b in chosen else [] for b in range(graph.batch_size)]
+    registry = Registry.of(graph)
+    return [_search(graph, flat_best, b, k, starts[b], registry) if b in chosen else [] for b in range(graph.batch_size)]
 
 
-def _search(graph: GradGraph, flat_best: dict, batch: int, k: int, positions: set[int]) -> list[GradientPath]:
+def _search(graph: GradGraph, flat_best: dict, batch: int, k: int, positions: set[int],
+            registry: Registry) -> list[GradientPath]:
     counter = itertools.count()
     heap: list = []
     for source in graph.sources:
@@ -138,7 +208,7 @@ def _search(graph: GradGraph, flat_best: dict, batch: int, k: int, positions: se
         _, _, weight, steps = heapq.heappop(heap)
         node, flat = steps[-1]
         if node == "metric":
-            found.append(GradientPath(weight, tuple((n, graph.index(n, f)) for n, f in steps)))
+            found.append(GradientPath(weight, tuple((n, graph.index(n, f)) for n, f in steps), registry))
             continue
         for edge in graph.edges_from(node):
             targets, weights = edge.out_edges(graph.shapes, flat)

@@ -117,8 +117,11 @@ def entropy_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
 
 
 def agreement_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
-    """Spearman ρ with its bootstrap interval, per method (rows) and component group (panels),
-    against each ground truth (colours)."""
+    """Spearman ρ (dot) with its bootstrap interval (a segment from ``spearman_low`` to
+    ``spearman_high``, drawn as it is: it need not contain ρ; none where they are NaN), per method
+    (rows) and component group (panels), against each ground truth (colours)."""
+    import math
+
     groups = list(dict.fromkeys(r["group"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     truths = list(dict.fromkeys(r["truth"] for r in rows))
@@ -129,19 +132,23 @@ def agreement_plot(rows: list[dict], path: str | Path, *, title: str) -> Path:
         for j, truth in enumerate(truths):
             for i, method in enumerate(methods):
                 r = next((r for r in rows if r["group"] == group and r["method"] == method and r["truth"] == truth), None)
-                if r is None:
+                if r is None or math.isnan(r["spearman"]):
                     continue
                 y = i + (j - 0.5 * (len(truths) - 1)) * 0.3
-                ax.errorbar(r["spearman"], y, xerr=[[r["spearman"] - r["spearman_low"]], [r["spearman_high"] - r["spearman"]]],
-                            fmt="o", color=colors[j % 2], ms=4, capsize=2, label=truth if i == 0 else None)
+                low, high = r["spearman_low"], r["spearman_high"]
+                if not (math.isnan(low) or math.isnan(high)):
+                    ax.plot([low, high], [y, y], "-|", color=colors[j % 2], lw=1.2, ms=5)
+                ax.plot(r["spearman"], y, "o", color=colors[j % 2], ms=4, label=truth if i == 0 else None)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlim(-1, 1)
+        ax.set_xlim(-1.05, 1.05)
         ax.set_title(group, fontsize=9)
         ax.set_xlabel("Spearman ρ")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(len(methods)), methods, fontsize=8)
     axes[0][0].invert_yaxis()
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if any(ax.get_legend_handles_labels()[0] for ax in axes[0]):
+        axes[0][-1].legend(*max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda h: len(h[0])),
+                           fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 

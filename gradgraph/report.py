@@ -16,6 +16,9 @@ import math
 import plotly.graph_objects as go
 import plotly.offline
 
+from gradgraph.bootstrap import MIN_ITEMS
+from gradgraph.studies.compare import cell, intervals_note
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -115,6 +118,17 @@ _GRAPH_SCRIPT = """
 """
 
 
+def _intervals(rows: list[dict]) -> str:
+    """What the agreement table's intervals are, or why it has none."""
+    note = intervals_note(rows)
+    if note:
+        return (f"<b>{html.escape(note)}</b>: with fewer items a bootstrap interval's coverage is too poor to "
+                f"read, and the estimates themselves are rough.")
+    return (f"95 % basic bootstrap intervals over items, for the value over infinitely many items: a ρ over "
+            f"few items is biased towards 0, so an interval can lie above its estimate (none below {MIN_ITEMS} "
+            f"items).")
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = []
@@ -132,9 +146,9 @@ def _pivot(rows: list[dict]) -> list[dict]:
     out: dict[tuple[str, str], dict] = {}
     for r in rows:
         row = out.setdefault((r["method"], r["truth"]), dict(method=r["method"], truth=r["truth"]))
-        row[r["group"]] = f"{r['spearman']:+.2f} [{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]"
+        row[r["group"]] = cell(r)
         if r["group"] == "heads":
-            row["overlap"] = f"{r['overlap']:.2f} [{r['overlap_low']:.2f}, {r['overlap_high']:.2f}]"
+            row["overlap"] = cell(r, "overlap")
     return list(out.values())
 
 
@@ -250,7 +264,7 @@ def sva_page(summary: dict, result, heat: dict, figures: dict[str, str]) -> str:
 <h2>Which components carry agreement: every method against interventions</h2>
 <p>A component's importance is the mean over the intervened items of |score| (|effect| for mean ablation
 and activation patching); Spearman ρ between the two, and the overlap of their top-k components, with
-95 % bootstrap intervals over items. Tables: <a href="agreement.csv">agreement.csv</a>,
+{_intervals(summary["agreement"])} Tables: <a href="agreement.csv">agreement.csv</a>,
 <a href="components.csv">components.csv</a>.</p>
 {agreement}
 <h2>Component graph</h2>
@@ -294,8 +308,8 @@ def heads_page(summary: dict, heat: dict, tokens: list[dict], figures: dict[str,
 <div class="headline"><div>prompts<b>{summary['prompts']}</b></div>
 <div>methods<b>{len(summary['methods'])}</b><small>{html.escape(', '.join(summary['methods']))}</small></div></div>
 <h2>Every method against interventions</h2>
-<p>Importance: mean over prompts of |score| (|effect|); Spearman ρ and top-k overlap with 95 % bootstrap
-intervals over prompts. Tables: <a href="heads.csv">heads.csv</a>, <a href="agreement.csv">agreement.csv</a>.</p>
+<p>Importance: mean over prompts of |score| (|effect|); Spearman ρ and top-k overlap with
+{_intervals(summary["agreement"])} Tables: <a href="heads.csv">heads.csv</a>, <a href="agreement.csv">agreement.csv</a>.</p>
 {agreement}
 <h2>Heads by method</h2>
 {_heatmaps(heat, "gg-heatmaps")}

@@ -6,7 +6,8 @@ import torch
 from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model, top_paths
 from gradgraph.branches import branch_shares
 from gradgraph.component_graph import component_graph
-from gradgraph.components import Component, Registry, component_path, component_values, top_component_paths
+from gradgraph.components import component_path, component_values, top_component_paths
+from gradgraph.labels import Component, Registry
 from gradgraph.metrics import logit_diff
 from gradgraph.paths import gradient_flow
 from gradgraph.semirings import Abs, Entropy, Max, Real

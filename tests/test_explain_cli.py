@@ -37,8 +37,8 @@ def test_attr_eval_rows_on_one_sva_item(smol_model, tmp_path):
         assert -1 <= row["comprehensiveness"] <= 1 and row["seconds_per_example"] > 0
     assert rows["IG"]["mean_abs_delta"] < rows["saliency"]["mean_abs_delta"]  # IG is (nearly) complete
     assert no_hooks_left(smol_model)
-    attr_eval.write(config, dict(config={}, results={"SVA": result}, knn_seconds=0.0, seconds=1.0,
-                                 tokenizer=smol_model.tokenizer))
+    result["first"]["words"] = [smol_model.tokenizer.decode([t]) for t in result["first"]["tokens"]]
+    attr_eval.write(config, dict(config={}, results={"SVA": result}, knn_seconds=0.0, seconds=1.0))
     table = (tmp_path / "out" / "evaluation.md").read_text()
     assert "| SVA | UDIG (maxcount) | 1 |" in table
     for name in ("attr_eval_metrics.png", "attr_eval_tokens_sva.png"):

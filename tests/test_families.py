@@ -7,7 +7,7 @@ import torch
 
 from gradgraph import GradGraphError, backprop, build_graph, hooks, lrp, tiny_model
 from gradgraph.branches import branch_shares
-from gradgraph.components import Registry
+from gradgraph.labels import Registry
 from gradgraph.metrics import logprob_diff, mask_positions, masked_logit_diff
 from gradgraph.models import FAMILIES
 from gradgraph.semirings import Abs, Real

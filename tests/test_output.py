@@ -71,3 +71,60 @@ def test_figures_inside_the_output_folder_belong_to_the_run(tmp_path):
     assert "figures/p.png" in json.loads((out / MANIFEST).read_text())["files"]
     _run(out, out / "figures", {"a.csv": "2"}, {"q.png": "2"})
     assert not (out / "figures" / "p.png").exists() and (out / "figures" / "q.png").exists()
+
+
+def test_a_failed_output_is_reported_and_the_rest_published(tmp_path, capsys):
+    from gradgraph.errors import OutputIncomplete
+    from gradgraph.studies.saved import load
+
+    out, figures = tmp_path / "out", tmp_path / "out" / "figures"
+    _run(out, figures, {"old.csv": "previous run"})
+    with pytest.raises(OutputIncomplete) as caught:
+        with staged_run(out, figures, "gradgraph test") as staging:
+            staging.save({"scores": [1.5, float("nan")], "label": ("a", 2)})
+            staging.make("a.csv", lambda: staging.path("a.csv").write_text("1"))
+            assert staging.make("b.png", lambda: 1 / 0) is None
+            staging.make("c.csv", lambda: staging.path("c.csv").write_text("3"))
+    message = str(caught.value)
+    assert "1 output(s) of gradgraph test failed" in message and "b.png: ZeroDivisionError" in message
+    assert f"gradgraph test --redraw {out}" in message and "ZeroDivisionError" in capsys.readouterr().err
+    assert (out / "a.csv").read_text() == "1" and (out / "c.csv").read_text() == "3"
+    assert not (out / "old.csv").exists()  # the previous run's, replaced by this run's results
+    saved = load(out, command="gradgraph test")
+    assert saved["label"] == ("a", 2) and saved["scores"][0] == 1.5 and saved["scores"][1] != saved["scores"][1]
+    assert _siblings(out) == []
+
+
+def test_an_exception_after_the_results_were_saved_still_publishes_them(tmp_path):
+    from gradgraph.errors import OutputIncomplete
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputIncomplete, match="the rest of the output: KeyError"):
+        with staged_run(out, out / "figures", "gradgraph test") as staging:
+            staging.save({"x": 1})
+            staging.path("a.csv").write_text("1")
+            raise KeyError("report")
+    assert (out / "a.csv").read_text() == "1" and (out / "computed" / "result.json").is_file()
+
+
+def test_saved_results_round_trip(tmp_path):
+    import numpy as np
+    import torch
+
+    from gradgraph.branches import BranchShares
+    from gradgraph.studies.saved import load, save
+    from gradgraph.studies.sva import Config
+
+    value = dict(config=Config(limit=3, methods=("flow",)), tensor=torch.arange(6.0).view(2, 3),
+                 array=np.array([1, 2], dtype=np.int64), nested={"a": [None, True, "s", (1, 2.5)]},
+                 keys={(1, "x"): "tuple key", 3: "int key"},
+                 shares=BranchShares(torch.ones(2, 4), {"q": torch.zeros(2, 3)}, "oplus", "Max"))
+    save(value, tmp_path / "computed", command="gradgraph sva")
+    loaded = load(tmp_path, command="gradgraph sva")
+    assert loaded["config"] == value["config"] and torch.equal(loaded["tensor"], value["tensor"])
+    assert np.array_equal(loaded["array"], value["array"]) and loaded["nested"] == value["nested"]
+    assert loaded["keys"] == value["keys"] and torch.equal(loaded["shares"].head_value["q"], torch.zeros(2, 3))
+    from gradgraph import GradGraphError
+
+    with pytest.raises(GradGraphError, match="cannot save a value of type object"):
+        save({"x": object()}, tmp_path / "other", command="gradgraph sva")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +30,9 @@ from gradgraph.models import load_model
 from gradgraph.neighbours import vocabulary_neighbours
 from gradgraph.studies.lrp_eval import sva_examples
 from gradgraph.studies.output import staged_run, write_csv
+from gradgraph.studies.saved import load
 
+COMMAND = "gradgraph attr-eval"
 METRICS = ("log_odds", "comprehensiveness", "sufficiency", "aopc")
 
 
@@ -125,8 +128,9 @@ def run(config: Config) -> dict:
     for name, make in (("Rotten Tomatoes", _rt), ("SVA", _sva)):
         examples, corpus = make(model, config)
         results[name] = evaluate(model, name, examples, corpus, config, pad_id)
-    return dict(config=asdict(config), results=results, knn_seconds=knn_seconds, tokenizer=model.tokenizer,
-                seconds=time.time() - started)
+    for data in results.values():
+        data["first"]["words"] = [model.tokenizer.decode([t]) for t in data["first"]["tokens"]]
+    return dict(config=asdict(config), results=results, knn_seconds=knn_seconds, seconds=time.time() - started)
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -140,30 +144,43 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def write(config: Config, result: dict) -> list[dict]:
+    """Save what was computed; stage the tables and figures (each on its own) and publish them; print
+    the evaluation."""
     rows = [r for data in result["results"].values() for r in data["rows"]]
-    tokenizer = result.pop("tokenizer")
-    with staged_run(config.out, config.figures, "gradgraph attr-eval") as out:
-        write_csv(out.path("evaluation.csv"), rows, list(rows[0]))
-        out.path("evaluation.md").write_text(_markdown(rows) + "\n")
-        out.path("summary.json").write_text(json.dumps(result, indent=1, default=str))
-        plot.metric_bars(rows, METRICS, out.figure("attr_eval_metrics.png"),
-                         title=f"Faithfulness of input attributions ({config.model}; top 20 %, AOPC over "
-                               f"{int(100 * LEVELS[0])}–{int(100 * LEVELS[-1])} %)")
-        for name, data in result["results"].items():
+    with staged_run(config.out, config.figures, COMMAND) as out:
+        out.save(dict(config=config, result=result))
+        out.make("evaluation.csv", lambda: write_csv(out.path("evaluation.csv"), rows, list(rows[0])))
+        out.make("evaluation.md", lambda: out.path("evaluation.md").write_text(_markdown(rows) + "\n"))
+        out.make("summary.json", lambda: out.path("summary.json").write_text(json.dumps(result, indent=1, default=str)))
+        out.make("attr_eval_metrics.png", lambda: plot.metric_bars(
+            rows, METRICS, out.figure("attr_eval_metrics.png"),
+            title=f"Faithfulness of input attributions ({config.model}; top 20 %, AOPC over "
+                  f"{int(100 * LEVELS[0])}–{int(100 * LEVELS[-1])} %)"))
+        for dataset, data in result["results"].items():
             first = data["first"]
             shown = slice(first["candidates"][0], None)  # the attributed text and what follows it
-            tokens = [tokenizer.decode([t]) for t in first["tokens"]][shown]
-            plot.token_scores(tokens, {m: s[shown] for m, s in first["scores"].items()},
-                              out.figure(f"attr_eval_tokens_{name.split()[0].lower()}.png"),
-                              title=f"Token attributions by method: {name}")
+            name = f"attr_eval_tokens_{dataset.split()[0].lower()}.png"
+            out.make(name, lambda name=name, first=first, shown=shown, dataset=dataset: plot.token_scores(
+                first["words"][shown], {m: s[shown] for m, s in first["scores"].items()}, out.figure(name),
+                title=f"Token attributions by method: {dataset}"))
+        print(_markdown(rows))
+        for name, data in result["results"].items():
+            print(f"{name}: accuracy {data['accuracy']:.3f} on {data['n']} items")
+        print(f"DIG's KNN graph: {result['knn_seconds']:.1f} s (built or read); {result['seconds']:.0f} s; "
+              f"wrote {config.out}")
     return rows
 
 
 def main(config: Config) -> dict:
     result = run(config)
-    rows = write(config, result)
-    print(_markdown(rows))
-    for name, data in result["results"].items():
-        print(f"{name}: accuracy {data['accuracy']:.3f} on {data['n']} items")
-    print(f"DIG's KNN graph: {result['knn_seconds']:.1f} s (built or read); {result['seconds']:.0f} s; wrote {config.out}")
+    write(config, result)
     return result
+
+
+def redraw(out: str, figures: str | None = None) -> list[dict]:
+    """Write the tables and figures of the run saved in ``out`` again, without the model
+    (``gradgraph attr-eval --redraw OUT``); figures go to ``figures`` (default ``OUT/figures``)."""
+    saved = load(out, command=COMMAND)
+    config = saved["config"]
+    config.out, config.figures = str(out), figures or str(Path(out) / "figures")
+    return write(config, saved["result"])

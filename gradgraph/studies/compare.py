@@ -10,7 +10,9 @@ an intervention on a group of components (heads, q/k/v inputs, MLPs, all):
 - top-k overlap: the fraction of the intervention's k most important components that are among the
   method's k most important.
 
-Both with a percentile bootstrap interval: items resampled with replacement, ``resamples`` times.
+Both with a basic bootstrap interval over items (``gradgraph.bootstrap``: ``resamples`` resamples,
+none below ``bootstrap.MIN_ITEMS`` items). A ρ over few items is biased towards 0, and the interval,
+for the value over infinitely many items, can lie above the estimate; it is reported as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.stats import rankdata
+
+from gradgraph.bootstrap import MIN_ITEMS, basic, format_interval, resample_weights
+from gradgraph.errors import GradGraphError
 
 GROUPS = {"heads": lambda label: "." not in label and label.startswith("L"),
           "q/k/v inputs": lambda label: "." in label,
@@ -31,7 +36,7 @@ def importance(scores: np.ndarray) -> np.ndarray:
     return np.abs(scores).mean(-2)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman ρ along the last axis (average ranks for ties), vectorised over leading axes."""
     ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
     ra = ra - ra.mean(-1, keepdims=True)
@@ -51,29 +56,41 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
 
 def agreement(method: torch.Tensor, truth: torch.Tensor, labels: list[str], *, resamples: int = 1000,
               seed: int = 0) -> list[dict]:
-    """Rows ``{group, n_items, spearman, spearman_low, spearman_high, top_k, overlap, overlap_low,
-    overlap_high}`` for ``method`` and ``truth`` scores ``[items, components]`` (the same items),
-    with 95 % bootstrap intervals."""
-    m, t = method.double().numpy(), truth.double().numpy()
+    """Rows ``{group, n_items, components, spearman, spearman_low, spearman_high, top_k, overlap,
+    overlap_low, overlap_high, interval}`` for ``method`` and ``truth`` scores ``[items, components]``
+    (the same items), with 95 % basic bootstrap intervals (NaN below ``bootstrap.MIN_ITEMS`` items; ``interval``
+    says which)."""
+    m, t = np.abs(method.double().numpy()), np.abs(truth.double().numpy())
     n = m.shape[0]
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    if n == 0 or t.shape[0] != n:
+        raise GradGraphError(f"agreement needs the same items for the method and the truth, got {n} and {t.shape[0]}")
+    weights = resample_weights(n, resamples, seed) if n >= MIN_ITEMS else None
     rows = []
     for group, member in GROUPS.items():
         columns = [i for i, label in enumerate(labels) if member(label)]
         if not columns:
             continue
         k = TOP_K[group]
-        a, b = m[:, columns], t[:, columns]
-        rho = float(_spearman(importance(a), importance(b)))
-        overlap = float(_overlap(importance(a), importance(b), k))
-        boot_rho = _spearman(importance(a[draws]), importance(b[draws]))
-        boot_overlap = _overlap(importance(a[draws]), importance(b[draws]), k)
-        low, high = np.nanpercentile(boot_rho, [2.5, 97.5])
-        overlap_low, overlap_high = np.percentile(boot_overlap, [2.5, 97.5])
-        rows.append(dict(group=group, n_items=n, components=len(columns), spearman=rho, spearman_low=float(low),
-                         spearman_high=float(high), top_k=min(k, len(columns)), overlap=overlap,
-                         overlap_low=float(overlap_low), overlap_high=float(overlap_high)))
+        a, b = m[:, columns], t[:, columns]  # importance under weights w: w @ |score|
+        rho = basic(lambda w: spearman(w @ a, w @ b), n, weights=weights, bounds=(-1, 1))
+        overlap = basic(lambda w: _overlap(w @ a, w @ b, k), n, weights=weights, bounds=(0, 1))
+        rows.append(dict(group=group, n_items=n, components=len(columns), spearman=rho.estimate,
+                         spearman_low=rho.low, spearman_high=rho.high, top_k=min(k, len(columns)),
+                         overlap=overlap.estimate, overlap_low=overlap.low, overlap_high=overlap.high,
+                         interval=rho.note))
     return rows
+
+
+def cell(row: dict, key: str = "spearman", digits: int = 2) -> str:
+    """An agreement row's ``key`` (``spearman`` or ``overlap``) with its interval: ``+0.53 [+0.41, +0.61]``;
+    ``+0.53`` alone where there is none (``intervals_note`` says why, once per table)."""
+    return format_interval(dict(estimate=row[key], low=row[f"{key}_low"], high=row[f"{key}_high"], note=""),
+                           signed=key == "spearman", digits=digits)
+
+
+def intervals_note(rows: list[dict]) -> str | None:
+    """Why some of the agreement ``rows`` have no interval (their first such note), or None."""
+    return next((r["interval"] for r in rows if not r["interval"].startswith("basic")), None)
 
 
 def subject_wins(scores: list[torch.Tensor], items) -> list[dict]:
@@ -92,4 +109,4 @@ def subject_wins(scores: list[torch.Tensor], items) -> list[dict]:
             for (c, n), v in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], kv[0][1] or 0))]
 
 
-__all__ = ["GROUPS", "TOP_K", "agreement", "importance", "subject_wins"]
+__all__ = ["GROUPS", "TOP_K", "agreement", "cell", "importance", "intervals_note", "spearman", "subject_wins"]

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import plot, report
+from gradgraph.bootstrap import MIN_ITEMS
 from gradgraph.component_methods import METHODS, NEEDS_COUNTERFACTUAL, TOKEN_METHODS, check_methods, component_labels, score
 from gradgraph.errors import GradGraphError
 from gradgraph.heads import mask
@@ -27,9 +28,11 @@ from gradgraph.metrics import logit_diff
 from gradgraph.models import load_model
 from gradgraph.prompts import read_prompts, single_token_id, to_tokens
 from gradgraph.studies import head_types
-from gradgraph.studies.compare import agreement, importance
+from gradgraph.studies.compare import agreement, cell, importance, intervals_note
 from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
+from gradgraph.studies.saved import load
 
+COMMAND = "gradgraph heads"
 TRUTHS = {"mean_ablation": "mean ablation", "patching": "activation patching"}
 
 
@@ -140,41 +143,65 @@ def _grid(labels, values, n_layers, n_heads) -> torch.Tensor:
     return grid
 
 
-def write(result: dict) -> None:
-    config = result["config"]
+def write(result: dict) -> list[dict]:
+    """Print the top components and the agreement; save what was computed; stage the tables, figures
+    and report (each on its own) and publish them together."""
+    config, rows = result["config"], result["rows"]
+    for key in list(result["scores"]) + list(result["truths"]):
+        top = sorted(rows, key=lambda r: -abs(r[key]))[: config.top]
+        print(f"top components by {key:<14}: " + ", ".join(f"{r['component']} ({r[key]:+.3g})" for r in top))
+    note = intervals_note(result["agreement"])
+    if result["agreement"]:
+        print("Spearman ρ of each method's head ranking with the interventions' "
+              + (f"({note.replace('item', 'prompt')}):" if note else "[95 % basic bootstrap interval]:"))
+    for r in result["agreement"]:
+        if r["group"] == "heads":
+            print(f"  {r['method']:<28} vs {r['truth']:<20} {cell(r)}")
     figures = config.figures or str(Path(config.out) / "figures")
+    with staged_run(config.out, figures, COMMAND) as out:
+        out.save(result)
+        out.make("heads.csv", lambda: write_csv(out.path("heads.csv"), rows))
+        out.make("agreement.csv", lambda: write_csv(out.path("agreement.csv"), result["agreement"]))
+        heat = out.make("the head heatmaps' values", lambda: _heat(result)) or {}
+        made = [out.make(f"heads_{name.split(' ')[0].lower()}.png", lambda name=name, v=v: plot.head_heatmap(
+                    v.numpy(), out.figure(f"heads_{name.split(' ')[0].lower()}.png"), label=f"mean |{name}|",
+                    title=f"{name} per head ({config.good!r} vs {config.bad!r})"))
+                for name, v in heat.items()]
+        if result["agreement"]:
+            n = len(next(iter(result["scores"].values())))
+            spread = "95 % bootstrap intervals" if n >= MIN_ITEMS else f"no intervals: {n} prompts, they need {MIN_ITEMS}"
+            made.append(out.make("heads_agreement.png", lambda: plot.agreement_plot(
+                result["agreement"], out.figure("heads_agreement.png"),
+                title=f"Agreement of each method with interventions ({n} prompts, {spread})")))
+        made = [f for f in made if f is not None]
+        summary = dict(model=result["model"], prompts=len(result["scores"][next(iter(result["scores"]))]),
+                       methods=[METHODS[m] for m in result["scores"]], agreement=result["agreement"],
+                       good=config.good, bad=config.bad)
+        out.make("summary.json", lambda: out.path("summary.json").write_text(json.dumps(summary, indent=1)))
+        links = {Path(f).name: relative_link(out.final(f), Path(config.out)) for f in made}
+        out.make("report.html", lambda: out.path("report.html").write_text(
+            report.heads_page(summary, heat, result["tokens"], links)))
+    print(f"wrote {config.out}/heads.csv, {config.out}/report.html")
+    return rows
+
+
+def _heat(result: dict) -> dict[str, torch.Tensor]:
+    """Mean |score| of every head's output ``[layers, heads]`` per method and intervention."""
     heat = {METHODS[m]: _grid(result["labels"], importance(v.numpy()), result["n_layers"], result["n_heads"])
             for m, v in result["scores"].items()}
     heat.update({TRUTHS[t]: _grid(result["labels"], importance(v.numpy()), result["n_layers"], result["n_heads"])
                  for t, v in result["truths"].items()})
-    with staged_run(config.out, figures, "gradgraph heads") as out:
-        write_csv(out.path("heads.csv"), result["rows"])
-        write_csv(out.path("agreement.csv"), result["agreement"])
-        made = [plot.head_heatmap(v.numpy(), out.figure(f"heads_{name.split(' ')[0].lower()}.png"), label=f"mean |{name}|",
-                                  title=f"{name} per head ({config.good!r} vs {config.bad!r})")
-                for name, v in heat.items()]
-        if result["agreement"]:
-            made.append(plot.agreement_plot(result["agreement"], out.figure("heads_agreement.png"),
-                                            title="Agreement of each method with interventions (95 % bootstrap intervals)"))
-        summary = dict(model=result["model"], prompts=len(result["scores"][next(iter(result["scores"]))]),
-                       methods=[METHODS[m] for m in result["scores"]], agreement=result["agreement"],
-                       good=config.good, bad=config.bad)
-        out.path("summary.json").write_text(json.dumps(summary, indent=1))
-        links = {Path(f).name: relative_link(out.final(f), Path(config.out)) for f in made}
-        out.path("report.html").write_text(report.heads_page(summary, heat, result["tokens"], links))
+    return heat
 
 
 def main(config: Config) -> list[dict]:
     """Rank, print the top components by each method, and write the tables, figures and report."""
-    result = run(config)
-    write(result)
-    rows = result["rows"]
-    for key in list(result["scores"]) + list(result["truths"]):
-        top = sorted(rows, key=lambda r: -abs(r[key]))[: config.top]
-        print(f"top components by {key:<14}: " + ", ".join(f"{r['component']} ({r[key]:+.3g})" for r in top))
-    for r in result["agreement"]:
-        if r["group"] == "heads":
-            print(f"{r['method']:<28} vs {r['truth']:<20} heads: Spearman ρ {r['spearman']:+.2f} "
-                  f"[{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]")
-    print(f"wrote {config.out}/heads.csv, {config.out}/report.html")
-    return rows
+    return write(run(config))
+
+
+def redraw(out: str, figures: str | None = None) -> list[dict]:
+    """Draw the tables, figures and report of the run saved in ``out`` again, without the model
+    (``gradgraph heads --redraw OUT``); figures go to ``figures`` (default ``OUT/figures``)."""
+    result = load(out, command=COMMAND)
+    result["config"].out, result["config"].figures = str(out), figures
+    return write(result)

@@ -8,6 +8,7 @@ Config → run → write. The default corpus is what the project ships: Rotten T
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from gradgraph import plot
 from gradgraph.data.sentiment import rotten_tomatoes
@@ -16,6 +17,9 @@ from gradgraph.heads import RELATIONS, positional_heads, syntactic_heads
 from gradgraph.models import load_model
 from gradgraph.prompts import read_prompts
 from gradgraph.studies.output import staged_run, write_csv
+from gradgraph.studies.saved import load
+
+COMMAND = "gradgraph head-types"
 
 
 @dataclass
@@ -69,24 +73,35 @@ def figure(rows: list[dict], path, *, title: str):
 
 
 def write(config: Config, positional: list[dict], syntactic: list[dict], corpus: list[str]) -> list[dict]:
+    """Save what was computed; stage the tables and the figure (each on its own) and publish them;
+    print the heads found."""
     rows = table(positional, syntactic)
-    with staged_run(config.out, config.figures, "gradgraph head-types") as out:
-        write_csv(out.path("head_types.csv"), rows)
-        thresholds = {}
-        for s in syntactic:
-            thresholds[s["relation"]] = dict(baseline=s["baseline"], threshold=s["threshold"], arcs=s["arcs"])
-        out.path("thresholds.csv").write_text("relation,arcs,baseline,threshold\n" + "".join(
-            f"{rel},{v['arcs']},{v['baseline']:.4f},{v['threshold']:.4f}\n" for rel, v in thresholds.items()))
-        figure(rows, out.figure("head_types.png"), title=f"Head types, {config.model} ({len(corpus)} sentences)")
+    with staged_run(config.out, config.figures, COMMAND) as out:
+        out.save(dict(config=config, positional=positional, syntactic=syntactic, corpus=corpus))
+        out.make("head_types.csv", lambda: write_csv(out.path("head_types.csv"), rows))
+        thresholds = {s["relation"]: dict(baseline=s["baseline"], threshold=s["threshold"], arcs=s["arcs"])
+                      for s in syntactic}
+        out.make("thresholds.csv", lambda: out.path("thresholds.csv").write_text(
+            "relation,arcs,baseline,threshold\n" + "".join(
+                f"{rel},{v['arcs']},{v['baseline']:.4f},{v['threshold']:.4f}\n" for rel, v in thresholds.items())))
+        out.make("head_types.png", lambda: figure(rows, out.figure("head_types.png"),
+                                                  title=f"Head types, {config.model} ({len(corpus)} sentences)"))
+        pos = [r["label"] + f" (+{r['offset']})" for r in rows if r["positional"]]
+        syn = [r["label"] + f" ({r['syntactic']})" for r in rows if r["syntactic"]]
+        print(f"positional heads ({len(pos)}): " + (", ".join(pos) or "none"))
+        print(f"syntactic heads ({len(syn)}): " + (", ".join(syn) or "none"))
+    print(f"wrote {config.out}/head_types.csv, thresholds.csv and {config.figures}/head_types.png")
     return rows
 
 
 def main(config: Config) -> list[dict]:
-    positional, syntactic, corpus = run(config)
-    rows = write(config, positional, syntactic, corpus)
-    pos = [r["label"] + f" (+{r['offset']})" for r in rows if r["positional"]]
-    syn = [r["label"] + f" ({r['syntactic']})" for r in rows if r["syntactic"]]
-    print(f"positional heads ({len(pos)}): " + ", ".join(pos))
-    print(f"syntactic heads ({len(syn)}): " + ", ".join(syn))
-    print(f"wrote {config.out}/head_types.csv, thresholds.csv and {config.figures}/head_types.png")
-    return rows
+    return write(config, *run(config))
+
+
+def redraw(out: str, figures: str | None = None) -> list[dict]:
+    """Write the table and the figure of the run saved in ``out`` again, without the model
+    (``gradgraph head-types --redraw OUT``); the figure goes to ``figures`` (default ``OUT/figures``)."""
+    saved = load(out, command=COMMAND)
+    config = saved["config"]
+    config.out, config.figures = str(out), figures or str(Path(out) / "figures")
+    return write(config, saved["positional"], saved["syntactic"], saved["corpus"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -43,7 +44,9 @@ from gradgraph.prompts import right_pad
 from gradgraph.rules import ATTN_LRP, CHEFER2021, CP_LRP, GRADIENT, RELP
 from gradgraph.studies import head_types
 from gradgraph.studies.output import staged_run, write_csv
+from gradgraph.studies.saved import load
 
+COMMAND = "gradgraph lrp-eval"
 LRP_RULES = (ATTN_LRP, CP_LRP, RELP, CHEFER2021)
 MASKS = ("synt", "pos", "synt+pos", "random")
 
@@ -232,6 +235,9 @@ def run(config: Config) -> dict:
     for field in ("sentences", "sva_items", "graph_tokens", "head_sentences"):
         if getattr(config, field) < 1:
             raise GradGraphError(f"{field} must be a positive number, got {getattr(config, field)}")
+    if config.relp_items > config.sva_items:
+        raise GradGraphError(f"--relp-items {config.relp_items} is more than the {config.sva_items} SVA items "
+                             f"(--sva-items): relevance patching runs on some of those; choose at most {config.sva_items}")
     started = time.time()
     model = load_model(config.model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -243,9 +249,11 @@ def run(config: Config) -> dict:
     sva, items = sva_examples(model, config.sva_items, config.seed)
     sva_result = evaluate(model, "SVA", sva, masks, config.graph_tokens, pad_id)
     relp = relp_report(model, items, config.relp_items, 8) if config.relp_items else []
+    for data in (rt, sva_result):
+        data["first_words"] = [model.tokenizer.decode([t]) for t in data["first_tokens"]]
     return dict(config=asdict(config), results={"Rotten Tomatoes": rt, "SVA": sva_result}, relp=relp,
                 heads=head_types.table(positional, syntactic), masks={k: int(v.sum()) for k, v in masks.items()},
-                tokenizer=model.tokenizer, seconds=time.time() - started)
+                seconds=time.time() - started)
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -257,39 +265,53 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def write(config: Config, result: dict) -> list[dict]:
+    """Save what was computed; stage the tables and figures (each on its own) and publish them; print
+    the evaluation."""
     rows = [r for dataset in result["results"].values() for r in dataset["rows"]]
-    tokenizer = result.pop("tokenizer")
-    with staged_run(config.out, config.figures, "gradgraph lrp-eval") as out:
-        write_csv(out.path("evaluation.csv"), rows, ["dataset", "method", "n", "aopc", "log_odds", "seconds_per_example"])
-        out.path("evaluation.md").write_text(_markdown(rows) + "\n")
-        write_csv(out.path("relp.csv"), result["relp"])
-        write_csv(out.path("head_types.csv"), result["heads"])
+    with staged_run(config.out, config.figures, COMMAND) as out:
+        out.save(dict(config=config, result=result))
+        out.make("evaluation.csv", lambda: write_csv(out.path("evaluation.csv"), rows, [
+            "dataset", "method", "n", "aopc", "log_odds", "seconds_per_example"]))
+        out.make("evaluation.md", lambda: out.path("evaluation.md").write_text(_markdown(rows) + "\n"))
+        out.make("relp.csv", lambda: write_csv(out.path("relp.csv"), result["relp"]))
+        out.make("head_types.csv", lambda: write_csv(out.path("head_types.csv"), result["heads"]))
         summary = {k: v for k, v in result.items() if k not in ("heads",)}
-        out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        out.make("summary.json", lambda: out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str)))
         for key, label in (("aopc_by_level", "AOPC"), ("log_odds_by_level", "log-odds")):
-            curves = {name: {r["method"]: r[key] for r in data["rows"]} for name, data in result["results"].items()}
-            plot.deletion_curves(curves, LEVELS, out.figure(f"lrp_eval_{label.lower()}.png"), metric=label,
-                                 title=f"{label} after replacing the top-ranked tokens ({config.model})")
-        for name, data in result["results"].items():
-            tokens = [tokenizer.decode([t]) for t in data["first_tokens"]]
+            name = f"lrp_eval_{label.lower()}.png"
+            curves = {dataset: {r["method"]: r[key] for r in data["rows"]} for dataset, data in result["results"].items()}
+            out.make(name, lambda name=name, curves=curves, label=label: plot.deletion_curves(
+                curves, LEVELS, out.figure(name), metric=label,
+                title=f"{label} after replacing the top-ranked tokens ({config.model})"))
+        for dataset, data in result["results"].items():
+            name = f"lrp_eval_tokens_{dataset.split()[0].lower()}.png"
             keep = slice(-24, None)  # the review and the question, not the few-shot examples
-            methods = {m: s[keep] for m, s in data["first"].items()}
-            plot.token_scores(tokens[keep], methods, out.figure(f"lrp_eval_tokens_{name.split()[0].lower()}.png"),
-                              title=f"Token scores by method: {name}")
-        head_types.figure(result["heads"], out.figure("head_types.png"),
-                          title=f"Head types used by Mask-LRP ({config.model})")
+            out.make(name, lambda name=name, data=data, dataset=dataset: plot.token_scores(
+                data["first_words"][keep], {m: s[keep] for m, s in data["first"].items()}, out.figure(name),
+                title=f"Token scores by method: {dataset}"))
+        out.make("head_types.png", lambda: head_types.figure(result["heads"], out.figure("head_types.png"),
+                                                            title=f"Head types used by Mask-LRP ({config.model})"))
+        print(_markdown(rows))
+        for name, data in result["results"].items():
+            print(f"{name}: accuracy {data['accuracy']:.3f} on {data['n']} items; conservation (median |Σ R − f| / |f|): "
+                  + ", ".join(f"{k} {v['median_abs_relative']:.3g}" for k, v in data["conservation"].items()))
+        for r in result["relp"]:
+            print(f"{r['site']:<10} {r['estimate']:<28} Pearson r = {r['pearson_r']:.3f} ({r['points']} points, "
+                  f"{r['items']} items)")
+        print(f"masks: {result['masks']} heads; {result['seconds']:.0f} s; wrote {config.out}")
     return rows
 
 
 def main(config: Config) -> dict:
     result = run(config)
-    rows = write(config, result)
-    print(_markdown(rows))
-    for name, data in result["results"].items():
-        print(f"{name}: accuracy {data['accuracy']:.3f} on {data['n']} items; conservation (median |Σ R − f| / |f|): "
-              + ", ".join(f"{k} {v['median_abs_relative']:.3g}" for k, v in data["conservation"].items()))
-    for r in result["relp"]:
-        print(f"{r['site']:<10} {r['estimate']:<28} Pearson r = {r['pearson_r']:.3f} ({r['points']} points, "
-              f"{r['items']} items)")
-    print(f"masks: {result['masks']} heads; {result['seconds']:.0f} s; wrote {config.out}")
+    write(config, result)
     return result
+
+
+def redraw(out: str, figures: str | None = None) -> list[dict]:
+    """Write the tables and figures of the run saved in ``out`` again, without the model
+    (``gradgraph lrp-eval --redraw OUT``); figures go to ``figures`` (default ``OUT/figures``)."""
+    saved = load(out, command=COMMAND)
+    config = saved["config"]
+    config.out, config.figures = str(out), figures or str(Path(out) / "figures")
+    return write(config, saved["result"])

@@ -13,6 +13,13 @@ manifest (``.gradgraph-manifest.json``); a file the command did not write is nev
   written last.
 - Figures go to a shared folder (the repository's ``figures/``, other commands write there too):
   each is replaced atomically by name and nothing there is deleted.
+
+What a study computed is never lost to a failure in drawing it: the study saves its computed results
+first (``Staging.save``, into ``OUT/computed``: ``gradgraph.studies.saved``), then writes each table,
+figure and report inside ``Staging.attempt``. A failure there is recorded and the rest go on; the
+run then publishes everything that was written, prints the tracebacks, and raises
+``OutputIncomplete``, which names what failed, what was saved and the command that draws it again
+(``gradgraph <study> --redraw OUT``). An exception before the results were saved publishes nothing.
 """
 
 from __future__ import annotations
@@ -21,23 +28,50 @@ import csv
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-from gradgraph.errors import GradGraphError
+from gradgraph.errors import GradGraphError, OutputIncomplete
+from gradgraph.studies import saved
 
 MANIFEST = ".gradgraph-manifest.json"
+T = TypeVar("T")
 
 
 class Staging:
-    """Where a run writes: ``path(name)`` for results, ``figure(name)`` for figures."""
+    """Where a run writes: ``path(name)`` for results, ``figure(name)`` for figures; ``save`` for the
+    computed results, ``attempt`` around each thing drawn from them."""
 
-    def __init__(self, root: Path, out: Path, figures: Path, shown: tuple[Path, Path]):
-        self.root, self.out, self.figures = root, out, figures
+    def __init__(self, root: Path, out: Path, figures: Path, shown: tuple[Path, Path], command: str):
+        self.root, self.out, self.figures, self.command = root, out, figures, command
         self._shown = shown  # the folders as the caller named them, for messages and reports
+        self.saved = False
+        self.failures: list[tuple[str, str, str]] = []  # (what, error, traceback)
+
+    def save(self, value) -> None:
+        """Stage the study's computed results (``OUT/computed``), before anything is drawn from them."""
+        saved.save(value, self.path(saved.FOLDER), command=self.command)
+        self.saved = True
+
+    @contextmanager
+    def attempt(self, what: str) -> Iterator[None]:
+        """Write one table, figure or report; a failure is recorded (and reported when the run ends)
+        instead of stopping the run."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - any failure in drawing; the computed results are safe
+            self.failures.append((what, f"{type(error).__name__}: {error}", traceback.format_exc()))
+
+    def make(self, what: str, make: Callable[[], T]) -> T | None:
+        """``make()`` inside ``attempt(what)``: its value, or None when it failed."""
+        with self.attempt(what):
+            return make()
+        return None
 
     def path(self, name: str) -> Path:
         """A results file (published into ``out``)."""
@@ -155,9 +189,22 @@ def publish_files(staged: Path, folder: Path) -> None:
         os.replace(staged / name, folder / name)
 
 
+def _incomplete(staging: Staging, shown_out: Path) -> OutputIncomplete:
+    for what, _, trace in staging.failures:
+        print(f"\n--- {staging.command}: writing {what} failed:\n{trace}", file=sys.stderr, end="")
+    failed = "".join(f"\n  - {what}: {error}" for what, error, _ in staging.failures)
+    return OutputIncomplete(
+        f"{len(staging.failures)} output(s) of {staging.command} failed and were not written (tracebacks above):"
+        f"{failed}\nEverything computed is saved in {shown_out / saved.FOLDER}, and the tables, figures and "
+        f"reports that did not fail are in {shown_out}. After a fix, draw them again without recomputing:\n"
+        f"  {staging.command} --redraw {shown_out}")
+
+
 @contextmanager
 def staged_run(out: str | Path, figures: str | Path, command: str) -> Iterator[Staging]:
-    """Stage a run's files; publish them if the block finishes, discard them if it raises."""
+    """Stage a run's files and publish them when the block ends. If the block raises before the
+    computed results were saved, nothing is published; after it, everything written is published
+    and ``OutputIncomplete`` raised, as when an ``attempt`` failed (the module docstring)."""
     check_out(out)
     check_out(figures)
     shown = (Path(out), Path(figures))
@@ -165,8 +212,14 @@ def staged_run(out: str | Path, figures: str | Path, command: str) -> Iterator[S
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        staging = Staging(root, out, figures, shown)
-        yield staging
+        staging = Staging(root, out, figures, shown, command)
+        try:
+            yield staging
+        except Exception as error:
+            if not staging.saved:
+                raise
+            staging.failures.append(("the rest of the output", f"{type(error).__name__}: {error}",
+                                     traceback.format_exc()))
         results = root / "results"
         results.mkdir(exist_ok=True)
         publish_folder(results, out, command)
@@ -174,3 +227,5 @@ def staged_run(out: str | Path, figures: str | Path, command: str) -> Iterator[S
             publish_files(root / "figures", figures)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if staging.failures:
+        raise _incomplete(staging, shown[0])

@@ -34,11 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import plot, report
+from gradgraph.bootstrap import MIN_ITEMS
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
 from gradgraph.circuit_tracer import circuit_tracer_graph
 from gradgraph.component_graph import component_graph
 from gradgraph.component_methods import METHODS, TOKEN_METHODS, check_methods, component_labels, score
-from gradgraph.components import Registry, top_component_paths
+from gradgraph.components import top_component_paths
+from gradgraph.labels import Registry
 from gradgraph.data import SVAItem, sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
@@ -49,9 +51,12 @@ from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max
 from gradgraph.studies import head_types
-from gradgraph.studies.compare import agreement, importance, subject_wins
+from gradgraph.studies.compare import agreement, cell, importance, intervals_note, subject_wins
 from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
+from gradgraph.studies.saved import load
 
+COMMAND = "gradgraph sva"
+INTERVENTION_ITEMS = 16  # the default, when --limit is at least that
 TRUTHS = {"mean_ablation": "mean ablation", "patching": "activation patching"}
 SHARES = {"top_path": "best path (Du et al.)", "flow": "gradient flow", "attn_lrp": "AttnLRP relevance",
           "mask_lrp": "Mask-LRP relevance", "udig": "UDIG conductance"}
@@ -61,7 +66,8 @@ SHARES = {"top_path": "best path (Du et al.)", "flow": "gradient flow", "attn_lr
 class Config:
     model: str = "smollm2-135m"
     limit: int = 96  # items for the graph methods (spread over conditions)
-    intervention_items: int = 16  # items for ablation and patching (and UDIG: each integrates a path)
+    # items for ablation and patching (and UDIG: each integrates a path); None: 16, or all when --limit is smaller
+    intervention_items: int | None = None
     batch_size: int = 8
     methods: tuple[str, ...] = tuple(METHODS)
     udig_steps: int = 30  # UDIG's anchors m
@@ -267,19 +273,30 @@ def _entropy_rows(per_item: list[dict]) -> list[dict]:
 
 def run(config: Config) -> Result:
     """Run the whole study (no files written)."""
-    if config.limit < 1 or config.intervention_items < 1 or config.batch_size < 1:
-        raise GradGraphError("--limit, --intervention-items and --batch-size must be positive numbers")
+    for name in ("limit", "intervention_items", "batch_size", "udig_steps", "head_sentences", "resamples"):
+        value = getattr(config, name)
+        if not (name == "intervention_items" and value is None) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise GradGraphError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+    intervened = min(INTERVENTION_ITEMS, config.limit) if config.intervention_items is None else config.intervention_items
+    if intervened > config.limit:
+        raise GradGraphError(f"--intervention-items {config.intervention_items} is more than the {config.limit} items "
+                             f"analysed (--limit): the interventions run on some of those; choose at most {config.limit}")
     check_out(config.out)
     methods = check_methods(config.methods)
     start = time.time()
     model = load_model(config.model)
     labels = component_labels(model)
     items = sva_items(model.tokenizer, seed=config.seed, prepend_bos=model.cfg.default_prepend_bos)
+    with_counterfactual = [i for i in items if i.counterfactual]
+    if config.limit > len(with_counterfactual):
+        raise GradGraphError(f"--limit {config.limit}: {config.model}'s tokenizer leaves {len(with_counterfactual)} "
+                             f"items with a counterfactual of their own length; choose at most that")
+    chosen = take(with_counterfactual, config.limit, seed=config.seed)
     results = evaluate_sva(model, items)
     accuracy = accuracy_table(results)
     print(f"\nSVA accuracy of {config.model} ({len(results)} items):\n{format_table(accuracy)}\n")
-    chosen = take([i for i in items if i.counterfactual], config.limit, seed=config.seed)
-    subset_items = take(chosen, config.intervention_items, seed=config.seed + 1)
+    subset_items = take(chosen, intervened, seed=config.seed + 1)
     subset = sorted(next(n for n, c in enumerate(chosen) if c is item) for item in subset_items)
     head_mask, heads_used = None, {}
     if "mask_lrp" in methods:
@@ -313,7 +330,7 @@ def run(config: Config) -> Result:
         mask_lrp_heads=heads_used, udig_mean_abs_delta=(sum(abs(d) for d in graphs.udig_delta) / len(graphs.udig_delta)
                                                         if graphs.udig_delta else None),
         subject_last_layers={name: [dict(layer=layer, **{b: float(s.share[layer, i]) for i, b in enumerate(BRANCHES)})
-                                    for layer in range(model.cfg.n_layers - 3, model.cfg.n_layers)]
+                                    for layer in range(max(0, model.cfg.n_layers - 3), model.cfg.n_layers)]
                              for name, s in shares.items()},
         entropy=_entropy_rows(graphs.per_item), examples=graphs.examples, stage_seconds=graphs.seconds,
         seconds=time.time() - start)
@@ -332,76 +349,109 @@ def _head_grid(result: Result, values: torch.Tensor) -> torch.Tensor:
     return grid
 
 
+def _figures(result: Result, out, heat: dict) -> list[tuple[str, object]]:
+    """``(file name, draw)`` for every figure the result has something to draw in; ``draw()`` writes it."""
+    config, summary = result.config, result.summary
+    n = len(result.intervened)
+    spread = "95 % bootstrap intervals" if n >= MIN_ITEMS else f"no intervals: {n} items, they need {MIN_ITEMS}"
+    shares = {SHARES[name.split("/")[1]]: s for name, s in result.shares.items() if name.startswith("subject/")}
+    drawn = [
+        ("sva_accuracy.png", lambda path: plot.sva_accuracy(
+            result.accuracy, path, title=f"SVA accuracy, {config.model} ({summary['items_evaluated']} items)")),
+        ("sva_agreement.png", lambda path: plot.agreement_plot(
+            result.agreement, path, title=f"Agreement of each method with interventions ({n} items, {spread})")),
+        ("sva_heads_by_method.png", lambda path: plot.head_heatmaps(
+            {k: v.numpy() for k, v in heat.items()}, path, title="Mean |score| of each head's output, by method")),
+        ("sva_branch_shares.png", lambda path: plot.branch_shares_plot(
+            shares, path, title="q/k/v/skip shares at the subject token's attention inputs")) if shares else None,
+        ("sva_subject_wins.png", lambda path: plot.subject_wins_plot(
+            result.subject, path, title="How often the subject outweighs every attractor, by method"))
+        if result.subject else None,
+        ("sva_entropy.png", lambda path: plot.entropy_plot(result.entropy, path,
+                                                           title="Path entropy of the gradient graph")),
+    ]
+    if result.examples:
+        first = result.examples[0]
+        drawn.append(("sva_top_paths.png", lambda path: plot.circuit_plot(
+            [(tuple(p["components"]), p["weight"], p["scalar_paths"]) for p in first["from_subject"]],
+            first["tokens"], path, registry=result.registry,
+            title=f"Best component paths from the subject: {first['prefix']!r} → {first['good']!r} vs {first['bad']!r}")))
+    if result.graph is not None:
+        flows = nx.DiGraph([(e["source"], e["target"], dict(weight=e["values"]["flow"])) for e in result.graph["edges"]
+                            if e["values"].get("flow") is not None])
+        drawn.append(("sva_component_graph.png", lambda path: plot.component_graph_plot(
+            flows, result.graph["tokens"], path, registry=result.registry,
+            title=f"|gradient| flow between components: {result.graph['prefix']!r} → {result.graph['good']!r} "
+                  f"vs {result.graph['bad']!r}")))
+    return [(name, lambda draw=draw, name=name: draw(out.figure(name))) for name, draw in filter(None, drawn)]
+
+
+def _component_graph_files(result: Result, out) -> None:
+    """The example's component graph as GraphML, node-link JSON and circuit-tracer's format."""
+    cg = nx.DiGraph()
+    for edge in result.graph["edges"]:
+        cg.add_edge(edge["source"], edge["target"], **{k: v for k, v in edge["values"].items() if v is not None})
+    nx.write_graphml(cg, out.path("component_graph.graphml"))
+    out.path("component_graph.json").write_text(json.dumps(result.graph, indent=1))
+    slug = "gradgraph-sva"
+    tracer = circuit_tracer_graph(result.graph, slug=slug, model=result.config.model, n_layers=result.n_layers,
+                                  kv_group=result.registry.n_heads // result.registry.n_key_value_heads)
+    out.path(f"circuit-tracer/{slug}.json").write_text(json.dumps(tracer, indent=1))
+    out.path("circuit-tracer/graph-metadata.json").write_text(json.dumps({"graphs": [tracer["metadata"]]}, indent=1))
+
+
 def write(result: Result) -> dict:
-    """Stage every table, figure, the reports and the component graph, then publish them together."""
+    """Save what was computed, then stage every table, figure, the reports and the component graph
+    (each on its own: one that fails is reported and the rest are written) and publish them together."""
     config, summary = result.config, dict(result.summary)
     figures = config.figures or str(Path(config.out) / "figures")
-    with staged_run(config.out, figures, "gradgraph sva") as out:
-        write_csv(out.path("accuracy.csv"), result.accuracy)
-        write_csv(out.path("agreement.csv"), result.agreement)
-        write_csv(out.path("components.csv"), result.components)
-        write_csv(out.path("subject_wins.csv"), result.subject)
-        write_csv(out.path("entropy.csv"), result.entropy)
-        write_csv(out.path("items.csv"), result.per_item)
-        share_rows = [dict(where=name.split("/")[0], method=SHARES.get(name.split("/")[1], name), **row)
-                      for name, s in result.shares.items() for row in s.rows() if row["head"] == "all"]
-        write_csv(out.path("branch_shares.csv"), share_rows)
-        out.path("examples.json").write_text(json.dumps(result.examples, indent=1))
-        heat = {METHODS[m]: _head_grid(result, torch.tensor(importance(v[~torch.isnan(v).any(1)].numpy())))
-                for m, v in result.methods.items()}
-        heat.update({name: _head_grid(result, torch.tensor(importance(result.truths[t].numpy())))
-                     for t, name in TRUTHS.items()})
-        made = [
-            plot.sva_accuracy(result.accuracy, out.figure("sva_accuracy.png"),
-                              title=f"SVA accuracy, {config.model} ({summary['items_evaluated']} items)"),
-            plot.agreement_plot(result.agreement, out.figure("sva_agreement.png"),
-                                title=f"Agreement of each method with interventions ({len(result.intervened)} items, "
-                                      f"95 % bootstrap intervals)"),
-            plot.head_heatmaps({k: v.numpy() for k, v in heat.items()}, out.figure("sva_heads_by_method.png"),
-                               title="Mean |score| of each head's output, by method"),
-            plot.branch_shares_plot({SHARES[n.split("/")[1]]: s for n, s in result.shares.items()
-                                     if n.startswith("subject/")}, out.figure("sva_branch_shares.png"),
-                                    title="q/k/v/skip shares at the subject token's attention inputs"),
-            plot.subject_wins_plot(result.subject, out.figure("sva_subject_wins.png"),
-                                   title="How often the subject outweighs every attractor, by method"),
-            plot.entropy_plot(result.entropy, out.figure("sva_entropy.png"), title="Path entropy of the gradient graph"),
-        ]
-        if result.examples:
-            first = result.examples[0]
-            made.append(plot.circuit_plot(
-                [(tuple(p["components"]), p["weight"], p["scalar_paths"]) for p in first["from_subject"]],
-                first["tokens"], out.figure("sva_top_paths.png"), registry=result.registry,
-                title=f"Best component paths from the subject: {first['prefix']!r} → {first['good']!r} vs {first['bad']!r}"))
+    with staged_run(config.out, figures, COMMAND) as out:
+        out.save(result)
+        tables = dict(accuracy=result.accuracy, agreement=result.agreement, components=result.components,
+                      subject_wins=result.subject, entropy=result.entropy, items=result.per_item,
+                      branch_shares=[dict(where=name.split("/")[0], method=SHARES.get(name.split("/")[1], name), **row)
+                                     for name, s in result.shares.items() for row in s.rows() if row["head"] == "all"])
+        for name, rows in tables.items():
+            out.make(f"{name}.csv", lambda rows=rows, name=name: write_csv(out.path(f"{name}.csv"), rows))
+        out.make("examples.json", lambda: out.path("examples.json").write_text(json.dumps(result.examples, indent=1)))
+        heat = out.make("the head heatmaps' values", lambda: _heat(result)) or {}
+        made = [f for f in (out.make(name, draw) for name, draw in _figures(result, out, heat)) if f is not None]
         if result.graph is not None:
-            cg = nx.DiGraph()
-            for edge in result.graph["edges"]:
-                cg.add_edge(edge["source"], edge["target"], **{k: v for k, v in edge["values"].items() if v is not None})
-            flows = nx.DiGraph([(u, v, dict(weight=d["flow"])) for u, v, d in cg.edges(data=True) if "flow" in d])
-            made.append(plot.component_graph_plot(
-                flows, result.graph["tokens"], out.figure("sva_component_graph.png"), registry=result.registry,
-                title=f"|gradient| flow between components: {result.graph['prefix']!r} → {result.graph['good']!r} "
-                      f"vs {result.graph['bad']!r}"))
-            nx.write_graphml(cg, out.path("component_graph.graphml"))
-            out.path("component_graph.json").write_text(json.dumps(result.graph, indent=1))
-            slug = "gradgraph-sva"
-            tracer = circuit_tracer_graph(result.graph, slug=slug, model=config.model, n_layers=result.n_layers,
-                                          kv_group=result.registry.n_heads // result.registry.n_key_value_heads)
-            out.path(f"circuit-tracer/{slug}.json").write_text(json.dumps(tracer, indent=1))
-            out.path("circuit-tracer/graph-metadata.json").write_text(json.dumps({"graphs": [tracer["metadata"]]}, indent=1))
+            out.make("the component graph (GraphML, JSON, circuit-tracer)", lambda: _component_graph_files(result, out))
         summary["figures"] = [str(out.final(f)) for f in made]
-        out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        text = markdown(summary, result)
-        out.path("report.md").write_text(text)
+        out.make("summary.json", lambda: out.path("summary.json").write_text(json.dumps(summary, indent=1, default=str)))
+        text = out.make("report.md", lambda: markdown(summary, result))
+        if text is not None:
+            out.path("report.md").write_text(text)
         figure_links = {Path(f).name: relative_link(out.final(f), Path(config.out)) for f in made}
-        out.path("report.html").write_text(report.sva_page(summary, result, heat, figure_links))
-    print(text)
+        out.make("report.html", lambda: out.path("report.html").write_text(
+            report.sva_page(summary, result, heat, figure_links)))
+        if text is not None:
+            print(text)
     print(f"\nReport: {Path(config.out) / 'report.html'} (open it in a browser; it needs no network)")
     return summary
+
+
+def _heat(result: Result) -> dict[str, torch.Tensor]:
+    """Mean |score| of every head's output ``[layers, heads]`` per method and intervention."""
+    heat = {METHODS[m]: _head_grid(result, torch.tensor(importance(v[~torch.isnan(v).any(1)].numpy())))
+            for m, v in result.methods.items()}
+    heat.update({name: _head_grid(result, torch.tensor(importance(result.truths[t].numpy())))
+                 for t, name in TRUTHS.items()})
+    return heat
 
 
 def main(config: Config) -> dict:
     """Run the study and write its results (``gradgraph sva``)."""
     return write(run(config))
+
+
+def redraw(out: str, figures: str | None = None) -> dict:
+    """Draw the tables, figures and reports of the run saved in ``out`` again, without the model
+    (``gradgraph sva --redraw OUT``); figures go to ``figures`` (default ``OUT/figures``)."""
+    result = load(out, command=COMMAND)
+    result.config.out, result.config.figures = str(out), figures
+    return write(result)
 
 
 def markdown(summary: dict, result: Result) -> str:
@@ -411,21 +461,24 @@ def markdown(summary: dict, result: Result) -> str:
              f"- Accuracy (good verb's logit above the bad one's): **{overall['accuracy']:.3f}** over {overall['n']} items.",
              f"- Graph methods on {summary['items_analysed']} items; interventions (and UDIG) on "
              f"{summary['items_intervened']}.", ""]
-    lines += ["## Agreement with interventions (Spearman ρ of mean |score| with mean |effect|, 95 % bootstrap interval)",
-              "", "| method | ground truth | heads | q/k/v inputs | MLPs | all | top-10 overlap (heads) |",
+    note = intervals_note(summary["agreement"])
+    lines += ["## Agreement with interventions (Spearman ρ of mean |score| with mean |effect|, "
+              + (f"{note})" if note else "95 % basic bootstrap interval)"), "",
+              "| method | ground truth | heads | q/k/v inputs | MLPs | all | top-10 overlap (heads) |",
               "|---|---|---|---|---|---|---|"]
     by = defaultdict(dict)
     for r in summary["agreement"]:
         by[(r["method"], r["truth"])][r["group"]] = r
     for (method, truth), groups in by.items():
-        cells = [f"{g['spearman']:+.2f} [{g['spearman_low']:+.2f}, {g['spearman_high']:+.2f}]" if g else ""
-                 for g in (groups.get(k) for k in ("heads", "q/k/v inputs", "MLPs", "all"))]
+        cells = [cell(g) if g else "" for g in (groups.get(k) for k in ("heads", "q/k/v inputs", "MLPs", "all"))]
         heads = groups.get("heads")
-        overlap = f"{heads['overlap']:.1f} [{heads['overlap_low']:.1f}, {heads['overlap_high']:.1f}]" if heads else ""
+        overlap = cell(heads, "overlap", digits=1) if heads else ""
         lines.append(f"| {method} | {truth} | " + " | ".join(cells) + f" | {overlap} |")
     lines += ["", "## The subject against the attractors (share of items where |attribution| of the subject "
               "exceeds every attractor's)", "", "| method | condition | attractors | n | subject wins |",
               "|---|---|---|---|---|"]
+    if not summary["subject_wins"]:
+        lines.append("| (no analysed item has an attractor) | | | | |")
     for r in summary["subject_wins"]:
         lines.append(f"| {r['method']} | {r['condition']} | {r['n_attractors'] if r['n_attractors'] is not None else 'any'} "
                      f"| {r['n']} | {r['subject_wins']:.2f} |")

@@ -38,7 +38,7 @@ from gradgraph import hooks, lens  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
 from gradgraph.branches import BRANCHES, branch_shares  # noqa: E402
 from gradgraph.build import build_graph  # noqa: E402
-from gradgraph.components import Component, Registry  # noqa: E402
+from gradgraph.labels import Component, Registry  # noqa: E402
 from gradgraph.data.synthetic import answer_ids, first_token_repeated, induction, unseen  # noqa: E402
 from gradgraph.graph import GradGraph  # noqa: E402
 from gradgraph.lens import Model  # noqa: E402
