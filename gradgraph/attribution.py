@@ -19,9 +19,9 @@ from gradgraph import hooks, ig_paths, integrated
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
 from gradgraph.components import component_values
-from gradgraph.labels import KINDS, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.labels import KINDS, Registry
 from gradgraph.prompts import to_tokens
 from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RuleSet
 from gradgraph.semirings import Real, Semiring

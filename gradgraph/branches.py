@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from gradgraph.backprop import backprop
-from gradgraph.labels import Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
+from gradgraph.labels import Registry
 from gradgraph.metrics import resolve_positions
 from gradgraph.semirings import Max, Semiring
 

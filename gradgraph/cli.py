@@ -112,6 +112,9 @@ def cmd_heads(args: argparse.Namespace) -> None:
 def cmd_synthetic(args: argparse.Namespace) -> None:
     from gradgraph.studies import synthetic
 
+    if args.redraw:
+        synthetic.redraw(args.redraw, args.figures)
+        return
     synthetic.main(synthetic.Config(seed=args.seed, steps=args.steps, induction_seeds=args.induction_seeds,
                                     out=args.out, figures=args.figures, threads=args.threads,
                                     progress=args.progress))
@@ -270,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=d["threads"],
                    help="torch threads (tiny models run fastest on one; more on a busy CPU are far slower)")
     p.add_argument("--progress", action="store_true", help="progress bars while training")
+    _redraw_option(p)
     p.set_defaults(func=cmd_synthetic)
 
     d = _defaults(head_types.Config)

@@ -7,9 +7,9 @@ import torch
 
 from gradgraph import hooks
 from gradgraph.backprop import backprop, forward
-from gradgraph.labels import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Broadcast, GradGraph, Identity, Matmul
+from gradgraph.labels import Component, Registry
 from gradgraph.semirings import Abs, Semiring
 from gradgraph.weights import Weight
 

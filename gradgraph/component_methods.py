@@ -33,10 +33,10 @@ from gradgraph.attribution import integrated_flow, token_scores
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import assemble, record
 from gradgraph.components import PATHWAY_KINDS, pathway_scores
-from gradgraph.labels import Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.interventions import PATHWAYS, _cache
+from gradgraph.labels import Registry
 from gradgraph.metrics import logit_diff
 from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RELP
 from gradgraph.semirings import Abs, Max, Real

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from gradgraph import hooks, inference, lens
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record, soft_cap
-from gradgraph.labels import Component, Registry
 from gradgraph.errors import GradGraphError
 from gradgraph.inference import KeysValues
+from gradgraph.labels import Component, Registry
 from gradgraph.lens import Model
 from gradgraph.metrics import prepare
 from gradgraph.rules import GRADIENT

@@ -130,6 +130,45 @@ def test_component_paths_collapse_scalar_paths(graph):
             assert abs(weight) == pytest.approx(best)
 
 
+def test_a_path_prints_as_a_person_reads_it():
+    """Residual runs collapse into one step with the layers they skip, components print by label,
+    the full form spells every node (the README's first example)."""
+    from gradgraph.paths import GradientPath
+
+    reg = Registry(n_layers=2, n_heads=4, n_key_value_heads=2, embeds=("hook_embed",))
+    n = hooks.name
+    through_mlp = ((n("embed"), (0, 5, 25)), (n("resid_pre", 0), (0, 5, 25)), (n("resid_mid", 0), (0, 5, 25)),
+                   (n("mlp_in", 0), (0, 5, 25)), (n("ln2_normalized", 0), (0, 5, 25)), (n("mlp_pre", 0), (0, 5, 53)),
+                   (n("mlp_post", 0), (0, 5, 53)), (n("mlp_out", 0), (0, 5, 247)), (n("resid_post", 0), (0, 5, 247)),
+                   (n("resid_pre", 1), (0, 5, 247)), (n("resid_mid", 1), (0, 5, 247)), (n("resid_post", 1), (0, 5, 247)),
+                   (n("ln_final_normalized"), (0, 5, 247)), (n("unembed_in"), (0, 5, 247)), (n("logits"), (0, 5, 314)),
+                   ("metric", (0,)))
+    path = GradientPath(0.5, through_mlp, reg)
+    assert str(path) == ("+0.5: embed@5[25] → resid@5[25] × 1 layer → MLP0@5 (neuron 53) → resid@5[247] × 1 layer "
+                         "→ logit[314] → metric")
+    assert path.full().startswith("+0.5: hook_embed[0, 5, 25] → blocks.0.hook_resid_pre[0, 5, 25] → ")
+    assert path.full().count(" → ") == len(through_mlp) - 1
+    through_value = ((n("embed"), (0, 2, 7)), (n("resid_pre", 0), (0, 2, 7)), (n("v_input", 0), (0, 2, 1, 7)),
+                     (n("ln1_normalized", 0, "v"), (0, 2, 1, 7)), (n("v", 0), (0, 2, 1, 3)), (n("z", 0), (0, 4, 3, 3)),
+                     (n("attn_out", 0), (0, 4, 9)), (n("resid_mid", 0), (0, 4, 9)), (n("resid_post", 0), (0, 4, 9)),
+                     (n("resid_pre", 1), (0, 4, 9)), (n("resid_mid", 1), (0, 4, 9)), (n("resid_post", 1), (0, 4, 9)),
+                     (n("logits"), (0, 4, 2)), ("metric", (0,)))
+    assert GradientPath(-0.25, through_value, reg).steps == (
+        "embed@2[7]", "L0H2-3.v@2", "L0H3@4", "resid@4[9] × 2 layers", "logit[2]", "metric")
+    assert str(GradientPath(1.0, through_value)).startswith("+1: hook_embed[0, 2, 7] → ")  # no registry: every node
+
+
+def test_top_paths_print_their_components(graph):
+    for item_paths in top_paths(graph, k=6):
+        for path in item_paths:
+            steps = path.steps
+            assert not any("hook_" in s or "blocks." in s for s in steps)
+            assert steps[0] == f"embed@{path.nodes[0][1][1]}[{path.nodes[0][1][-1]}]" and steps[-1] == "metric"
+            labels = [s.split(" (neuron")[0] for s in steps if s[0] in "LM"]
+            assert labels == list(component_path(graph, path.nodes)[1:-1])  # the same components, in order
+            assert str(path).startswith(f"{path.weight:+.4g}: embed@")
+
+
 def test_flow_is_conserved_at_every_residual_cut(graph):
     """Every input→metric path crosses each layer's residual stream once and passes from a head's z
     to attn_out: the flows through those cuts equal the total."""

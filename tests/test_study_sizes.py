@@ -187,3 +187,32 @@ def test_redraw_refuses_a_folder_without_saved_results_or_of_another_command(tmp
     if command != "head-types":
         assert main([command, "--redraw", str(out)]) == 2
         assert f"gradgraph head-types --redraw {out}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study, config", [
+    ("sva", dict(limit=0)), ("sva", dict(intervention_items=0)), ("sva", dict(limit=2, intervention_items=3)),
+    ("sva", dict(resamples=0)),
+    ("head_types", dict(sentences=0)), ("head_types", dict(threshold=1.5)),
+    ("lrp_eval", dict(sentences=0)), ("lrp_eval", dict(sva_items=1, relp_items=2)),
+    ("attr_eval", dict(sva_items=0)), ("attr_eval", dict(steps=0)),
+])
+def test_a_size_of_zero_is_refused_before_the_model_loads(tmp_path, monkeypatch, study, config):
+    import importlib
+
+    from gradgraph import GradGraphError
+
+    module = importlib.import_module(f"gradgraph.studies.{study}")
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(GradGraphError, match="must be|must lie|more than"):
+        module.run(module.Config(out=str(tmp_path / "out"), **config))
+    assert not (tmp_path / "out").exists()
+
+
+def test_heads_refuses_an_empty_prompts_file_before_the_model_loads(tmp_path, monkeypatch):
+    from gradgraph import GradGraphError
+    from gradgraph.studies import head_ranking
+
+    (tmp_path / "p.txt").write_text("\n")
+    monkeypatch.setattr(head_ranking, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(GradGraphError, match="has no prompts"):
+        head_ranking.run(head_ranking.Config(prompts=str(tmp_path / "p.txt"), good=" are", bad=" is"))

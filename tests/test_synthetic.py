@@ -139,3 +139,33 @@ def test_gradient_flow_ranks_the_induction_head_first(one_thread):
     assert result["flow_ranking"][0] == head, result["flow_ranking"]
     assert result["flow_last_position_ranking"][0] == head
     assert result["agree"]
+
+
+def test_write_saves_the_results_and_redraw_draws_them_again(tmp_path, monkeypatch, one_thread):
+    """What the synthetic study trained and measured survives a figure that fails, and --redraw
+    writes the figure from the saved results (no model is saved or needed)."""
+    from gradgraph.cli import main
+    from gradgraph.errors import OutputIncomplete
+
+    small = dict(steps=20, n_train=400, n_test=200, graph_batch=8)
+    first = synthetic.run_first_token(synthetic.FirstTokenConfig(seed=0, **small))
+    mirror = synthetic.run_first_token(synthetic.FirstTokenConfig(seed=0, reverse=True, **small))
+    induction = synthetic.run_induction(synthetic.InductionConfig(seed=0, seq_len=8, vocab=16, steps=20, prune_steps=10,
+                                                                  n_train=400, n_eval=50, graph_batch=8))
+    result = dict(first=first, mirror=mirror, heads=[(0, induction)], agree=int(induction["agree"]),
+                  agree_last=0, seconds=1.0)
+    config = synthetic.Config(out=str(tmp_path / "out"), figures=str(tmp_path / "out" / "figures"))
+
+    def broken(*args):
+        raise RuntimeError("no figure today")
+
+    monkeypatch.setattr(synthetic, "plot_shares", broken)
+    with pytest.raises(OutputIncomplete, match="synthetic_shares.png: RuntimeError: no figure today"):
+        synthetic.write(config, result)
+    assert (tmp_path / "out" / "shares.csv").is_file()
+    assert not (tmp_path / "out" / "figures" / "synthetic_shares.png").exists()
+    shares = (tmp_path / "out" / "shares.csv").read_text()
+    monkeypatch.undo()
+    assert main(["synthetic", "--redraw", str(tmp_path / "out"), "--figures", str(tmp_path / "out" / "figures")]) == 0
+    assert (tmp_path / "out" / "figures" / "synthetic_shares.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "shares.csv").read_text() == shares

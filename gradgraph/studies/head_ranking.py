@@ -169,7 +169,7 @@ def write(result: dict) -> list[dict]:
                 for name, v in heat.items()]
         if result["agreement"]:
             n = len(next(iter(result["scores"].values())))
-            spread = "95 % bootstrap intervals" if n >= MIN_ITEMS else f"no intervals: {n} prompts, they need {MIN_ITEMS}"
+            spread = "95 % basic bootstrap intervals" if n >= MIN_ITEMS else f"no intervals: {n} prompts, they need {MIN_ITEMS}"
             made.append(out.make("heads_agreement.png", lambda: plot.agreement_plot(
                 result["agreement"], out.figure("heads_agreement.png"),
                 title=f"Agreement of each method with interventions ({n} prompts, {spread})")))

@@ -13,6 +13,7 @@ from pathlib import Path
 from gradgraph import plot
 from gradgraph.data.sentiment import rotten_tomatoes
 from gradgraph.data.sva import sva_items
+from gradgraph.errors import GradGraphError
 from gradgraph.heads import RELATIONS, positional_heads, syntactic_heads
 from gradgraph.models import load_model
 from gradgraph.prompts import read_prompts
@@ -47,8 +48,14 @@ def detect(model, corpus: list[str], threshold: float, margin: float) -> tuple[l
 
 
 def run(config: Config, model=None) -> tuple[list[dict], list[dict], list[str]]:
+    if isinstance(config.sentences, bool) or not isinstance(config.sentences, int) or config.sentences < 1:
+        raise GradGraphError(f"--sentences must be a positive whole number, got {config.sentences!r}")
+    for name in ("threshold", "margin"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise GradGraphError(f"--{name} must lie in [0, 1], got {getattr(config, name)}")
+    corpus = read_prompts(config.corpus) if config.corpus else None  # a bad file is refused before the model loads
     model = model or load_model(config.model)
-    corpus = read_prompts(config.corpus) if config.corpus else default_corpus(model.tokenizer, config.sentences)
+    corpus = corpus or default_corpus(model.tokenizer, config.sentences)
     positional, syntactic = detect(model, corpus, config.threshold, config.margin)
     return positional, syntactic, corpus
 

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
@@ -40,12 +40,12 @@ from gradgraph.circuit_tracer import circuit_tracer_graph
 from gradgraph.component_graph import component_graph
 from gradgraph.component_methods import METHODS, TOKEN_METHODS, check_methods, component_labels, score
 from gradgraph.components import top_component_paths
-from gradgraph.labels import Registry
 from gradgraph.data import SVAItem, sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
 from gradgraph.heads import mask
 from gradgraph.interventions import PATHWAYS, activation_means, intervene
+from gradgraph.labels import Registry
 from gradgraph.models import load_model
 from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
@@ -353,7 +353,7 @@ def _figures(result: Result, out, heat: dict) -> list[tuple[str, object]]:
     """``(file name, draw)`` for every figure the result has something to draw in; ``draw()`` writes it."""
     config, summary = result.config, result.summary
     n = len(result.intervened)
-    spread = "95 % bootstrap intervals" if n >= MIN_ITEMS else f"no intervals: {n} items, they need {MIN_ITEMS}"
+    spread = "95 % basic bootstrap intervals" if n >= MIN_ITEMS else f"no intervals: {n} items, they need {MIN_ITEMS}"
     shares = {SHARES[name.split("/")[1]]: s for name, s in result.shares.items() if name.startswith("subject/")}
     drawn = [
         ("sva_accuracy.png", lambda path: plot.sva_accuracy(

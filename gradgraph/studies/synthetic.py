@@ -38,15 +38,16 @@ from gradgraph import hooks, lens  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
 from gradgraph.branches import BRANCHES, branch_shares  # noqa: E402
 from gradgraph.build import build_graph  # noqa: E402
-from gradgraph.labels import Component, Registry  # noqa: E402
 from gradgraph.data.synthetic import answer_ids, first_token_repeated, induction, unseen  # noqa: E402
 from gradgraph.graph import GradGraph  # noqa: E402
+from gradgraph.labels import Component, Registry  # noqa: E402
 from gradgraph.lens import Model  # noqa: E402
 from gradgraph.metrics import logit_diff  # noqa: E402
 from gradgraph.models import tiny_model  # noqa: E402
 from gradgraph.paths import gradient_flow  # noqa: E402
 from gradgraph.semirings import Max  # noqa: E402
 from gradgraph.studies.output import staged_run  # noqa: E402
+from gradgraph.studies.saved import load  # noqa: E402
 
 # model shapes (gpt2-style tiny_model) that reach >= 95 % in a few CPU minutes
 FIRST_TOKEN_SHAPE = dict(n_layers=1, d_model=64, n_heads=2, d_head=32, d_mlp=256)
@@ -357,6 +358,7 @@ def run_induction(config: InductionConfig) -> dict:
 # --------------------------------------------------------------------------- the study
 
 # Du et al.'s released notebook (BERT-like bidirectional classifier): mean top-path gradient per branch
+COMMAND = "gradgraph synthetic"
 DU_ET_AL = {"k": 0.030, "q": 0.017, "skip": 0.0094, "v": 0.00095}
 
 
@@ -477,7 +479,43 @@ def _jsonable(result: dict) -> dict:
     return out
 
 
+def _without_models(result: dict) -> dict:
+    """What ``write`` reads of a result: everything but the trained models."""
+    strip = lambda r: {k: v for k, v in r.items() if k != "model"}  # noqa: E731
+    return dict(result, first=strip(result["first"]), mirror=strip(result["mirror"]),
+                heads=[(seed, strip(r)) for seed, r in result["heads"]])
+
+
+def _shares_csv(path, first: dict, mirror: dict) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["task", "position", "pos", "layer", "branch", "share_oplus",
+                                         "share_bucket", "top_value"])
+        writer.writeheader()
+        for task, r in (("first_token", first), ("first_token_reversed", mirror)):
+            for row in r["branches"]:
+                writer.writerow(dict(task=task, **row))
+
+
+def _heads_csv(path, heads: list) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seed", "head", "attention_to_answer", "ablation_drop_last", "ablation_drop_all",
+                         "flow_all_positions", "flow_last_position", "responsible", "previous_token_head"])
+        for seed, r in heads:
+            for layer in range(r["flow"].shape[0]):
+                for head in range(r["flow"].shape[1]):
+                    name = _head_label(layer, head, r["flow"].shape[1])
+                    writer.writerow([seed, name, float(r["attention"][layer, head]),
+                                     float(r["ablation_drop"][layer, head]),
+                                     float(r["ablation_drop_all_positions"][layer, head]),
+                                     float(r["flow"][layer, head]), float(r["flow_last_position"][layer, head]),
+                                     name == r["top"]["ablation"], name == r["previous_token_head"]])
+
+
 def write(config: Config, result: dict) -> None:
+    """Save what was computed (not the trained models); stage the tables and the figure (each on its
+    own) and publish them."""
+    result = _without_models(result)
     first, mirror, heads = result["first"], result["mirror"], result["heads"]
     summary = dict(
         config=asdict(config), first_token=_jsonable(first), first_token_reversed=_jsonable(mirror),
@@ -485,33 +523,29 @@ def write(config: Config, result: dict) -> None:
         induction_agree=result["agree"], induction_agree_last_position=result["agree_last"],
         induction_seeds=len(heads), du_et_al_top_path_gradient=DU_ET_AL, seconds=result["seconds"],
     )
-    with staged_run(config.out, config.figures, "gradgraph synthetic") as out:
-        out.path("summary.json").write_text(json.dumps(summary, indent=1))
-        with open(out.path("shares.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, ["task", "position", "pos", "layer", "branch", "share_oplus",
-                                             "share_bucket", "top_value"])
-            writer.writeheader()
-            for task, r in (("first_token", first), ("first_token_reversed", mirror)):
-                for row in r["branches"]:
-                    writer.writerow(dict(task=task, **row))
-        with open(out.path("induction_heads.csv"), "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["seed", "head", "attention_to_answer", "ablation_drop_last", "ablation_drop_all",
-                             "flow_all_positions", "flow_last_position", "responsible", "previous_token_head"])
-            for seed, r in heads:
-                for layer in range(r["flow"].shape[0]):
-                    for head in range(r["flow"].shape[1]):
-                        name = _head_label(layer, head, r["flow"].shape[1])
-                        writer.writerow([seed, name, float(r["attention"][layer, head]),
-                                         float(r["ablation_drop"][layer, head]),
-                                         float(r["ablation_drop_all_positions"][layer, head]),
-                                         float(r["flow"][layer, head]), float(r["flow_last_position"][layer, head]),
-                                         name == r["top"]["ablation"], name == r["previous_token_head"]])
-        figure = out.figure("synthetic_shares.png")
-        plot_shares(first, mirror, heads, figure)
-        final = out.final(figure)
+    with staged_run(config.out, config.figures, COMMAND) as out:
+        out.save(dict(config=config, result=result))
+        out.make("summary.json", lambda: out.path("summary.json").write_text(json.dumps(summary, indent=1)))
+        out.make("shares.csv", lambda: _shares_csv(out.path("shares.csv"), first, mirror))
+        out.make("induction_heads.csv", lambda: _heads_csv(out.path("induction_heads.csv"), heads))
+        def draw():
+            path = out.figure("synthetic_shares.png")
+            plot_shares(first, mirror, heads, path)
+            return path
+
+        figure = out.make("synthetic_shares.png", draw)
+        final = out.final(figure) if figure else None
     print(f"wrote {config.out}/summary.json, shares.csv, induction_heads.csv and {final} "
           f"({result['seconds']:.0f} s in all)")
+
+
+def redraw(out: str, figures: str | None = None) -> None:
+    """Write the tables and the figure of the run saved in ``out`` again, without training
+    (``gradgraph synthetic --redraw OUT``); the figure goes to ``figures`` (default: the run's)."""
+    saved = load(out, command=COMMAND)
+    config = saved["config"]
+    config.out, config.figures = str(out), figures or config.figures
+    write(config, saved["result"])
 
 
 def main(config: Config) -> dict:
