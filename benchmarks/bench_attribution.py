@@ -40,9 +40,9 @@ def main() -> None:
     from captum.attr import LayerIntegratedGradients
 
     from gradgraph import neighbours
+    from gradgraph.arch.models import load_model
     from gradgraph.attribution import attribute
     from gradgraph.metrics import logit_diff
-    from gradgraph.models import load_model
 
     model = load_model("smollm2-135m")
     metric = logit_diff(" are", " is").resolve(model.tokenizer)
@@ -78,8 +78,8 @@ def main() -> None:
     def plain(n):
         def run():
             embed = model.W_E.detach()[ids].expand(n, -1, -1).clone().requires_grad_(True)
-            from gradgraph import hooks
-            with hooks.replacing(model, {hooks.name("embed"): lambda _: embed}):
+            from gradgraph.arch import hooks, names
+            with hooks.replacing(model, {names.name("embed"): lambda _: embed}):
                 metric(model(ids.expand(n, -1))).sum().backward()
             return float("nan")
         return run

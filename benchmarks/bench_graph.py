@@ -21,7 +21,7 @@ process, alternating with it: a machine that slows down for a while slows both s
     .venv/bin/python benchmarks/bench_graph.py [--lengths 8x12 64 128 512 1024] [--repeats 3] [--jobs ...]
 
 ``--families pythia gemma2 ...`` measures random-weight models of those families instead
-(``gradgraph.models.tiny_model`` at ``FAMILY_SHAPE``, random tokens; a length ``BxN`` is a batch of
+(``gradgraph.arch.models.tiny_model`` at ``FAMILY_SHAPE``, random tokens; a length ``BxN`` is a batch of
 B prompts of N tokens): what each family's own ops cost beside the GPT-2 and Llama layouts.
 
 Every process keeps freed memory for reuse (``gradgraph.allocator``), as the ``gradgraph`` command
@@ -112,8 +112,8 @@ FAMILY_SHAPE = dict(n_layers=6, d_model=512, n_heads=8, d_head=64, d_mlp=2048, d
 
 def family_model(family: str, length: str, device: str):
     """A random model of ``family``, and random tokens: ``(model, tokens, mask, metric)``."""
+    from gradgraph.arch.models import FAMILIES, tiny_model
     from gradgraph.metrics import logit_diff, mask_positions
-    from gradgraph.models import FAMILIES, tiny_model
 
     model = tiny_model(family, seed=0, **FAMILY_SHAPE).to(device)
     batch, n = (int(x) for x in length.split("x")) if "x" in length else (1, int(length))
@@ -127,8 +127,9 @@ def family_model(family: str, length: str, device: str):
 def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool = True,
             family: str | None = None) -> dict:
     """Time and memory of one job in this (fresh) process, with both baselines timed beside it."""
-    from gradgraph import hooks, load_model
+    from gradgraph import load_model
     from gradgraph.allocator import keep_freed_memory
+    from gradgraph.arch import hooks, names
     from gradgraph.attribution import lrp
     from gradgraph.backprop import backprop
     from gradgraph.build import build_graph
@@ -147,11 +148,11 @@ def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool 
             model, tokens, mask, metric = family_model(family, length, device)
     model.requires_grad_(False)  # gradients at activations only, as the graph computes them
     metric = prepare(metric, model)
-    encoder_mask = dict(one_zero_attention_mask=mask) if hooks.is_encoder(model.cfg) else {}
+    encoder_mask = dict(one_zero_attention_mask=mask) if names.is_encoder(model.cfg) else {}
 
     def baseline(everywhere: bool):
         def run():
-            with hooks.recording(model, keep_grad=True, names=None if everywhere else {hooks.inputs(model)[0]}):
+            with hooks.recording(model, keep_grad=True, names=None if everywhere else {names.inputs(model)[0]}):
                 logits = model(tokens, **encoder_mask)
             metric(logits, mask).sum().backward()
 
@@ -205,7 +206,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--families", nargs="+", default=[None],
-                        help="random models of these families (gradgraph.models.FAMILIES) instead of SmolLM2")
+                        help="random models of these families (gradgraph.arch.models.FAMILIES) instead of SmolLM2")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (the gradgraph command keeps freed memory)")
     args = parser.parse_args()

@@ -18,7 +18,8 @@ import time
 import torch
 from bench_graph import PeakMemory
 
-from gradgraph import hooks, load_model
+from gradgraph import load_model
+from gradgraph.arch import hooks
 from gradgraph.backprop import backprop
 from gradgraph.build import build_graph
 from gradgraph.data import sva_items

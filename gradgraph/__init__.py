@@ -1,12 +1,12 @@
 """gradgraph: gradient graphs, semiring backpropagation and attributions for TransformerLens models."""
 
-from gradgraph import data, metrics, models, rules, semirings
+from gradgraph import data, metrics, rules, semirings
+from gradgraph.arch.models import load_model, tiny_model
 from gradgraph.attribution import Attribution, attribute, integrated_flow, lrp
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import assemble, build_graph, record
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.models import load_model, tiny_model
 from gradgraph.paths import GradientPath, gradient_flow, path_entropy, top_paths
 from gradgraph.rules import GRADIENT, RuleSet
 
@@ -28,7 +28,6 @@ __all__ = [
     "load_model",
     "lrp",
     "metrics",
-    "models",
     "path_entropy",
     "record",
     "rules",

@@ -15,7 +15,8 @@ from typing import Mapping
 
 import torch
 
-from gradgraph import hooks, ig_paths, integrated
+from gradgraph import ig_paths, integrated
+from gradgraph.arch import names
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
 from gradgraph.components import component_values
@@ -60,8 +61,8 @@ def cuts(graph: GradGraph) -> list[str]:
     """The residual-stream nodes that every input → metric path passes through, bottom to top."""
     out = []
     for layer in range(graph.n_layers):
-        out += [hooks.name("resid_pre", layer), hooks.name("resid_mid", layer)]
-    out.append(hooks.name("resid_post", graph.n_layers - 1))
+        out += [names.name("resid_pre", layer), names.name("resid_mid", layer)]
+    out.append(names.name("resid_post", graph.n_layers - 1))
     return [name for name in out if name in graph.shapes]  # no resid_mid in parallel and attention-only blocks
 
 
@@ -94,7 +95,7 @@ def relevance(graph: GradGraph, method: str | None = None) -> Attribution:
     cut_deltas = {}
     for n in cuts(graph):
         layer = int(n.split(".")[1])
-        above = layer if n == hooks.name("resid_pre", layer) else layer + 1  # cached k/v of layer L enter at its attention
+        above = layer if n == names.name("resid_pre", layer) else layer + 1  # cached k/v of layer L enter at its attention
         cut_deltas[n] = values[n].flatten(1).sum(1) + cached_relevance(graph, grads, above) - target
     delta = scores.sum(1) + cached_relevance(graph, grads) - target
     return Attribution(method or graph.rules, graph.tokens, scores, target, delta, values, graph, cut_deltas)
@@ -271,7 +272,7 @@ def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attr
                     positions=positions, batch_size=batch_size, **opts)
     ones = [_attribute_one(model, ids[: int(m.sum())], metric, method, opts, baseline, attribute_bos, batch_size,
                            positions) for ids, m in zip(token_ids, mask)]
-    return _pack(method, token_ids, mask, ones, hooks.inputs(model)[0])
+    return _pack(method, token_ids, mask, ones, names.inputs(model)[0])
 
 
 def _pack(method: str, token_ids: torch.Tensor, mask: torch.Tensor, ones: list[_One], embed: str) -> Attribution:
@@ -330,7 +331,7 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
                                 progress=progress, edges=skips)
     graph = build_graph(model, ids[None], metric)
     values = totals  # node -> [1, *shape]
-    scores = values[hooks.inputs(model)[0]].sum(-1)  # [1, pos]
+    scores = values[names.inputs(model)[0]].sum(-1)  # [1, pos]
     target = (f[-1] - f[0]).reshape(1)
     cut_deltas = {} if semiring is not Real else {n: values[n].flatten(1).sum(1) - target for n in cuts(graph)}
     name = f"integrated flow ({kind})" if semiring is Real else f"integrated {semiring.name} flow ({kind})"
@@ -342,7 +343,7 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
 
 
 def _patterns(graph: GradGraph) -> list[str]:
-    return [hooks.name("pattern", layer) for layer in range(graph.n_layers)]
+    return [names.name("pattern", layer) for layer in range(graph.n_layers)]
 
 
 def _map(method: str, graph: GradGraph, rows: torch.Tensor, drop_self: bool = False) -> Attribution:

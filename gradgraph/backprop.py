@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.semirings import Real, Semiring
@@ -142,7 +142,7 @@ def forward(
 def _checkpoints(graph: GradGraph) -> set[str]:
     """Nodes whose values are checked for overflow: every residual-stream node, the inputs and the
     logits. NaN and inf propagate through ⊕ and ⊗, so an overflow anywhere in a layer shows here."""
-    return {n for n in graph.order if "resid" in n or n in graph.sources or n in (hooks.name("logits"), "metric")}
+    return {n for n in graph.order if "resid" in n or n in graph.sources or n in (names.name("logits"), "metric")}
 
 
 def _check_range(semiring: Semiring, value: torch.Tensor, node: str, dtype: torch.dtype) -> None:

@@ -58,118 +58,16 @@ from typing import Mapping
 import einops
 import torch
 
-from gradgraph import hooks, lens, memory
-from gradgraph.errors import GradGraphError
+from gradgraph.arch import hooks, lens, memory, names
+from gradgraph.arch.features import POST_NORM, check_supported, layout_features, soft_cap
+from gradgraph.arch.lens import Model
 from gradgraph.backprop import backprop
+from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Broadcast, Diag, GradGraph, Identity, Matmul, Pending, Place, Reshape
-from gradgraph.lens import Model
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
 from gradgraph.rules import GRADIENT, NormOp, RuleSet, SoftmaxOp, SumOp, rule_set
 from gradgraph.weights import Weight, model_weights, shared_weight
-
-
-POST_NORM = {"Olmo2ForCausalLM"}  # norms after attention and the MLP only, none before (OLMo-2)
-QK_NORM_ACROSS_HEADS = {"Olmo2ForCausalLM"}  # q/k norms over all heads at once, not per head
-
-
-def unsupported_features(model) -> list[str]:
-    """What in ``model``'s architecture the graph builder does not cover (empty: all of it)."""
-    problems = lens.model_problems(model)
-    if problems:
-        return problems
-    cfg = lens.config(model)
-    if lens.is_hooked_encoder(model):
-        return _encoder_problems(cfg)
-    problems = []
-    if cfg.normalization_type not in (None, "LN", "LNPre", "RMS", "RMSPre"):
-        problems.append(f"normalization_type={cfg.normalization_type!r} (supported: LN, LNPre, RMS, RMSPre, None)")
-    if cfg.positional_embedding_type not in ("standard", "rotary"):
-        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r} (supported: standard, rotary)")
-    flags = {
-        "use_attention_sinks": "attention sinks",
-        "use_logn_attn": "log-n attention scaling",
-        "use_dynamic_ntk_rope": "dynamic NTK rotary scaling",
-        "post_embedding_ln": "a norm after the embedding",
-        "use_attn_result": "use_attn_result (per-head results; switch it off)",
-        "ungroup_grouped_query_attention": "ungroup_grouped_query_attention (switch it off)",
-    }
-    for flag, label in flags.items():
-        if getattr(cfg, flag, False):
-            problems.append(label)
-    if getattr(cfg, "attention_dir", "causal") != "causal":
-        problems.append("bidirectional attention in a HookedTransformer (encoders: HookedEncoder)")
-    if cfg.act_fn is not None and cfg.act_fn not in _ACTIVATIONS:
-        problems.append(f"act_fn={cfg.act_fn!r} (supported: {', '.join(sorted(_ACTIVATIONS))})")
-    if cfg.act_fn == "solu_ln" and cfg.gated_mlp:
-        problems.append("a gated MLP with act_fn='solu_ln'")
-    if getattr(cfg, "num_experts", None):
-        problems.append("mixture-of-experts MLPs")
-    if getattr(cfg, "clip_qkv", None) is not None:
-        problems.append("q/k/v clipping")
-    if getattr(cfg, "use_qk_norm", False) and cfg.original_architecture in QK_NORM_ACROSS_HEADS:
-        problems.append("use_qk_norm on an OLMo architecture (two q/k norms)")
-    architecture = cfg.original_architecture
-    if architecture in {"Olmo3ForCausalLM", "OlmoeForCausalLM"}:  # post-norm with sliding windows / experts
-        problems.append(f"architecture {architecture}")
-    return problems
-
-
-def _encoder_problems(cfg) -> list[str]:
-    problems = []
-    if cfg.normalization_type != "LN":
-        problems.append(f"an encoder with normalization_type={cfg.normalization_type!r} (BERT's is LN)")
-    if cfg.act_fn not in _ACTIVATIONS or cfg.act_fn == "solu_ln":
-        problems.append(f"an encoder with act_fn={cfg.act_fn!r}")
-    if not hooks.is_encoder(cfg):
-        problems.append("a HookedEncoder with causal attention")
-    return problems
-
-
-# the element-wise activations TransformerLens offers (solu_ln: x ⊙ softmax(x), then a LayerNorm)
-_ACTIVATIONS = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "solu_ln", "relu2"}
-
-
-def layout_features(cfg) -> list[str]:
-    """The features of ``cfg`` beyond the GPT-2 / Llama layout (pre-norm, sequential attention then
-    MLP, one norm kind, element-wise activation, full causal attention): what code that computes a
-    forward pass from the weights alone (``gradgraph.inference``) must handle to cover the model."""
-    checks = {
-        "parallel attention and MLP": cfg.parallel_attn_mlp,
-        "attention-only blocks": cfg.attn_only,
-        "no normalisation": cfg.normalization_type is None,
-        "q/k normalisation": getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in QK_NORM_ACROSS_HEADS,
-        "norms after attention and MLP": (getattr(cfg, "use_normalization_before_and_after", False)
-                                          or cfg.original_architecture in POST_NORM),
-        "attention-score soft-capping": soft_cap(getattr(cfg, "attn_scores_soft_cap", None)) is not None,
-        "logit soft-capping": soft_cap(getattr(cfg, "output_logits_soft_cap", None)) is not None,
-        "local attention": getattr(cfg, "use_local_attn", False),
-        "a SoLU activation": cfg.act_fn == "solu_ln",
-        "attention scaled by inverse layer index": getattr(cfg, "scale_attn_by_inverse_layer_idx", False),
-    }
-    return [label for label, present in checks.items() if present]
-
-
-def soft_cap(cap) -> float | None:
-    """The soft cap ``c`` of ``c · tanh(x / c)``, or None when the model has none."""
-    return float(cap) if cap is not None and cap > 0 else None
-
-
-def check_supported(model: Model) -> None:
-    """Raise ``GradGraphError`` naming the first feature the graph builder does not cover."""
-    lens.check_model(model)
-    problems = unsupported_features(model)
-    if problems:
-        raise GradGraphError(
-            "build_graph does not cover this model's " + "; ".join(problems)
-            + " (the families it covers: README, 'Model families')"
-        )
-    if not (model.cfg.use_split_qkv_input and (model.cfg.use_hook_mlp_in or model.cfg.attn_only)):
-        raise GradGraphError(
-            "build_graph needs model.set_use_split_qkv_input(True) and model.set_use_hook_mlp_in(True) "
-            "(gradgraph.models.set_flags sets them, and gradgraph.load_model and tiny_model call it)"
-        )
-
 
 # --------------------------------------------------------------------------- recording
 
@@ -235,14 +133,14 @@ def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
     ``hook_resid_pre`` by TransformerLens' construction; ``ln1`` of identical copies is compared
     (first, middle and last head) and kept whole if it differs."""
     for layer in range(n_layers):
-        resid = acts.get(hooks.name("resid_pre", layer))
-        for firing in hooks.SPLIT_FIRINGS:
-            name = hooks.name(f"{firing}_input", layer)
+        resid = acts.get(names.name("resid_pre", layer))
+        for firing in names.SPLIT_FIRINGS:
+            name = names.name(f"{firing}_input", layer)
             tensor = acts.get(name)
             if resid is not None and tensor is not None and tensor.ndim == 4 and tensor.shape[-1] == resid.shape[-1]:
                 acts[name] = resid[:, :, None].expand_as(tensor)
             for kind in ("scale", "normalized"):
-                name = hooks.name(f"ln1_{kind}", layer, firing)
+                name = names.name(f"ln1_{kind}", layer, firing)
                 tensor = acts.get(name)
                 if tensor is None or tensor.ndim != 4:
                     continue
@@ -253,7 +151,7 @@ def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
 
 
 def _check_prefix_layout(cfg) -> None:
-    if hooks.is_encoder(cfg):
+    if names.is_encoder(cfg):
         raise GradGraphError("a cached prefix is for causal models; an encoder's positions all read each other: "
                              "record the whole sequence")
     if "q/k normalisation" in layout_features(cfg):
@@ -297,12 +195,12 @@ def record(
     token_ids, mask = _tokens_and_mask(model, tokens, attention_mask)
     if prefix is not None and not lens.caches_prefix(model):
         return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed)
-    replacements = {} if embed is None else {hooks.inputs(model)[0]: _check_embed(model, embed, token_ids)}
+    replacements = {} if embed is None else {names.inputs(model)[0]: _check_embed(model, embed, token_ids)}
     p0 = 0 if prefix is None else len(prefix)
     memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, lens.dtype(model), token_ids.device)
     cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
-    if hooks.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
+    if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
         run = dict(one_zero_attention_mask=mask)
     with torch.no_grad(), hooks.replacing(model, replacements), hooks.recording(model) as store:
         logits = model(token_ids, **run)
@@ -310,10 +208,10 @@ def record(
     del store
     if cache is not None:
         for layer, entry in enumerate(cache.entries):
-            acts[hooks.name("cached_k", layer)] = entry.past_keys
-            acts[hooks.name("cached_v", layer)] = entry.past_values
+            acts[names.name("cached_k", layer)] = entry.past_keys
+            acts[names.name("cached_v", layer)] = entry.past_values
     # NaN and inf propagate into the residual stream; masked attention scores are -inf by design
-    checked = [n for n in acts if "resid" in n or n == hooks.inputs(model)[0]]
+    checked = [n for n in acts if "resid" in n or n == names.inputs(model)[0]]
     bad = [n for n in checked if not torch.isfinite(acts[n]).all()]
     if bad:
         raise GradGraphError(
@@ -330,10 +228,10 @@ def record(
     grad = torch.zeros_like(logits) if grad is None else grad
     logit_ids = grad.flatten(0, 1).any(0).nonzero()[:, 0]
     if soft_cap(model.cfg.output_logits_soft_cap) is None:
-        acts[hooks.name("logits")] = logits.detach()[..., logit_ids]
+        acts[names.name("logits")] = logits.detach()[..., logit_ids]
     else:  # the hook holds the logits before the cap, the metric reads them after it
-        acts[hooks.name("logits")] = acts[hooks.name("logits")][..., logit_ids]
-        acts[hooks.name("logits_capped")] = logits.detach()[..., logit_ids]
+        acts[names.name("logits")] = acts[names.name("logits")][..., logit_ids]
+        acts[names.name("logits_capped")] = logits.detach()[..., logit_ids]
     return Recording(model, token_ids, mask, acts, value.detach(), grad[..., logit_ids].detach(), logit_ids,
                      prefix=prefix)
 
@@ -366,8 +264,8 @@ def after_prefix(recording: Recording, length: int) -> Recording:
     if not bool((tokens[:, :length] == tokens[:1, :length]).all()):
         raise GradGraphError(f"the rows differ within their first {length} tokens: no shared prefix")
     n_layers = recording.model.cfg.n_layers
-    by_query = {hooks.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(n_layers)}
-    whole = {hooks.name("rot_k", layer) for layer in range(n_layers)}  # keys after rotary: every position
+    by_query = {names.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(n_layers)}
+    whole = {names.name("rot_k", layer) for layer in range(n_layers)}  # keys after rotary: every position
     acts = {}
     for node, tensor in recording.activations.items():
         if node in whole:
@@ -378,7 +276,7 @@ def after_prefix(recording: Recording, length: int) -> Recording:
             acts[node] = tensor[:, length:]
     for layer in range(n_layers):
         for which in "kv":
-            acts[hooks.name(f"cached_{which}", layer)] = recording.activations[hooks.name(which, layer)][:, :length]
+            acts[names.name(f"cached_{which}", layer)] = recording.activations[names.name(which, layer)][:, :length]
     return Recording(recording.model, tokens[:, length:], mask[:, length:], acts, recording.metric_value,
                      recording.grad_logits[:, length:], recording.logit_ids, prefix=tokens[0, :length])
 
@@ -399,7 +297,7 @@ class _Assembly:
         self.stored: dict[str, torch.Tensor] = {}
         self.weights = model_weights(self.model)
         self.prefix = 0 if recording.prefix is None else len(recording.prefix)
-        self.encoder = hooks.is_encoder(self.cfg)  # post-LN blocks around the residual sums, attention both ways
+        self.encoder = names.is_encoder(self.cfg)  # post-LN blocks around the residual sums, attention both ways
 
     def node(self, name: str, tensor: torch.Tensor | None = None) -> str:
         if tensor is None:
@@ -446,9 +344,9 @@ def _norm(asm: _Assembly, prefix: str, x: str, layer: int | None, module, firing
     if kind in ("LN", "LNPre"):
         compact = x_tilde[:, :, :1] if x_tilde.ndim == 4 and x_tilde.stride(2) == 0 else x_tilde  # per-head copies
         x_tilde = (compact - compact.mean(-1, keepdim=True)).expand_as(x_tilde)
-        centered = asm.node(hooks.name(f"{prefix}_centered", layer, firing), x_tilde)
-    scale = asm.node(hooks.name(f"{prefix}_scale", layer, firing))
-    y = asm.node(hooks.name(f"{prefix}_normalized", layer, firing))
+        centered = asm.node(names.name(f"{prefix}_centered", layer, firing), x_tilde)
+    scale = asm.node(names.name(f"{prefix}_scale", layer, firing))
+    y = asm.node(names.name(f"{prefix}_normalized", layer, firing))
     asm.add_derived("norm", (x, y), lambda: asm.rules.norm(
         NormOp(x, centered, scale, y, asm.stored[x], x_tilde, asm.stored[scale], layer)))
     return y
@@ -483,8 +381,8 @@ def _sum(asm: _Assembly, sources: tuple[str, ...], target: str, layer: int | Non
 
 
 def _embed(asm: _Assembly) -> str:
-    sources = [asm.node(name) for name in hooks.inputs(asm.cfg)]
-    resid = asm.node(hooks.name("resid_pre", 0))
+    sources = [asm.node(name) for name in names.inputs(asm.cfg)]
+    resid = asm.node(names.name("resid_pre", 0))
     _sum(asm, tuple(sources), resid, None)
     return resid
 
@@ -509,7 +407,7 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     matrices = {"q": lambda: attn.W_Q, "k": lambda: _kv_weight(attn, "K"), "v": lambda: _kv_weight(attn, "V")}
     proj = {}
     for firing, copies in (("q", H), ("k", G), ("v", G)):
-        inp = asm.node(hooks.name(f"{firing}_input", layer))
+        inp = asm.node(names.name(f"{firing}_input", layer))
         asm.add([Broadcast(resid, inp, "copy", layer, 2, copies)])
         y = inp if before is None else _norm(asm, "ln1", inp, layer, before, firing)
 
@@ -517,7 +415,7 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
             W = matrices[firing]().detach()
             return W if w1 is None else w1[None, :, None] * W
 
-        out = asm.node(hooks.name(firing, layer))
+        out = asm.node(names.name(firing, layer))
         weight = asm.shared((f"W_{firing.upper()}", layer), folded)
         proj[firing] = _linear(asm, y, out, layer, weight, "b p h d -> h (b p) d", "b p h e -> h (b p) e",
                                dict(zip("bph", asm.shapes[out][:3])))
@@ -529,8 +427,8 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     if p0:  # the cached prefix's keys and values, then this run's
         k_name, v_name = _after_cache(asm, k_name, "k", layer), _after_cache(asm, v_name, "v", layer)
     if cfg.positional_embedding_type == "rotary":
-        q_name = _rotary(asm, attn, q_name, asm.node(hooks.name("rot_q", layer)), layer, start=p0)
-        k_name = _rotary(asm, attn, k_name, asm.node(hooks.name("rot_k", layer)), layer)
+        q_name = _rotary(asm, attn, q_name, asm.node(names.name("rot_q", layer)), layer, start=p0)
+        k_name = _rotary(asm, attn, k_name, asm.node(names.name("rot_k", layer)), layer)
     rq, rk, v = asm.stored[q_name], asm.stored[k_name], asm.stored[v_name]
     axes = dict(g=G, r=R, b=B)
     # scores = q·k / attn_scale (then cap · tanh(· / cap)); causally masked, out-of-window and padded
@@ -542,12 +440,12 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         causal = causal & (key_at > query_at - cfg.window_size)
     keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
     allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
-    scores = hooks.name("attn_scores", layer)
+    scores = names.name("attn_scores", layer)
     cap = soft_cap(cfg.attn_scores_soft_cap)
     if cap is None:
         raw = asm.node(scores)
     else:
-        raw = asm.node(hooks.name("scores_raw", layer), torch.einsum("bqhe,bkhe->bhqk", rq, rk.repeat_interleave(R, 2))
+        raw = asm.node(names.name("scores_raw", layer), torch.einsum("bqhe,bkhe->bhqk", rq, rk.repeat_interleave(R, 2))
                        / attn.attn_scale)
     f_q, f_k = asm.rules.bilinear("qk")
     k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
@@ -565,11 +463,11 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
         asm.node(scores)
         _soft_capped(asm, raw, scores, layer, cap, allowed)
     # pattern = softmax(scores)
-    pattern = asm.node(hooks.name("pattern", layer))
+    pattern = asm.node(names.name("pattern", layer))
     asm.add_derived("softmax", (scores, pattern), lambda: asm.rules.softmax(
         SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores])))
     # z = pattern · v; padded queries carry nothing, nor (Mask-LRP) the heads the mask leaves out
-    z = asm.node(hooks.name("z", layer))
+    z = asm.node(names.name("z", layer))
     f_p, f_v = asm.rules.bilinear("pv")
     z_mask = asm.valid[:, :, None, None]  # [B, q, 1, 1]
     if asm.head_mask is not None:
@@ -588,7 +486,7 @@ def _attention(asm: _Assembly, layer: int, resid: str) -> str:
     # attn_out = Σ_h z_h W_O[h] (+ b_O)
     W_O = asm.shared(("W_O", layer), lambda: attn.W_O.detach().reshape(1, -1, cfg.d_model))
     return _written(asm, z, layer, W_O, ("b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d", dict(b=B, p=P, h=H)),
-                    hooks.name("attn_out", layer), hooks.name("attn_raw", layer), after, after_prefix,
+                    names.name("attn_out", layer), names.name("attn_raw", layer), after, after_prefix,
                     lambda: asm.stored[z].flatten(2) @ attn.W_O.detach().reshape(-1, cfg.d_model) + attn.b_O.detach())
 
 
@@ -619,12 +517,12 @@ def _qk_norm(asm: _Assembly, layer: int, which: str, src: str, module) -> str:
     """The q (or k) norm: ``src`` ``[B, P, heads, e]`` reshaped as TransformerLens normalises it
     (rows of ``e``: Qwen3; rows of ``heads · e``: OLMo-2), normalised, weighted, reshaped back."""
     prefix = f"{which}_norm"
-    shape = tuple(asm.rec.activations[hooks.name(f"{prefix}_normalized", layer)].shape)
+    shape = tuple(asm.rec.activations[names.name(f"{prefix}_normalized", layer)].shape)
     heads_shape = asm.shapes[src]
-    inp = asm.node(hooks.name(f"{prefix}_input", layer), asm.stored[src].reshape(shape))
+    inp = asm.node(names.name(f"{prefix}_input", layer), asm.stored[src].reshape(shape))
     asm.add([Reshape(src, inp, "copy", layer, heads_shape, shape)])
-    out = _norm_out(asm, prefix, inp, layer, module, hooks.name(f"{prefix}_output", layer))
-    normed = asm.node(hooks.name(f"{which}_normed", layer), asm.stored[out].reshape(heads_shape))
+    out = _norm_out(asm, prefix, inp, layer, module, names.name(f"{prefix}_output", layer))
+    normed = asm.node(names.name(f"{which}_normed", layer), asm.stored[out].reshape(heads_shape))
     asm.add([Reshape(out, normed, "copy", layer, shape, heads_shape)])
     return normed
 
@@ -639,9 +537,9 @@ def _soft_capped(asm: _Assembly, raw: str, capped: str, layer: int | None, cap: 
 
 def _after_cache(asm: _Assembly, own: str, which: str, layer: int) -> str:
     """The node of the cached prefix's keys (or values) followed by this run's, ``[B, p0 + P, G, e]``."""
-    cached = asm.node(hooks.name(f"cached_{which}", layer))
+    cached = asm.node(names.name(f"cached_{which}", layer))
     both = torch.cat([asm.stored[cached], asm.stored[own]], 1)
-    full = asm.node(hooks.name(f"all_{which}", layer), both)
+    full = asm.node(names.name(f"all_{which}", layer), both)
     p0, n = asm.prefix, both.shape[1]
     asm.add([Place(cached, full, "copy", layer, 1, 0, p0, n), Place(own, full, "copy", layer, 1, p0, n - p0, n)])
     return full
@@ -684,17 +582,17 @@ def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
         return lambda: matrix.detach() if w2 is None else w2[:, None] * matrix.detach()
 
     rows = ("b p d -> 1 (b p) d", "b p m -> 1 (b p) m", dict(b=B, p=P))
-    pre = asm.node(hooks.name("mlp_pre", layer))
+    pre = asm.node(names.name("mlp_pre", layer))
     W_pre = asm.shared(("W_gate" if cfg.gated_mlp else "W_in", layer),
                        lambda: folded(mlp.W_gate if cfg.gated_mlp else mlp.W_in)()[None])
     _linear(asm, y, pre, layer, W_pre, *rows)
     pre_act = asm.stored[pre]
-    post = hooks.name("mlp_post", layer)
+    post = names.name("mlp_post", layer)
     if cfg.act_fn == "solu_ln":
         _solu(asm, layer, pre, mlp, post)
     elif cfg.gated_mlp:
         slope = asm.rules.activation(mlp.act_fn, pre_act)
-        lin = asm.node(hooks.name("mlp_pre_linear", layer))
+        lin = asm.node(names.name("mlp_pre_linear", layer))
         _linear(asm, y, lin, layer, asm.shared(("W_in", layer), lambda: folded(mlp.W_in)()[None]), *rows)
         asm.node(post)
         f_gate, f_lin = asm.rules.bilinear("gate")
@@ -708,7 +606,7 @@ def _mlp(asm: _Assembly, layer: int, mlp_in: str) -> str:
         asm.add([Diag(pre, post, "activation", layer, ((Weight(slope), None),))])
     W_out = asm.shared(("W_out", layer), lambda: mlp.W_out.detach()[None])
     return _written(asm, post, layer, W_out, ("b p m -> 1 (b p) m", "b p d -> 1 (b p) d", dict(b=B, p=P)),
-                    hooks.name("mlp_out", layer), hooks.name("mlp_raw", layer), after, after_prefix,
+                    names.name("mlp_out", layer), names.name("mlp_raw", layer), after, after_prefix,
                     lambda: asm.stored[post] @ mlp.W_out.detach() + mlp.b_out.detach())
 
 
@@ -716,11 +614,11 @@ def _solu(asm: _Assembly, layer: int, pre: str, mlp, post: str) -> None:
     """SoLU with its LayerNorm: ``mid = pre ⊙ softmax(pre)`` (a softmax over the MLP's width, then a
     product of two operands, ``"solu"`` for the rule set's bilinear factors), ``post = LN(mid)``."""
     x = asm.stored[pre]
-    soft = asm.node(hooks.name("mlp_softmax", layer), torch.softmax(x, -1))
+    soft = asm.node(names.name("mlp_softmax", layer), torch.softmax(x, -1))
     everywhere = torch.ones(x.shape[:-1] + (1,), dtype=torch.bool, device=x.device)  # [B, P, 1]
     asm.add_derived("softmax", (pre, soft), lambda: asm.rules.softmax(
         SoftmaxOp(pre, soft, asm.stored[soft], everywhere, layer, x)))
-    mid = asm.node(hooks.name("mlp_mid", layer))
+    mid = asm.node(names.name("mlp_mid", layer))
     f_soft, f_x = asm.rules.bilinear("solu")
     asm.add(_nonzero([
         (f_soft, lambda: Diag(soft, mid, "activation", layer, ((Weight(x, f_soft), None),))),
@@ -732,7 +630,7 @@ def _solu(asm: _Assembly, layer: int, pre: str, mlp, post: str) -> None:
 def _final_norm(asm: _Assembly, resid: str) -> str:
     """ln_final into ``unembed.hook_in``; returns its node."""
     y = _norm(asm, "ln_final", resid, None, lens.final_norm(asm.model)) if asm.cfg.normalization_type else resid
-    unembed_in = asm.node(hooks.name("unembed_in"))
+    unembed_in = asm.node(names.name("unembed_in"))
     wf = _norm_weight(lens.final_norm(asm.model)) if asm.cfg.normalization_type else None
     if wf is None:
         asm.add([Identity(y, unembed_in, "linear" if y != resid else "copy", None)])
@@ -745,15 +643,15 @@ def _unembed(asm: _Assembly, unembed_in: str) -> None:
     """The logits the metric reads (soft-capped), and the metric."""
     B, P = asm.valid.shape
     ids = asm.rec.logit_ids
-    logits = asm.node(hooks.name("logits"))
+    logits = asm.node(names.name("logits"))
     W_U = Weight(asm.model.W_U.detach()[:, ids][None])
     _linear(asm, unembed_in, logits, None, W_U, "b p d -> 1 (b p) d", "b p v -> 1 (b p) v", dict(b=B, p=P))
     cap = soft_cap(asm.cfg.output_logits_soft_cap)
     if cap is not None:
-        capped = asm.node(hooks.name("logits_capped"))
+        capped = asm.node(names.name("logits_capped"))
         _soft_capped(asm, logits, capped, None, cap)
         logits = capped
-    metric = asm.node(hooks.name("metric"), asm.rec.metric_value)
+    metric = asm.node(names.name("metric"), asm.rec.metric_value)
     g = asm.rec.grad_logits.reshape(B, -1, 1)  # [B, P * V', 1]
     asm.add([Matmul(logits, metric, "metric", None, Weight(g), True, "b p v -> b 1 (p v)", "b -> b 1 1",
                     dict(b=B, p=P))])
@@ -779,23 +677,23 @@ def _decoder(asm: _Assembly) -> str:
     resid = _embed(asm)
     for layer in range(cfg.n_layers):
         attn_out = _attention(asm, layer, resid)
-        post = hooks.name("resid_post", layer)
+        post = names.name("resid_post", layer)
         if cfg.attn_only:  # resid_post = resid_pre + attn_out
             _sum(asm, (resid, attn_out), asm.node(post), layer)
         elif cfg.parallel_attn_mlp:  # the MLP reads resid_pre too: resid_post = resid_pre + attn_out + mlp_out
-            mlp_in = asm.node(hooks.name("mlp_in", layer))
+            mlp_in = asm.node(names.name("mlp_in", layer))
             asm.add([Identity(resid, mlp_in, "copy", layer)])
             mlp_out = _mlp(asm, layer, mlp_in)
             _sum(asm, (resid, attn_out, mlp_out), asm.node(post), layer)
         else:
-            mid = asm.node(hooks.name("resid_mid", layer))
+            mid = asm.node(names.name("resid_mid", layer))
             _sum(asm, (resid, attn_out), mid, layer)
-            mlp_in = asm.node(hooks.name("mlp_in", layer))
+            mlp_in = asm.node(names.name("mlp_in", layer))
             asm.add([Identity(mid, mlp_in, "copy", layer)])
             mlp_out = _mlp(asm, layer, mlp_in)
             _sum(asm, (mid, mlp_out), asm.node(post), layer)
         if layer + 1 < cfg.n_layers:
-            resid = asm.node(hooks.name("resid_pre", layer + 1))
+            resid = asm.node(names.name("resid_pre", layer + 1))
             asm.add([Identity(post, resid, "copy", layer)])
         else:
             resid = post
@@ -819,9 +717,9 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
         _unembed(asm, encoder.emit(asm))
     else:
         _unembed(asm, _final_norm(asm, _decoder(asm)))
-    sources = hooks.inputs(cfg)
+    sources = names.inputs(cfg)
     name = rules.name if head_mask is None else f"{rules.name}+mask({int(head_mask.sum())} heads)"
-    cached = tuple(hooks.name(f"cached_{w}", layer) for layer in range(cfg.n_layers) for w in "kv") if asm.prefix else ()
+    cached = tuple(names.name(f"cached_{w}", layer) for layer in range(cfg.n_layers) for w in "kv") if asm.prefix else ()
     graph = GradGraph(
         shapes=asm.shapes, order=tuple(asm.order), edges=tuple(asm.blocks), sources=sources, source_mask=asm.valid,
         activations=asm.stored, metric_value=recording.metric_value, logit_ids=recording.logit_ids,
@@ -839,7 +737,7 @@ def _frozen(graph: GradGraph) -> GradGraph:
     later Real backprop that keeps only those returns them instead of running again."""
     if not any(isinstance(edge, Pending) for edge in graph.edges):
         return graph
-    patterns = [hooks.name("pattern", layer) for layer in range(graph.n_layers)]
+    patterns = [names.name("pattern", layer) for layer in range(graph.n_layers)]
     settled = backprop(graph, keep=list(graph.sources) + list(graph.cached) + [p for p in patterns if p in graph.shapes])
     edges = tuple(edge.frozen(graph.shapes) if isinstance(edge, Pending) else edge for edge in graph.edges)
     return dataclasses.replace(graph, edges=edges, settled=MappingProxyType(settled))

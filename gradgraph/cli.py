@@ -35,7 +35,7 @@ def _defaults(config_class) -> dict:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from gradgraph.models import EMBEDDED, TINY
+    from gradgraph.arch.models import EMBEDDED, TINY
 
     print("Embedded models (load offline):")
     for entry in EMBEDDED.values():
@@ -47,9 +47,9 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_sva_eval(args: argparse.Namespace) -> None:
+    from gradgraph.arch.models import load_model
     from gradgraph.data import sva_items
     from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
-    from gradgraph.models import load_model
     from gradgraph.plot import sva_accuracy
     from gradgraph.studies.output import staged_run
 
@@ -145,9 +145,9 @@ def cmd_lrp_eval(args: argparse.Namespace) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from gradgraph import plot
+    from gradgraph.arch.models import load_model
     from gradgraph.attribution import attribute
     from gradgraph.metrics import logit_diff
-    from gradgraph.models import load_model
     from gradgraph.prompts import single_token_id
 
     model = load_model(args.model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.backprop import backprop, forward
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Broadcast, GradGraph, Identity, Matmul
@@ -83,22 +83,22 @@ def component_graph(graph: GradGraph, semiring: Semiring = Abs, *, batch: int = 
         for kind in ("q", "k", "v"):
             for c in range(reg.copies(kind)):
                 readers.append((kind, layer, c, bwd[nodes[kind]][:, b, :n_pos, c]))
-        z, attn_out = hooks.name("z", layer), hooks.name("attn_out", layer)
+        z, attn_out = names.name("z", layer), names.name("attn_out", layer)
         for h in range(H):  # head h's write: its z alone through the output map
             alone = sr.zero(graph.shapes[z], dtype=dtype, device=fwd[z].device)
             alone[:, :, :, h] = fwd[z][:, :, :, h]
             writers.append(("head", layer, h, _forward_through(graph, sr, z, attn_out, alone)[:, b, :n_pos]))
-        readers.append(("mlp", layer, None, bwd[hooks.name("mlp_in", layer)][:, b, :n_pos]))
-        writers.append(("mlp", layer, None, fwd[hooks.name("mlp_out", layer)][:, b, :n_pos]))
+        readers.append(("mlp", layer, None, bwd[names.name("mlp_in", layer)][:, b, :n_pos]))
+        writers.append(("mlp", layer, None, fwd[names.name("mlp_out", layer)][:, b, :n_pos]))
         # readers -> head outputs, inside the layer
         q_input = nodes["q"]
         through_q = reduce_last(sr.times(fwd[q_input], bwd[q_input])[:, b, :n_pos])[0]  # [pos, h]
-        scores = hooks.name("attn_scores", layer)
-        key = hooks.name("rot_k", layer) if hooks.name("rot_k", layer) in graph.shapes else hooks.name("k", layer)
+        scores = names.name("attn_scores", layer)
+        key = names.name("rot_k", layer) if names.name("rot_k", layer) in graph.shapes else names.name("k", layer)
         into_scores = _forward_through(graph, sr, key, scores, fwd[key])  # None: the rules hold the pattern constant
         via_k = (sr.zero(bwd[scores].shape[1:], dtype=bwd[scores].dtype, device=bwd[scores].device) if into_scores is None
                  else sr.times(into_scores, bwd[scores]))[0, b]  # [h, q, k]
-        value_blocks = [e for e in graph.edges_into(z) if e.src == hooks.name("v", layer)]
+        value_blocks = [e for e in graph.edges_into(z) if e.src == names.name("v", layer)]
         if not all(isinstance(e, Matmul) and e.weight_node is not None for e in value_blocks):
             raise GradGraphError(f"component_graph reads the value pathway from bilinear blocks into {z}")
         via_v = None
@@ -114,7 +114,7 @@ def component_graph(graph: GradGraph, semiring: Semiring = Abs, *, batch: int = 
                 for k in range(q + 1):
                     edges[(label("k", layer, g, k), head)] = float(via_k[h, q, k])
                     edges[(label("v", layer, g, k), head)] = float(via_v[h, q, k])
-    readers.append(("metric", graph.n_layers, None, bwd[hooks.name("resid_post", graph.n_layers - 1)][:, b, :n_pos]))
+    readers.append(("metric", graph.n_layers, None, bwd[names.name("resid_post", graph.n_layers - 1)][:, b, :n_pos]))
     # writers -> readers through the residual stream (same position, later in the model)
     write = torch.cat([w for *_, w in writers], 0).transpose(0, 1)  # [pos, n_writers, d]
     read = torch.cat([r for *_, r in readers], 0).permute(1, 2, 0)  # [pos, d, n_readers]

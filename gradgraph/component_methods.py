@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.attribution import integrated_flow, token_scores
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import assemble, record
@@ -100,7 +100,7 @@ class Scores:
 
 
 def _component_nodes(graph: GradGraph) -> list[str]:
-    nodes = [hooks.name(kind, layer) for layer in range(graph.n_layers)
+    nodes = [names.name(kind, layer) for layer in range(graph.n_layers)
              for kind in ("q_input", "k_input", "v_input", "z", "mlp_out")]
     return [n for n in nodes if n in graph.shapes]  # attention-only blocks have no MLP
 
@@ -210,9 +210,9 @@ def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseli
     at = torch.full((B, P, C), float("nan"), dtype=torch.float64)
     tokens = torch.full((B, P), float("nan"), dtype=torch.float64)
     delta = torch.full((B,), float("nan"), dtype=torch.float64)
-    names = _branch_nodes(gradient)
+    nodes = _branch_nodes(gradient)
     carried = Registry.of(gradient).skip_sources()
-    branch = {n: torch.zeros((1, *gradient.shapes[n]), dtype=torch.float64) for n in names}
+    branch = {n: torch.zeros((1, *gradient.shapes[n]), dtype=torch.float64) for n in nodes}
     for b in chosen.nonzero()[:, 0].tolist():
         n = int(gradient.attention_mask[b].sum())
         result = integrated_flow(model, gradient.tokens[b:b + 1, :n], logit_diff(int(good[b]), int(bad[b]), pos=position),
@@ -223,7 +223,7 @@ def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseli
         tokens[b] = 0.0
         tokens[b, :n] = result.scores[0].double()
         delta[b] = float(result.delta[0])
-        for node in names:
+        for node in nodes:
             key = f"{carried[node]}->{node}" if node in carried else node
             branch[node][0, b, :n] = result.values[key][0].double()
     return rows, at, tokens, Branches(Real, "sum", branch, chosen.clone()), delta

@@ -19,7 +19,7 @@ attention, MLP and the rule sets' blocks are the decoder's own emitters.
 
 from __future__ import annotations
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.build import _Assembly, _attention, _linear, _mlp, _norm_out, _sum
 from gradgraph.graph import Diag, Identity
 from gradgraph.weights import Weight
@@ -28,26 +28,26 @@ from gradgraph.weights import Weight
 def emit(asm: _Assembly) -> str:
     """Every op of the encoder on ``asm``; returns ``unembed.hook_in``'s node."""
     model = asm.model
-    sources = tuple(asm.node(name) for name in hooks.inputs(asm.cfg))
-    total = asm.node(hooks.name("embed_sum"), sum(asm.stored[n] for n in sources))
+    sources = tuple(asm.node(name) for name in names.inputs(asm.cfg))
+    total = asm.node(names.name("embed_sum"), sum(asm.stored[n] for n in sources))
     _sum(asm, sources, total, None)
-    full = _norm_out(asm, "embed_ln", total, None, model.embed.ln, hooks.name("full_embed"))
-    resid = asm.node(hooks.name("resid_pre", 0))
+    full = _norm_out(asm, "embed_ln", total, None, model.embed.ln, names.name("full_embed"))
+    resid = asm.node(names.name("resid_pre", 0))
     asm.add([Identity(full, resid, "copy", None)])
     for layer in range(asm.cfg.n_layers):
         block = model.blocks[layer]
         attn_out = _attention(asm, layer, resid)
-        mid = asm.node(hooks.name("resid_mid", layer))
+        mid = asm.node(names.name("resid_mid", layer))
         _sum(asm, (resid, attn_out), mid, layer)
-        mlp_in = asm.node(hooks.name("mlp_in", layer))
+        mlp_in = asm.node(names.name("mlp_in", layer))
         asm.add([Identity(mid, mlp_in, "copy", layer)])
-        normed = _norm_out(asm, "ln1", mlp_in, layer, block.ln1, hooks.name("ln1_output", layer))
+        normed = _norm_out(asm, "ln1", mlp_in, layer, block.ln1, names.name("ln1_output", layer))
         mlp_out = _mlp(asm, layer, normed)
-        post = asm.node(hooks.name("resid_post", layer))
+        post = asm.node(names.name("resid_post", layer))
         _sum(asm, (normed, mlp_out), post, layer)
-        resid = _norm_out(asm, "ln2", post, layer, block.ln2, hooks.name("normalized_resid_post", layer))
+        resid = _norm_out(asm, "ln2", post, layer, block.ln2, names.name("normalized_resid_post", layer))
         if layer + 1 < asm.cfg.n_layers:
-            nxt = asm.node(hooks.name("resid_pre", layer + 1))
+            nxt = asm.node(names.name("resid_pre", layer + 1))
             asm.add([Identity(resid, nxt, "copy", layer)])
             resid = nxt
     return _mlm_head(asm, resid)
@@ -58,13 +58,13 @@ def _mlm_head(asm: _Assembly, resid: str) -> str:
     head = asm.model.mlm_head
     B, P = asm.valid.shape
     W = head.W.detach()
-    dense = asm.node(hooks.name("mlm_dense"), asm.stored[resid] @ W + head.b.detach())
+    dense = asm.node(names.name("mlm_dense"), asm.stored[resid] @ W + head.b.detach())
     weight = asm.shared(("mlm_W",), lambda: W[None])
     _linear(asm, resid, dense, None, weight, "b p d -> 1 (b p) d", "b p e -> 1 (b p) e", dict(b=B, p=P))
     x = asm.stored[dense]
-    act = asm.node(hooks.name("mlm_act"), head.act_fn(x))
+    act = asm.node(names.name("mlm_act"), head.act_fn(x))
     asm.add([Diag(dense, act, "activation", None, ((Weight(asm.rules.activation(head.act_fn, x)), None),))])
-    return _norm_out(asm, "mlm_ln", act, None, head.ln, hooks.name("unembed_in"))
+    return _norm_out(asm, "mlm_ln", act, None, head.ln, names.name("unembed_in"))
 
 
 __all__ = ["emit"]

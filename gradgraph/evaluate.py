@@ -8,9 +8,9 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from gradgraph.arch.lens import Model
 from gradgraph.data.sva import SVAItem
 from gradgraph.errors import GradGraphError
-from gradgraph.lens import Model
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import to_tokens
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradgraph import inference
+from gradgraph.arch import inference
 from gradgraph.errors import GradGraphError
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -61,7 +61,7 @@ def replaced(tokens: torch.Tensor, scores: torch.Tensor, candidates: torch.Tenso
 @torch.no_grad()
 def two_way_probability(model, rows: torch.Tensor, good: int, bad: int, *, prefix: int = 0) -> torch.Tensor:
     """``σ(logit(good) − logit(bad))`` at the last position of each row ``[n, pos]`` (no padding).
-    Rows that share their first ``prefix`` tokens run that prefix once (``gradgraph.inference``)."""
+    Rows that share their first ``prefix`` tokens run that prefix once (``gradgraph.arch.inference``)."""
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise GradGraphError(f"rows must be a non-empty [n, pos] tensor of token ids, got {tuple(rows.shape)}")
     if prefix and not bool((rows[:, :prefix] == rows[:1, :prefix]).all()):

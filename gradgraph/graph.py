@@ -41,13 +41,13 @@ import einops
 import networkx as nx
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.errors import GradGraphError
 from gradgraph.semirings import Semiring
 from gradgraph.weights import Weight
 
 NETWORKX_EDGE_LIMIT = 200_000
-LOGITS = hooks.name("logits")
+LOGITS = names.name("logits")
 
 # what a block is the derivative of
 OPS = ("copy", "residual", "norm", "linear", "rotary", "bilinear", "softmax", "activation", "metric")

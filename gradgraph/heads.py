@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import hooks
+from gradgraph.arch import hooks, names
 from gradgraph.errors import GradGraphError
 from gradgraph.prompts import right_pad, to_tokens
 
@@ -62,13 +62,13 @@ def _batch(model, chunk: list) -> tuple[torch.Tensor, torch.Tensor]:
 def _argmax_attention(model, texts: list, batch_size: int, desc: str):
     """Per sentence: (token ids [pos], attention patterns ``[L, H, pos, pos]``), from right-padded
     batches (causal attention never sees the padding after a sentence)."""
-    names = {hooks.name("pattern", layer) for layer in range(model.cfg.n_layers)}
+    wanted = {names.name("pattern", layer) for layer in range(model.cfg.n_layers)}
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
         chunk = texts[start:start + batch_size]
         tokens, mask = _batch(model, chunk)
-        with torch.no_grad(), hooks.recording(model, names=names) as store:
+        with torch.no_grad(), hooks.recording(model, names=wanted) as store:
             model(tokens)
-        patterns = torch.stack([store[hooks.name("pattern", layer)][0] for layer in range(model.cfg.n_layers)], 1)
+        patterns = torch.stack([store[names.name("pattern", layer)][0] for layer in range(model.cfg.n_layers)], 1)
         for b in range(len(chunk)):
             n = int(mask[b].sum())
             yield tokens[b, :n], patterns[b, :, :, :n, :n].float().cpu()  # [L, H, n, n]

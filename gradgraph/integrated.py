@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import hooks, memory
+from gradgraph.arch import memory, names
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record
 from gradgraph.errors import GradGraphError
@@ -30,7 +30,7 @@ def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_
     embeddings for the prompt ``tokens`` ``[pos]``; ``batch_size`` rows per pass at most, fewer
     where memory is short."""
     grads, values = [], []
-    embed = hooks.inputs(model)[0]
+    embed = names.inputs(model)[0]
     batch_size = fitting(model, len(tokens), batch_size)
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="path gradients", unit="batch", disable=not progress or len(starts) < 2):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import hooks, inference, lens
+from gradgraph.arch import hooks, inference, lens, names
+from gradgraph.arch.features import soft_cap
+from gradgraph.arch.inference import KeysValues
+from gradgraph.arch.lens import Model
 from gradgraph.backprop import backprop
-from gradgraph.build import assemble, record, soft_cap
+from gradgraph.build import assemble, record
 from gradgraph.errors import GradGraphError
-from gradgraph.inference import KeysValues
 from gradgraph.labels import Component, Registry
-from gradgraph.lens import Model
 from gradgraph.metrics import prepare
 from gradgraph.rules import GRADIENT
 
@@ -48,8 +49,8 @@ def _cache(model: Model, tokens: torch.Tensor, *, embed: torch.Tensor | None = N
     """Clean activations at every head output (hook_z), attention and MLP output, the residual
     inputs, and the q/k/v inputs where ``kinds`` ask for them."""
     kinds = ("z", "mlp_out", "attn_out", "resid_pre") + tuple(f"{k}_input" for k in kinds if k in "qkv")
-    wanted = {hooks.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
-    replacements = {} if embed is None else {hooks.inputs(model)[0]: embed}
+    wanted = {names.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
+    replacements = {} if embed is None else {names.inputs(model)[0]: embed}
     with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
         hooks.final_residual(model, tokens)
     return {name: tensors[0].clone() for name, tensors in store.items() if name in wanted}
@@ -97,7 +98,7 @@ def _read_columns(model, resid_final: torch.Tensor, metric, mask) -> torch.Tenso
 
 
 def _check(model, tokens, mask):
-    if hooks.is_encoder(model.cfg):
+    if names.is_encoder(model.cfg):
         raise GradGraphError("interventions run a decoder from any layer (HookedTransformer); a HookedEncoder "
                              "cannot start at a layer: score its components by the graph methods")
     if tokens.ndim != 2 or tokens.shape[0] == 0:
@@ -127,7 +128,7 @@ def intervene(
     positions (``[n_heads, d_head]`` for hook_z, ``[d_model]`` for hook_mlp_out, ``[copies,
     d_model]`` for the q/k/v inputs); ``embed`` replaces the clean run's token embeddings. Returns
     ``{"clean": {"metric": [batch]}, "mean_ablation": {label: [batch]}, "patching": {label: [batch]}}``.
-    Models that ``gradgraph.inference`` covers run there (no hooks, all of a layer's components in one
+    Models that ``gradgraph.arch.inference`` covers run there (no hooks, all of a layer's components in one
     run from it); others through TransformerLens' hooks, with the same results.
     """
     _check(model, tokens, mask)
@@ -150,7 +151,7 @@ def intervene(
         return _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress)
     clean = _cache(model, tokens, embed=embed, kinds=kinds)
     corrupt = _cache(model, counterfactual, kinds=kinds) if counterfactual is not None else None
-    with hooks.replacing(model, {} if embed is None else {hooks.inputs(model)[0]: embed}):
+    with hooks.replacing(model, {} if embed is None else {names.inputs(model)[0]: embed}):
         last = hooks.final_residual(model, tokens)
     ids = _read_columns(model, last, metric, mask)
     base = _metric_from_resid(model, last, metric, mask, ids)
@@ -180,7 +181,7 @@ def intervene(
                 return activation
 
             replacements[hook] = replace
-        resid = clean[hooks.name("resid_pre", layer)].repeat(len(components), 1, 1)
+        resid = clean[names.name("resid_pre", layer)].repeat(len(components), 1, 1)
         final = _run_from(model, layer, resid, replacements).view(len(components), batch, *resid.shape[1:])
         for i, c in enumerate(components):
             effect = _metric_from_resid(model, final[i], metric, mask, ids) - base
@@ -194,10 +195,10 @@ def _component_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     G = cfg.n_key_value_heads or cfg.n_heads
     out = {}
     for layer in range(cfg.n_layers):
-        out[hooks.name("z", layer)] = (cfg.n_heads, cfg.d_head)
-        out[hooks.name("mlp_out", layer)] = (cfg.d_model,)
+        out[names.name("z", layer)] = (cfg.n_heads, cfg.d_head)
+        out[names.name("mlp_out", layer)] = (cfg.d_model,)
         for kind, copies in (("q", cfg.n_heads), ("k", G), ("v", G)):
-            out[hooks.name(f"{kind}_input", layer)] = (copies, cfg.d_model)
+            out[names.name(f"{kind}_input", layer)] = (copies, cfg.d_model)
     return out
 
 
@@ -211,15 +212,15 @@ def activation_means(model: Model, tokens: torch.Tensor, mask: torch.Tensor) -> 
     means = {name: cache[name][real].mean(0) for name in _intervened_hooks(model)}
     shapes = _component_shapes(model)
     for layer in range(model.cfg.n_layers):
-        resid = cache[hooks.name("resid_pre", layer)][real].mean(0)  # every q/k/v input copies it
+        resid = cache[names.name("resid_pre", layer)][real].mean(0)  # every q/k/v input copies it
         for kind in "qkv":
-            name = hooks.name(f"{kind}_input", layer)
+            name = names.name(f"{kind}_input", layer)
             means[name] = resid.expand(shapes[name]).clone()
     return means
 
 
 def _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress) -> dict:
-    """``intervene`` with ``gradgraph.inference``: each layer's components in one run from its
+    """``intervene`` with ``gradgraph.arch.inference``: each layer's components in one run from its
     residual input, copy i of the batch with component i's q, k, v (before rotary), z or MLP output
     replaced: a q/k/v input by the counterfactual's (or the mean input's) projection, which is what
     replacing that head's input copy computes."""
@@ -276,12 +277,12 @@ def _mean_sources(model, means: dict[str, torch.Tensor]) -> dict[str, list[torch
     for layer in range(model.cfg.n_layers):
         projected = {}
         for kind in "qkv":
-            mean_input = means.get(hooks.name(f"{kind}_input", layer))
+            mean_input = means.get(names.name(f"{kind}_input", layer))
             projected[kind] = None if mean_input is None else inference.project(model, layer, kind, mean_input)
         for kind in "qkv":
             out[kind].append(projected[kind])
-        out["z"].append(means.get(hooks.name("z", layer)))
-        out["mlp_out"].append(means.get(hooks.name("mlp_out", layer)))
+        out["z"].append(means.get(names.name("z", layer)))
+        out["mlp_out"].append(means.get(names.name("mlp_out", layer)))
     return out
 
 
@@ -341,7 +342,7 @@ def patch_positions(
 
 
 def _patch_positions_from_weights(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:
-    """``patch_positions`` with ``gradgraph.inference``: a patch at position i leaves the earlier
+    """``patch_positions`` with ``gradgraph.arch.inference``: a patch at position i leaves the earlier
     positions as they were, so each run covers positions i.. only, from the clean run's keys and
     values before i; a patched attention or MLP output at layer L changes position i alone until
     layer L + 1, so those runs start there. Patches at every site that start at one layer run together."""
@@ -400,13 +401,13 @@ def _patch_positions(model, tokens, mask, counterfactual, metric, sites, progres
     out = {site: torch.zeros(batch, model.cfg.n_layers, P, dtype=torch.float64) for site in sites}
     todo = [(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
     for site, layer in tqdm(todo, desc="position patching", disable=not progress, unit="layer"):
-        hook = hooks.name(site, layer)
+        hook = names.name(site, layer)
 
         def patched(activation, hook=hook):  # [P * batch, pos, d]: copy i patched at position i
             copies = activation.view(P, batch, *activation.shape[1:])
             return torch.where(eye, corrupt[hook][None], copies).view_as(activation)
 
-        resid = clean[hooks.name("resid_pre", layer)].repeat(P, 1, 1)
+        resid = clean[names.name("resid_pre", layer)].repeat(P, 1, 1)
         if site == "resid_pre":
             resid, replacements = patched(resid), {}
         else:
@@ -431,7 +432,7 @@ def position_attribution(
     for site in sites:
         per_layer = []
         for layer in range(n_layers):
-            hook = hooks.name(site, layer)
+            hook = names.name(site, layer)
             per_layer.append(((corrupt[hook] - clean[hook]) * gradients[hook].to(clean[hook].dtype)).sum(-1))
         out[site] = torch.stack(per_layer, 1).double().cpu()
     return out
@@ -454,7 +455,7 @@ def relevance_patching(
     ``{"relp": {...}, "attribution": {...}}``."""
     recording = record(model, tokens, metric, attention_mask=mask)
     corrupt = _cache(model, counterfactual, kinds=kinds)
-    wanted = _intervened_hooks(model, kinds) + [hooks.name(site, layer) for layer in range(model.cfg.n_layers)
+    wanted = _intervened_hooks(model, kinds) + [names.name(site, layer) for layer in range(model.cfg.n_layers)
                                                for site in SITES]
     out = {}
     for name, rule_set in (("relp", rules), ("attribution", GRADIENT)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 
@@ -56,9 +56,9 @@ class Registry:
     def of(source) -> "Registry":
         if isinstance(source, GradGraph):
             return Registry(source.n_layers, source.n_heads, source.n_key_value_heads, tuple(source.sources),
-                            hooks.name("mlp_out", 0) in source.shapes, hooks.name("resid_mid", 0) in source.shapes)
+                            names.name("mlp_out", 0) in source.shapes, names.name("resid_mid", 0) in source.shapes)
         cfg = getattr(source, "cfg", source)
-        embeds = hooks.inputs(cfg)
+        embeds = names.inputs(cfg)
         return Registry(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, embeds, not cfg.attn_only,
                         not (cfg.attn_only or cfg.parallel_attn_mlp))
 
@@ -141,7 +141,7 @@ class Registry:
         if c.kind == "embed":
             return self.embeds
         kind = {"q": "q_input", "k": "k_input", "v": "v_input", "head": "z", "mlp": "mlp_out"}[c.kind]
-        return (hooks.name(kind, c.layer),)
+        return (names.name(kind, c.layer),)
 
     def index(self, c: Component) -> tuple:
         """The index into each node's ``[batch, pos, ...]`` tensor (all batch items)."""
@@ -152,14 +152,14 @@ class Registry:
         """The readers of a layer's attention input: the q/k/v input copies (one per query or
         key/value head) and the skip past attention (``hook_resid_mid``; ``hook_resid_post`` where
         attention and MLP read the same input, whose MLP branch is then not among them)."""
-        skip = hooks.name("resid_mid" if self.sequential else "resid_post", layer)
-        return {"q": hooks.name("q_input", layer), "k": hooks.name("k_input", layer),
-                "v": hooks.name("v_input", layer), "skip": skip}
+        skip = names.name("resid_mid" if self.sequential else "resid_post", layer)
+        return {"q": names.name("q_input", layer), "k": names.name("k_input", layer),
+                "v": names.name("v_input", layer), "skip": skip}
 
     def skip_edge(self, layer: int) -> tuple[str, str]:
         """The residual skip past a layer's attention: (``hook_resid_pre``, the skip node), a
         weight-1 edge of the residual sum."""
-        return hooks.name("resid_pre", layer), self.branch_nodes(layer)["skip"]
+        return names.name("resid_pre", layer), self.branch_nodes(layer)["skip"]
 
     def skip_sources(self) -> dict[str, str]:
         """``{skip node: hook_resid_pre}`` for every layer: the residual each skip carries."""
@@ -172,7 +172,7 @@ class Registry:
         return self._node_kinds().get(node)
 
     def _node_kinds(self) -> dict[str, tuple[str, int]]:
-        return {hooks.name(node, layer): (kind, layer) for layer in range(self.n_layers)
+        return {names.name(node, layer): (kind, layer) for layer in range(self.n_layers)
                 for node, kind in _NODE_KIND.items()}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import hooks, names
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
@@ -40,7 +40,7 @@ def kernel(name: str, a: torch.Tensor, b: torch.Tensor, ids_a: torch.Tensor, ids
 def _states(model, tokens: torch.Tensor, mask: torch.Tensor, metric, layer: int, batch_size: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean hidden state [n, d_model], metric [n])`` of right-padded rows."""
-    name = hooks.name("resid_post", layer)
+    name = names.name("resid_post", layer)
     states, values = [], []
     for start in range(0, len(tokens), batch_size):
         t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
@@ -86,7 +86,7 @@ def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, 
         own = attribute(model, ids[None], metric, method=base, baseline=baseline, attribute_bos=attribute_bos,
                         positions=positions, batch_size=batch_size)
         scores[b, :n], target[b] = own.scores[0], own.target[0]
-        elements[b, :n] = own.values[hooks.inputs(model)[0]][0]
+        elements[b, :n] = own.values[names.inputs(model)[0]][0]
         distance = torch.cdist(states[b][None], pool)[0]
         same = (pool_values > 0) == (values[b] > 0)
         distinct = torch.tensor([int(corpus_mask[i].sum()) != n or not torch.equal(corpus_ids[i, :n], ids)
@@ -108,7 +108,7 @@ def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, 
             spread += (k * other_scores[None]).sum(1) / max(len(other_ids), 1)
         scores[b, :n] += lam * spread / len(order) * ~_kept(model, ids, attribute_bos, positions)
     name = f"lafa ({own.method}, λ={lam}, {kernel}, {n_neighbours} neighbours)"
-    return Attribution(name, token_ids, scores, target, scores.sum(1) - target, {hooks.inputs(model)[0]: elements})
+    return Attribution(name, token_ids, scores, target, scores.sum(1) - target, {names.inputs(model)[0]: elements})
 
 
 def _kernel_values(name: str, W: torch.Tensor, ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

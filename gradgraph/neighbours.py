@@ -16,8 +16,8 @@ import tempfile
 import torch
 from tqdm.auto import tqdm
 
+from gradgraph.arch.models import cache_dir
 from gradgraph.errors import GradGraphError
-from gradgraph.models import cache_dir
 
 CACHED_FROM = 4096  # vocabularies at least this large are cached on disk (smaller ones take milliseconds)
 

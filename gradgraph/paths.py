@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import names
 from gradgraph.backprop import backprop, through
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
@@ -64,7 +64,7 @@ def readable_steps(nodes, registry: Registry) -> tuple[str, ...]:
     run: dict | None = None  # the residual run being walked: position, unit, layers skipped, last node
     neuron = None
     for name, index in nodes:
-        parsed = hooks.parse(name)
+        parsed = names.parse(name)
         kind, layer = (parsed[0], parsed[1]) if parsed else (None, None)
         if kind in _RESIDUAL:
             if run is None or (run["position"], run["unit"]) != (index[1], index[-1]):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from gradgraph.arch.lens import Model
 from gradgraph.errors import GradGraphError
-from gradgraph.lens import Model
 
 
 def single_token_id(tokenizer, word: str) -> int:

@@ -17,14 +17,14 @@ keep_freed_memory()  # as the gradgraph command does
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from gradgraph.models import load_tokenizer
+    from gradgraph.arch.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def smol_model():
-    from gradgraph.models import load_model
+    from gradgraph.arch.models import load_model
 
     return load_model("smollm2-135m")
 

@@ -4,7 +4,7 @@ hooks that detach or rescale activations, so that torch autograd computes the mo
 
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import hooks, names
 
 
 def _ratio(num, den):
@@ -64,15 +64,15 @@ def reference_hooks(model, rules: str, head_mask=None) -> list:
         if name.endswith("hook_scale"):
             out.append((name, lambda t, hook: t.detach()))
     for layer in range(model.cfg.n_layers):
-        out.append((hooks.name("mlp_pre", layer), keep("pre", layer)))
+        out.append((names.name("mlp_pre", layer), keep("pre", layer)))
         if model.cfg.gated_mlp:
-            out.append((hooks.name("mlp_pre_linear", layer), keep("lin", layer)))
-        out.append((hooks.name("mlp_post", layer), post_hook(layer)))
+            out.append((names.name("mlp_pre_linear", layer), keep("lin", layer)))
+        out.append((names.name("mlp_post", layer), post_hook(layer)))
         if pattern_constant:
-            out.append((hooks.name("pattern", layer), lambda t, hook: t.detach()))
+            out.append((names.name("pattern", layer), lambda t, hook: t.detach()))
         elif half_attention:
-            out.append((hooks.name("attn_scores", layer), lambda t, hook: _halved(t)))
-        out.append((hooks.name("z", layer), z_hook(layer)))
+            out.append((names.name("attn_scores", layer), lambda t, hook: _halved(t)))
+        out.append((names.name("z", layer), z_hook(layer)))
     return out
 
 

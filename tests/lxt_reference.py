@@ -31,7 +31,7 @@ from transformers.models.llama import modeling_llama  # noqa: E402
 import lxt.efficient.models.llama as lxt_llama  # noqa: E402
 from lxt.efficient import monkey_patch  # noqa: E402
 
-from gradgraph.models import EMBEDDED, _gguf_folder  # noqa: E402
+from gradgraph.arch.models import EMBEDDED, _gguf_folder  # noqa: E402
 
 
 def main(rules: str, good: str, bad: str, *texts: str) -> list[dict]:

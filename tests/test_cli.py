@@ -9,7 +9,7 @@ from gradgraph.evaluate import take
 
 
 def test_models_lists_embedded(capsys):
-    from gradgraph.models import EMBEDDED
+    from gradgraph.arch.models import EMBEDDED
 
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()

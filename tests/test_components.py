@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model, top_paths
+from gradgraph import GradGraphError, backprop, build_graph, tiny_model, top_paths
+from gradgraph.arch import names
 from gradgraph.branches import branch_shares
 from gradgraph.component_graph import component_graph
 from gradgraph.components import component_path, component_values, top_component_paths
@@ -61,7 +62,7 @@ def test_component_values_sum_back_to_node_values(graph, semiring):
     for layer in range(graph.n_layers):
         for kind, node in (("q", "q_input"), ("k", "k_input"), ("v", "v_input"), ("head", "z"), ("mlp", "mlp_out")):
             total = sum(r["value"] for r in rows if r["kind"] == kind and r["layer"] == layer)
-            expected = values[hooks.name(node, layer)][0][graph.source_mask].sum().item()
+            expected = values[names.name(node, layer)][0][graph.source_mask].sum().item()
             assert total == pytest.approx(expected, rel=1e-9, abs=1e-12)
     # padded positions are not components
     assert not [r for r in rows if r["batch"] == 1 and r["position"] >= 3]
@@ -78,7 +79,7 @@ def test_branch_shares_sum_to_one_and_follow_the_best_path(graph, agg):
     if agg == "oplus":  # the ⊕-max over branches is the best path value at the attention input
         best = backprop(graph, Max)
         for layer in range(graph.n_layers):
-            node = best[hooks.name("resid_pre", layer)][0]
+            node = best[names.name("resid_pre", layer)][0]
             expected = torch.stack([node[0, 4].max(), node[1, 2].max()]).mean()
             assert shares.value[layer].sum().item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -87,7 +88,7 @@ def test_branch_shares_with_abs_sum_equals_flow_split(graph):
     shares = branch_shares(graph, torch.tensor([1, 2]), semiring=Abs, agg="sum")
     values = backprop(graph, Abs, dtype=torch.float64)
     # at the attention input of layer 0, q/k/v/skip sums partition the node's backward value
-    total = values[hooks.name("resid_pre", 0)][0]
+    total = values[names.name("resid_pre", 0)][0]
     expected = (total[0, 1].sum() + total[1, 2].sum()) / 2
     assert shares.value[0].sum().item() == pytest.approx(expected.item(), rel=1e-10)
 
@@ -136,7 +137,7 @@ def test_a_path_prints_as_a_person_reads_it():
     from gradgraph.paths import GradientPath
 
     reg = Registry(n_layers=2, n_heads=4, n_key_value_heads=2, embeds=("hook_embed",))
-    n = hooks.name
+    n = names.name
     through_mlp = ((n("embed"), (0, 5, 25)), (n("resid_pre", 0), (0, 5, 25)), (n("resid_mid", 0), (0, 5, 25)),
                    (n("mlp_in", 0), (0, 5, 25)), (n("ln2_normalized", 0), (0, 5, 25)), (n("mlp_pre", 0), (0, 5, 53)),
                    (n("mlp_post", 0), (0, 5, 53)), (n("mlp_out", 0), (0, 5, 247)), (n("resid_post", 0), (0, 5, 247)),
@@ -175,10 +176,10 @@ def test_flow_is_conserved_at_every_residual_cut(graph):
     flow = gradient_flow(graph)
     total = flow["metric"]
     for layer in range(graph.n_layers):
-        resid = flow[hooks.name("resid_pre", layer)].flatten(1).sum(1)
+        resid = flow[names.name("resid_pre", layer)].flatten(1).sum(1)
         assert torch.allclose(resid, total, rtol=1e-10)
-        z = flow[hooks.name("z", layer)].flatten(1).sum(1)
-        out = flow[hooks.name("attn_out", layer)].flatten(1).sum(1)
+        z = flow[names.name("z", layer)].flatten(1).sum(1)
+        out = flow[names.name("attn_out", layer)].flatten(1).sum(1)
         assert torch.allclose(z, out, rtol=1e-10) and (z > 0).all() and (z < total).all()
 
 
@@ -205,7 +206,7 @@ def test_component_graph_conserves_the_scalar_graphs_flow(arch):
             assert into == pytest.approx(out, rel=1e-9, abs=1e-12 * total), node
         # a head's output flow equals the scalar flow through its hook_z elements
         last = int(mask[b].sum()) - 1  # in the last layer only the metric's position reaches it
-        head = flow[hooks.name("z", 1)][b, last, 1].sum().item()
+        head = flow[names.name("z", 1)][b, last, 1].sum().item()
         assert cg.nodes[f"L1H1@{last}"]["flow"] == pytest.approx(head, rel=1e-9)
         assert f"L1H1@{last - 1}" not in cg
     pruned = component_graph(g, Abs, batch=0, min_share=0.05)

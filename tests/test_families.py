@@ -5,11 +5,12 @@ the component views follow the layout, and what is still refused is named."""
 import pytest
 import torch
 
-from gradgraph import GradGraphError, backprop, build_graph, hooks, lrp, tiny_model
+from gradgraph import GradGraphError, backprop, build_graph, lrp, tiny_model
+from gradgraph.arch import hooks, names
 from gradgraph.branches import branch_shares
 from gradgraph.labels import Registry
 from gradgraph.metrics import logprob_diff, mask_positions, masked_logit_diff
-from gradgraph.models import FAMILIES
+from gradgraph.arch.models import FAMILIES
 from gradgraph.semirings import Abs, Real
 
 from conftest import no_hooks_left
@@ -59,7 +60,7 @@ def prompts(family: str):
 
 
 def autograd_reference(model, tokens, mask, metric) -> dict[str, torch.Tensor]:
-    run = dict(one_zero_attention_mask=mask) if hooks.is_encoder(model.cfg) else {}
+    run = dict(one_zero_attention_mask=mask) if names.is_encoder(model.cfg) else {}
     with hooks.recording(model, keep_grad=True) as store:
         logits = model(tokens, **run)
     metric(logits, mask).sum().backward()
@@ -123,7 +124,7 @@ def test_branch_shares_and_component_views_on_the_encoder():
     rows = torch.arange(3)
     for layer in range(2):
         for column, node in enumerate(["q_input", "k_input", "v_input", "resid_mid"]):
-            value = flows[hooks.name(node, layer)][0][rows, at].sum() / 3
+            value = flows[names.name(node, layer)][0][rows, at].sum() / 3
             assert shares.value[layer, column].item() == pytest.approx(value.item(), rel=1e-12)
     values = component_values(graph, backprop(graph, Real), Real)
     assert {row["kind"] for row in values} == {"embed", "q", "k", "v", "head", "mlp"}
@@ -180,4 +181,4 @@ def test_integrated_gradients_are_complete(family):
                                                        if family == "bert" else -1),
                        method="ig", steps=48, baseline=0)  # from token 0: no zero vector into a norm
     assert abs(float(result.delta[0])) < 1e-4 * max(1.0, abs(float(result.target[0])))
-    assert result.values[hooks.inputs(model)[0]].shape == (1, 7, model.cfg.d_model)
+    assert result.values[names.inputs(model)[0]].shape == (1, 7, model.cfg.d_model)

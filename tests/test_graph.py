@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import gradgraph
-from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model
+from gradgraph import GradGraphError, backprop, build_graph, tiny_model
+from gradgraph.arch import hooks, names
 from gradgraph.metrics import logit_diff, logprob_diff
 from gradgraph.semirings import Abs, KMax, Log, Real
 
@@ -29,7 +30,7 @@ def compare_with_autograd(graph, values, reference, tol) -> int:
     missing = [name for name in reference if name not in graph.shapes]
     assert not missing, f"hook points with a gradient but no graph node: {missing}"
     for name, grad in reference.items():
-        if name == hooks.name("logits"):  # only the logits the metric reads are nodes
+        if name == names.name("logits"):  # only the logits the metric reads are nodes
             others = [i for i in range(grad.shape[-1]) if i not in set(graph.logit_ids.tolist())]
             assert grad[..., others].abs().max() == 0
             grad = grad[..., graph.logit_ids]
@@ -192,7 +193,7 @@ def test_networkx_limit_and_index_convention():
     graph = _tiny_graph("gpt2", batch=1)
     scalar = graph.to_networkx()
     assert scalar.number_of_edges() == graph.n_scalar_edges() + 1
-    assert (hooks.name("logits"), (0, 1, 1)) in scalar  # logits indexed by vocabulary id
+    assert (names.name("logits"), (0, 1, 1)) in scalar  # logits indexed by vocabulary id
     big = build_graph(tiny_model("gpt2"), torch.randint(0, 50, (2, 10)), logit_diff(1, 2))
     with pytest.raises(GradGraphError, match=r"edges, over the to_networkx limit of 200,000"):
         big.to_networkx()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gradgraph import GradGraphError, hooks, tiny_model
+from gradgraph import GradGraphError, tiny_model
+from gradgraph.arch import names
 from gradgraph.heads import mask, positional_heads, syntactic_heads
 
 from conftest import no_hooks_left
@@ -24,7 +25,7 @@ def test_a_planted_positional_head_is_detected():
     model = tiny_model("gpt2", seed=0, n_heads=4)
     generator = torch.Generator().manual_seed(0)
     corpus = [torch.randint(0, 50, (n,), generator=generator) for n in (5, 9, 12, 7)]
-    with model.hooks(fwd_hooks=[(hooks.name("pattern", 1), _previous_token)]):
+    with model.hooks(fwd_hooks=[(names.name("pattern", 1), _previous_token)]):
         rows = positional_heads(model, corpus, threshold=0.9, batch_size=3)
     assert len(rows) == model.cfg.n_layers * model.cfg.n_heads
     planted = [r for r in rows if r["positional"]]

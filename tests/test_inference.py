@@ -1,10 +1,11 @@
-"""Output-only forward passes (``gradgraph.inference``) against the model's own forward, and the
+"""Output-only forward passes (``gradgraph.arch.inference``) against the model's own forward, and the
 deletion probabilities built on them."""
 
 import pytest
 import torch
 
-from gradgraph import hooks, inference, tiny_model
+from gradgraph import tiny_model
+from gradgraph.arch import inference, names
 from gradgraph.faithfulness import Example, measure, measure_all, probabilities
 
 
@@ -109,4 +110,4 @@ def test_no_hook_point_fires():
     fired = []
     with model.hooks(fwd_hooks=[(lambda name: True, lambda t, hook: fired.append(hook.name))]):
         inference.last_logits(model, _rows(6), torch.tensor([1]))
-    assert fired == [] and hooks.name("embed") in model.hook_dict
+    assert fired == [] and names.name("embed") in model.hook_dict

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gradgraph import GradGraphError, backprop, build_graph, hooks, tiny_model
+from gradgraph import GradGraphError, backprop, build_graph, tiny_model
+from gradgraph.arch import hooks, names
 from gradgraph.interventions import activation_means, attribution_patching, intervene
 from gradgraph.metrics import logit_diff
 from gradgraph.semirings import Real
@@ -47,7 +48,7 @@ def test_interventions_match_naive_runs_and_leave_model_unchanged():
     corrupt = hooks.node_firings(store)
     for layer, head in [(0, 1), (2, 3), (1, None)]:
         kind = "z" if head is not None else "mlp_out"
-        hook = hooks.name(kind, layer)
+        hook = names.name(kind, layer)
         label = f"L{layer}H{head}" if head is not None else f"MLP{layer}"
         mean = means[hook][head] if head is not None else means[hook]
         expected = _naive(model, tokens, mask, metric, hook, head, mean) - clean
@@ -73,7 +74,7 @@ def test_attribution_patching_is_first_order_patching():
     assert all(v.abs().max() == 0 for v in zero.values())
     # a tiny perturbation of the embedding: compare with exact patching through a scaled copy
     scale = 1e-4
-    emb = hooks.name("embed")
+    emb = names.name("embed")
 
     def nudge(activation):
         return activation * (1 + scale)
@@ -84,7 +85,7 @@ def test_attribution_patching_is_first_order_patching():
     with hooks.recording(model) as store:
         model(tokens)
     clean = hooks.node_firings(store)
-    z = hooks.name("z", 1)
+    z = names.name("z", 1)
     approx = ((store_cf[z] - clean[z]) * grads[z])[:, :, 2].sum()
     exact = _naive(model, tokens, mask, metric, z, 2, store_cf[z][:, :, 2]) - metric(model(tokens), mask)
     assert abs(exact.item()) > 0
@@ -92,7 +93,7 @@ def test_attribution_patching_is_first_order_patching():
 
 
 def test_hooks_are_removed_when_an_intervention_raises():
-    # a model gradgraph.inference does not cover runs through TransformerLens' hooks
+    # a model gradgraph.arch.inference does not cover runs through TransformerLens' hooks
     model = tiny_model("gpt2", dtype=torch.float64, seed=3, parallel_attn_mlp=True)
     tokens = torch.tensor([[3, 4, 5, 6]])
     mask = torch.ones_like(tokens)
@@ -158,7 +159,7 @@ def test_position_patching_equals_one_patch_at_a_time():
             model(counterfactual)
         corrupt = hooks.node_firings(store)
         for site, layer, pos in (("resid_pre", 1, 1), ("attn_out", 0, 2), ("mlp_out", 1, 1), ("mlp_out", 0, 3)):
-            name = hooks.name(site, layer)
+            name = names.name(site, layer)
 
             def one(act, name=name, pos=pos):
                 act = act.clone()
@@ -213,7 +214,7 @@ def test_pathway_interventions_from_the_weights_equal_hooks(case):
         model(cf)
     corrupt = hooks.node_firings(store)
     clean = metric(model(tokens), mask)
-    hook = hooks.name("q_input", 1)
+    hook = names.name("q_input", 1)
     expected = _naive(model, tokens, mask, metric, hook, 2, corrupt[hook][:, :, 2]) - clean
     assert expected.abs().max() > 0 and torch.allclose(fast["patching"]["L1H2.q"], expected, atol=1e-10)
     assert no_hooks_left(model)

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-import gradgraph
 from gradgraph import GradGraphError, load_model, tiny_model
-from gradgraph import models as models_module
+from gradgraph.arch import models as models_module
 
 
 def _check_flags(model):
@@ -69,7 +68,7 @@ def test_official_name_offline_says_so(monkeypatch):
 
 
 def test_official_bert_names_load_as_encoders():
-    from gradgraph.lens import HookedEncoder, HookedTransformer, official_class, official_name
+    from gradgraph.arch.lens import HookedEncoder, HookedTransformer, official_class, official_name
 
     assert official_class(official_name("bert-base-cased")) is HookedEncoder
     assert official_class(official_name("pythia-70m")) is HookedTransformer
@@ -83,7 +82,7 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
 
 def test_embedded_list():
     assert "smollm2-135m" in models_module.EMBEDDED
-    assert gradgraph.models.EMBEDDED_NAMES == list(models_module.EMBEDDED)
+    assert models_module.EMBEDDED_NAMES == list(models_module.EMBEDDED)
 
 
 def test_cache_detects_corruption_and_partial_writes(tmp_path):

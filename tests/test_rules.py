@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from gradgraph import GRADIENT, GradGraphError, assemble, backprop, build_graph, forward, hooks, record, tiny_model
-from gradgraph import memory
+from gradgraph import GRADIENT, GradGraphError, assemble, backprop, build_graph, forward, record, tiny_model
+from gradgraph.arch import hooks
+from gradgraph.arch import memory
 from gradgraph.graph import OPS, GradGraph, Matmul, Rank1
 from gradgraph.metrics import logit_diff, logprob_diff
 from gradgraph.rules import SoftmaxOp

@@ -14,7 +14,7 @@ import networkx as nx
 import pytest
 import torch
 
-from gradgraph import hooks
+from gradgraph.arch import names
 
 from gradgraph import tiny_model
 from gradgraph.backprop import backprop, forward
@@ -204,7 +204,7 @@ def zero_value(sr_name: str) -> list[float]:
 def tensor_index(g, node) -> tuple[str, tuple[int, ...]]:
     """(node name, index into backprop's tensor) of a networkx node; logits map vocab ids to columns."""
     name, idx = node
-    if name == hooks.name("logits"):
+    if name == names.name("logits"):
         (col,) = (g.logit_ids == idx[-1]).nonzero()[:, 0].tolist()
         idx = idx[:-1] + (col,)
     return name, idx
@@ -266,7 +266,7 @@ CASES = {
     "llama-s6-2layers-pad-logprob": ("llama", dict(seed=6, n_layers=2), [[5, 2], [3, 0]], [[1, 1], [1, 0]],
                                      logprob_of(0)),
 }
-# every other family, one layer (gradgraph.models.FAMILIES: each family's TransformerLens flags)
+# every other family, one layer (gradgraph.arch.models.FAMILIES: each family's TransformerLens flags)
 FAMILY_CASES = {
     "pythia-s20-pad": ("pythia", dict(seed=20), [[1, 5, 2], [4, 6, 0]], [[1, 1, 1], [1, 1, 0]], logit_diff(1, 2)),
     "gptj-s21": ("gptj", dict(seed=21, d_head=4, d_model=8), [[3, 1, 7]], None, logprob_of(2)),

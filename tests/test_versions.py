@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import gradgraph.models
-from gradgraph import GradGraphError, backprop, build_graph, hooks, lens, tiny_model
+import gradgraph.arch.models
+from gradgraph import GradGraphError, backprop, build_graph, tiny_model
+from gradgraph.arch import hooks, lens, names
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import single_token_id, to_tokens
 from gradgraph.semirings import Real
@@ -68,9 +69,9 @@ def test_a_bridge_hook_mlp_in_carries_the_residual_streams_gradient():
     values = backprop(build_graph(model, tokens, metric, attention_mask=mask), Real)
     reference = autograd_reference(model, tokens, mask, metric)
     for layer in range(2):
-        resid_mid = values[hooks.name("resid_mid", layer)][0]
-        assert torch.allclose(reference[hooks.name("mlp_in", layer)], resid_mid, rtol=0, atol=1e-12)
-        assert not torch.allclose(values[hooks.name("mlp_in", layer)][0], resid_mid, atol=1e-6)
+        resid_mid = values[names.name("resid_mid", layer)][0]
+        assert torch.allclose(reference[names.name("mlp_in", layer)], resid_mid, rtol=0, atol=1e-12)
+        assert not torch.allclose(values[names.name("mlp_in", layer)][0], resid_mid, atol=1e-6)
 
 
 @pytest.mark.parametrize("sr_name", list(SEMIRINGS))
@@ -179,7 +180,7 @@ def test_a_bridge_of_an_unknown_architecture_is_refused_by_name():
     config = Qwen2Config(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=16, max_position_embeddings=8)
     config.architectures = ["Qwen2ForCausalLM"]
-    bridge = gradgraph.models.set_flags(lens.word_bridge(Qwen2ForCausalLM(config).eval()))
+    bridge = gradgraph.arch.models.set_flags(lens.word_bridge(Qwen2ForCausalLM(config).eval()))
     with pytest.raises(GradGraphError, match="architecture Qwen2ForCausalLM"):
         build_graph(bridge, torch.tensor([[1, 2, 3]]), logit_diff(1, 2))
     assert no_hooks_left(bridge)

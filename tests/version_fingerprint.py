@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from gradgraph import backprop, build_graph, lens, load_model
+from gradgraph import backprop, build_graph, load_model
+from gradgraph.arch import lens
 from gradgraph.data.sva import sva_items
 from gradgraph.evaluate import evaluate_sva
 from gradgraph.metrics import logit_diff

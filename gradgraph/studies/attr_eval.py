@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import plot
+from gradgraph.arch.models import load_model
 from gradgraph.attribution import attribute
 from gradgraph.data.sentiment import sentiment_items
 from gradgraph.errors import GradGraphError
 from gradgraph.faithfulness import LEVELS, Example, deletion_scores, measure
 from gradgraph.metrics import logit_diff
-from gradgraph.models import load_model
 from gradgraph.neighbours import vocabulary_neighbours
 from gradgraph.studies.lrp_eval import sva_examples
 from gradgraph.studies.output import staged_run, write_csv

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradgraph import plot
+from gradgraph.arch.models import load_model
 from gradgraph.data.sentiment import rotten_tomatoes
 from gradgraph.data.sva import sva_items
 from gradgraph.errors import GradGraphError
 from gradgraph.heads import RELATIONS, positional_heads, syntactic_heads
-from gradgraph.models import load_model
 from gradgraph.prompts import read_prompts
 from gradgraph.studies.output import staged_run, write_csv
 from gradgraph.studies.saved import load

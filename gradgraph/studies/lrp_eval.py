@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import hooks, plot
+from gradgraph import plot
+from gradgraph.arch import names
+from gradgraph.arch.models import load_model
 from gradgraph.attribution import (attention_rollout, cached_relevance, chefer_rollout, partial_lrp, raw_attention,
                                    token_scores)
 from gradgraph.backprop import backprop
@@ -39,7 +41,6 @@ from gradgraph.faithfulness import LEVELS, Example, deletion_scores, measure_all
 from gradgraph.heads import mask
 from gradgraph.interventions import patch_positions, relevance_patching
 from gradgraph.metrics import logit_diff
-from gradgraph.models import load_model
 from gradgraph.prompts import right_pad
 from gradgraph.rules import ATTN_LRP, CHEFER2021, CP_LRP, GRADIENT, RELP
 from gradgraph.studies import head_types
@@ -118,7 +119,7 @@ def score_batch(model, examples: list[Example], masks: dict[str, torch.Tensor], 
         return value
 
     gradient = timed("gradient × input", lambda: assemble(local, GRADIENT))
-    patterns = [hooks.name("pattern", layer) for layer in range(model.cfg.n_layers)]
+    patterns = [names.name("pattern", layer) for layer in range(model.cfg.n_layers)]
     grads = timed("gradient × input", lambda: backprop(gradient, keep=list(patterns) + list(gradient.sources)))
     scores["gradient × input"] = _padded(token_scores(gradient, grads), prefix)
     scores["raw attention"] = _padded(timed("raw attention", lambda: raw_attention(gradient).scores), prefix)

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import plot, report
+from gradgraph.arch.models import load_model
 from gradgraph.bootstrap import MIN_ITEMS
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
 from gradgraph.circuit_tracer import circuit_tracer_graph
@@ -46,7 +47,6 @@ from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
 from gradgraph.heads import mask
 from gradgraph.interventions import PATHWAYS, activation_means, intervene
 from gradgraph.labels import Registry
-from gradgraph.models import load_model
 from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max

@@ -34,16 +34,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gradgraph import hooks, lens  # noqa: E402
+from gradgraph.arch import hooks, lens, names  # noqa: E402
+from gradgraph.arch.lens import Model  # noqa: E402
+from gradgraph.arch.models import tiny_model  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
 from gradgraph.branches import BRANCHES, branch_shares  # noqa: E402
 from gradgraph.build import build_graph  # noqa: E402
 from gradgraph.data.synthetic import answer_ids, first_token_repeated, induction, unseen  # noqa: E402
 from gradgraph.graph import GradGraph  # noqa: E402
 from gradgraph.labels import Component, Registry  # noqa: E402
-from gradgraph.lens import Model  # noqa: E402
 from gradgraph.metrics import logit_diff  # noqa: E402
-from gradgraph.models import tiny_model  # noqa: E402
 from gradgraph.paths import gradient_flow  # noqa: E402
 from gradgraph.semirings import Max  # noqa: E402
 from gradgraph.studies.output import staged_run  # noqa: E402
@@ -138,7 +138,7 @@ def head_flow(graph: GradGraph, flow: dict[str, torch.Tensor] | None = None, *, 
     flow = gradient_flow(graph) if flow is None else flow
     where = slice(-1, None) if last_only else slice(None)
     return torch.stack(
-        [flow[hooks.name("z", layer)][:, where].sum(dim=(1, 3)).mean(0) for layer in range(graph.n_layers)]
+        [flow[names.name("z", layer)][:, where].sum(dim=(1, 3)).mean(0) for layer in range(graph.n_layers)]
     ).cpu()
 
 
@@ -148,12 +148,12 @@ def attention_to(
 ) -> torch.Tensor:
     """``[n_layers, n_heads]``: mean attention from ``query_pos[b]`` (default the last position)
     to ``key_pos[b]``."""
-    names = [hooks.name("pattern", layer) for layer in range(model.cfg.n_layers)]
-    with hooks.recording(model, names=set(names)) as store:
+    patterns = [names.name("pattern", layer) for layer in range(model.cfg.n_layers)]
+    with hooks.recording(model, names=set(patterns)) as store:
         model(tokens)
     rows = torch.arange(tokens.shape[0])
     query = torch.as_tensor(query_pos).expand(tokens.shape[0]) % tokens.shape[1]
-    return torch.stack([store[name][0][rows, :, query, key_pos].mean(0) for name in names]).cpu()
+    return torch.stack([store[name][0][rows, :, query, key_pos].mean(0) for name in patterns]).cpu()
 
 
 @torch.no_grad()
@@ -173,7 +173,7 @@ def ablation_drop(
                 z[:, where, head] = z[:, where, head].mean(0)
                 return z
 
-            with hooks.replacing(model, {hooks.name("z", layer): ablate}):
+            with hooks.replacing(model, {names.name("z", layer): ablate}):
                 logits = model(tokens)[:, -1]
             out[layer, head] = base - float((logits.argmax(-1) == targets).float().mean())
     return out

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gradgraph import hooks, lens
-from gradgraph.build import layout_features, unsupported_features
-from gradgraph.lens import Model
+from gradgraph.arch import hooks, lens
+from gradgraph.arch.features import layout_features, unsupported_features
+from gradgraph.arch.lens import Model
+from gradgraph.arch.rotary import rotate
 from gradgraph.weights import _fingerprint
 
 
@@ -62,7 +63,7 @@ _CACHE: "weakref.WeakKeyDictionary[Model, tuple[tuple, _Weights]]" = weakref.Wea
 
 
 def supported(model) -> bool:
-    """Whether these passes cover ``model``: the GPT-2 / Llama layout (``build.layout_features``
+    """Whether these passes cover ``model``: the GPT-2 / Llama layout (``features.layout_features``
     lists what else the graph builder covers, and what these passes leave to TransformerLens)."""
     return not unsupported_features(model) and not layout_features(lens.config(model))
 
@@ -125,19 +126,6 @@ def _apply_norm(norm: _Norm, x: torch.Tensor) -> torch.Tensor:
     if norm.b is not None:
         x = x + norm.b
     return x
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``[n, s, heads, e]`` at the positions of ``cos``/``sin`` ``[s, rd]``."""
-    rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]
-    flip = torch.empty_like(rot)
-    if adjacent:
-        flip[..., ::2], flip[..., 1::2] = -rot[..., 1::2], rot[..., ::2]
-    else:
-        n = rd // 2
-        flip[..., :n], flip[..., n:] = -rot[..., n:], rot[..., :n]
-    return torch.cat([rot * cos[None, :, None] + flip * sin[None, :, None], rest], -1)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Loading models: the embedded SmolLM2 (offline), TransformerLens names, local HF folders, tiny models.
 
-Every model comes back as the installed TransformerLens' kind (``gradgraph.lens``): a
+Every model comes back as the installed TransformerLens' kind (``gradgraph.arch.lens``): a
 ``HookedTransformer`` on 3.9, a ``TransformerBridge`` in compatibility mode on 4.x, with
 ``use_split_qkv_input`` and ``use_hook_mlp_in`` on and ``use_attn_result`` off (see DESIGN.md: head
 outputs are computed from ``hook_z`` and ``W_O`` only where needed).
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from gradgraph import lens
+from gradgraph.arch import lens
+from gradgraph.arch.lens import Model
 from gradgraph.errors import GradGraphError
-from gradgraph.lens import Model
 
 CACHE_FORMAT = 2  # bump when what is cached changes (2: the dequantised Hugging Face weights)
 # The embedded model's context is capped: TransformerLens 3.9 keeps an n_ctx x n_ctx mask per layer,

@@ -24,7 +24,6 @@ says which hook points carry 3.9's gradient on a bridge.
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.metadata
 import math
 import tempfile
@@ -33,6 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
+from gradgraph.arch import names
+from gradgraph.arch.rotary import rotate
 from gradgraph.errors import GradGraphError
 
 VERSION = importlib.metadata.version("transformer-lens")
@@ -56,7 +57,7 @@ Model = torch.nn.Module
 # weights, rotary tables): Real = autograd, tests/test_versions.py (Pythia's bridge fires no hook_rot_q/k)
 BRIDGE_ARCHITECTURES = {"LlamaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"}
 
-# the kinds of hook point (``hooks.name``) whose gradient on a bridge is 3.9's, in every layer (the
+# the kinds of hook point (``names.name``) whose gradient on a bridge is 3.9's, in every layer (the
 # rest are observation copies, or, for hook_mlp_in, the residual stream before its split into MLP and skip)
 GRADIENT_KINDS = ("resid_pre", "q_input", "k_input", "v_input", "attn_scores", "pattern", "attn_out", "resid_mid",
                   "mlp_pre", "mlp_pre_linear", "mlp_post", "mlp_out", "resid_post")
@@ -65,10 +66,8 @@ GRADIENT_KINDS = ("resid_pre", "q_input", "k_input", "v_input", "attn_scores", "
 def gradient_points(model) -> set[str]:
     """The hook points of ``model`` whose autograd gradient is 3.9's: the input embeddings' and
     ``GRADIENT_KINDS`` in every layer (on 3.9 every hook point's is, and these are among them)."""
-    from gradgraph import hooks  # hooks reads this module at import
-
     layers = range(model.cfg.n_layers)
-    return set(hooks.inputs(model)) | {hooks.name(kind, layer) for kind in GRADIENT_KINDS for layer in layers}
+    return set(names.inputs(model)) | {names.name(kind, layer) for kind in GRADIENT_KINDS for layer in layers}
 
 
 def is_bridge(model) -> bool:
@@ -91,7 +90,7 @@ def model_problems(model) -> list[str]:
     problems = []
     if not getattr(model, "compatibility_mode", False):
         problems.append("a TransformerBridge without compatibility mode (call model.enable_compatibility_mode(); "
-                        "gradgraph.models.set_flags does)")
+                        "gradgraph.arch.models.set_flags does)")
     architecture = architecture_of(model.cfg)
     if architecture not in BRIDGE_ARCHITECTURES:
         problems.append(f"a TransformerBridge of architecture {architecture} (the bridges gradgraph reads: "
@@ -250,15 +249,7 @@ def final_norm(model):
 def hook_name(model, name: str) -> str:
     """The 3.9 name of the hook point that fires as ``name``: a bridge fires ``blocks.L.hook_in`` /
     ``hook_out`` for ``hook_resid_pre`` / ``hook_resid_post``."""
-    return _renamed(model.cfg.n_layers).get(name, name) if is_bridge(model) else name
-
-
-@functools.lru_cache(maxsize=None)
-def _renamed(n_layers: int) -> dict[str, str]:
-    from gradgraph import hooks  # hooks reads this module at import
-
-    pairs = (("block_in", "resid_pre"), ("block_out", "resid_post"))
-    return {hooks.name(bridge, layer): hooks.name(own, layer) for layer in range(n_layers) for bridge, own in pairs}
+    return names.renamed(model.cfg.n_layers).get(name, name) if is_bridge(model) else name
 
 
 def complete_firings(model, store: dict[str, list[torch.Tensor]]) -> None:
@@ -269,21 +260,19 @@ def complete_firings(model, store: dict[str, list[torch.Tensor]]) -> None:
     rotary tables the layer recorded."""
     if not is_bridge(model):
         return
-    from gradgraph import hooks, inference  # both read this module at import
-
     H, G = model.cfg.n_heads, model.cfg.n_key_value_heads or model.cfg.n_heads
     for layer in range(model.cfg.n_layers):
         for kind in ("ln1_scale", "ln1_normalized"):
-            tensors = store.get(hooks.name(kind, layer))
+            tensors = store.get(names.name(kind, layer))
             if tensors is not None and len(tensors) == 1:
                 (tensor,) = tensors
-                store[hooks.name(kind, layer)] = [tensor[:, :, None].expand(*tensor.shape[:2], n, tensor.shape[-1])
+                store[names.name(kind, layer)] = [tensor[:, :, None].expand(*tensor.shape[:2], n, tensor.shape[-1])
                                                   for n in (H, G, G)]
-        cos, sin = store.get(hooks.name("attn_cos", layer)), store.get(hooks.name("attn_sin", layer))
+        cos, sin = store.get(names.name("attn_cos", layer)), store.get(names.name("attn_sin", layer))
         for which in "qk":
-            x, rot = hooks.name(which, layer), hooks.name(f"rot_{which}", layer)
+            x, rot = names.name(which, layer), names.name(f"rot_{which}", layer)
             if rot not in store and x in store and cos and sin:
-                store[rot] = [inference.rotate(store[x][0], cos[0][0], sin[0][0], adjacent=False)]
+                store[rot] = [rotate(store[x][0], cos[0][0], sin[0][0], adjacent=False)]
 
 
 # --------------------------------------------------------------------------- running
