@@ -32,9 +32,11 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gradgraph sva
 
-# The main suite on TransformerLens 3.9 (with the cross-version comparison), then the exactness and
-# embedded-model tests again on TransformerLens 4 (tests/test_versions.py, about 15 s)
+# The import contracts (pyproject.toml: no upward import, no cycle), the main suite on TransformerLens
+# 3.9 (with the cross-version comparison), then the exactness and embedded-model tests again on
+# TransformerLens 4 (tests/test_versions.py, about 15 s)
 test: setup browser tl4
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 GRADGRAPH_TL4_PATH=$(TL4_PATH) $(PY) -m pytest -q tests
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(TL4_PATH) $(PY) -m pytest -q tests/test_versions.py
 

@@ -10,7 +10,7 @@ logit difference, so conservation is measured against the metric value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -19,42 +19,14 @@ from gradgraph import ig_paths, integrated
 from gradgraph.arch import names
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
-from gradgraph.components import component_values
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.labels import KINDS, Registry
+from gradgraph.labels import Registry
+from gradgraph.lafa import lafa
 from gradgraph.prompts import to_tokens
+from gradgraph.result import Attribution, kept_positions
 from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RuleSet
 from gradgraph.semirings import Real, Semiring
-
-
-@dataclass(frozen=True, eq=False)
-class Attribution:
-    """Per-token scores of one method, the value at every graph node, and the method's own error.
-
-    ``target`` is what complete scores sum to (LRP: the metric value; integrated gradients:
-    F(input) − F(baseline)) and ``delta = scores.sum(1) − target`` is always filled in.
-    ``cut_deltas``: the same at every residual-stream cut (each layer's ``hook_resid_pre`` and
-    ``hook_resid_mid``, the last ``hook_resid_post``), where every input → metric path passes."""
-
-    method: str
-    tokens: torch.Tensor  # [batch, pos]
-    scores: torch.Tensor  # [batch, pos]: 0 at padding
-    target: torch.Tensor  # [batch]
-    delta: torch.Tensor  # [batch]
-    values: Mapping[str, torch.Tensor] = field(repr=False)  # node -> [*node shape]
-    graph: GradGraph | None = field(default=None, repr=False)
-    cut_deltas: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # node -> [batch]
-    path: torch.Tensor | None = field(default=None, repr=False)  # [batch, steps, pos, d_model] where a path is used
-
-    def by_component(self, kinds=KINDS) -> list[dict]:
-        """Tidy rows ``{component, kind, layer, head, position, batch, value}``: the sum of the values
-        of each component's elements (a head's output ``hook_z``, its q/k/v inputs, an MLP's output,
-        the embeddings) at each real position."""
-        if self.graph is None:
-            raise ValueError(f"{self.method}: no graph was kept, so there are no component values")
-        rows = component_values(self.graph, {n: v[None] for n, v in self.values.items()}, Real)
-        return [r for r in rows if r["kind"] in kinds]
 
 
 def cuts(graph: GradGraph) -> list[str]:
@@ -183,22 +155,8 @@ class _One:
     kind: str = ""
 
 
-def _kept(model, ids: torch.Tensor, attribute_bos: bool, positions=None) -> torch.Tensor:
-    """``[pos]`` bool: positions that keep their own token on every path (BOS, unless attributed;
-    every position not in ``positions`` where given)."""
-    keep = torch.zeros(len(ids), dtype=torch.bool)
-    bos = getattr(model.tokenizer, "bos_token_id", None) if model.tokenizer is not None else None
-    keep[0] = bool(model.cfg.default_prepend_bos and bos is not None and int(ids[0]) == bos and not attribute_bos)
-    if positions is not None:
-        chosen = torch.as_tensor(list(positions), dtype=torch.long)
-        if len(chosen) == 0 or int(chosen.min()) < 0 or int(chosen.max()) >= len(ids):
-            raise GradGraphError(f"positions must name token positions in 0..{len(ids) - 1}, got {list(positions)}")
-        keep |= torch.ones(len(ids), dtype=torch.bool).index_fill(0, chosen, False)
-    return keep
-
-
 def _check_length(model, ids: torch.Tensor) -> None:
-    words = int((~_kept(model, ids, False)).sum())  # the text's tokens, BOS aside
+    words = int((~kept_positions(model, ids, False)).sum())  # the text's tokens, BOS aside
     if words < 2:
         raise GradGraphError(f"the text has {words} token(s); attributions need at least two (the metric reads "
                              f"the prediction that follows them)")
@@ -220,7 +178,7 @@ def _path_of(model, ids: torch.Tensor, method: str, opts: dict, baseline, keep: 
 def _attribute_one(model, ids: torch.Tensor, metric, method: str, opts: dict, baseline, attribute_bos: bool,
                    batch_size: int, positions) -> _One:
     _check_length(model, ids)
-    keep = _kept(model, ids, attribute_bos, positions)
+    keep = kept_positions(model, ids, attribute_bos, positions)
     x = model.W_E.detach()[ids]  # [pos, d]
     x0, _ = _baseline(model, ids, baseline, keep)
     grads = lambda rows: integrated.gradients(model, ids, metric, rows, batch_size=batch_size)  # noqa: E731
@@ -265,11 +223,9 @@ def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attr
     ``values["hook_embed"]`` holds the per-element attributions ``[batch, pos, d_model]``."""
     opts = _options(method, options)
     token_ids, mask = to_tokens(model, tokens)
-    if method == "lafa":
-        from gradgraph.lafa import lafa
-
+    if method == "lafa":  # the base method's attributions of the input and its neighbours, smoothed
         return lafa(model, token_ids, mask, metric, baseline=baseline, attribute_bos=attribute_bos,
-                    positions=positions, batch_size=batch_size, **opts)
+                    positions=positions, batch_size=batch_size, attribute=attribute, **opts)
     ones = [_attribute_one(model, ids[: int(m.sum())], metric, method, opts, baseline, attribute_bos, batch_size,
                            positions) for ids, m in zip(token_ids, mask)]
     return _pack(method, token_ids, mask, ones, names.inputs(model)[0])
@@ -322,7 +278,7 @@ def integrated_flow(model, tokens, metric, *, path: str | torch.Tensor = "straig
     elif path in ("straight", "dig", "udig"):
         method = "ig" if path == "straight" else path
         opts = {**METHODS[method], "steps": steps, "strategy": strategy, "factor": factor, "rule": "riemann_left"}
-        one = _path_of(model, ids, method, opts, baseline, _kept(model, ids, attribute_bos))
+        one = _path_of(model, ids, method, opts, baseline, kept_positions(model, ids, attribute_bos))
         polyline, kind = one.polyline, one.kind
     else:
         raise GradGraphError(f"path must be 'straight', 'dig', 'udig' or a [N, pos, d_model] tensor, got {path!r}")

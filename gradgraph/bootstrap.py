@@ -96,4 +96,17 @@ def format_interval(interval: Interval | dict, *, signed: bool = True, digits: i
     return f"{text} ({interval.note})" if interval.note else text
 
 
-__all__ = ["Interval", "LEVEL", "MIN_ITEMS", "basic", "format_interval", "no_interval_note", "resample_weights"]
+def cell(row: dict, key: str = "spearman", digits: int = 2) -> str:
+    """A row's ``key`` (``spearman`` or ``overlap``) with its interval: ``+0.53 [+0.41, +0.61]``;
+    ``+0.53`` alone where there is none (``intervals_note`` says why, once per table)."""
+    return format_interval(dict(estimate=row[key], low=row[f"{key}_low"], high=row[f"{key}_high"], note=""),
+                           signed=key == "spearman", digits=digits)
+
+
+def intervals_note(rows: list[dict]) -> str | None:
+    """Why some ``rows`` have no interval (their first such note), or None."""
+    return next((r["interval"] for r in rows if not r["interval"].startswith("basic")), None)
+
+
+__all__ = ["Interval", "LEVEL", "MIN_ITEMS", "basic", "cell", "format_interval", "intervals_note", "no_interval_note",
+           "resample_weights"]

@@ -21,6 +21,7 @@ from gradgraph.arch import hooks, names
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
+from gradgraph.result import Attribution, kept_positions
 
 KERNELS = ("indicator", "cosine", "rbf")
 
@@ -55,12 +56,11 @@ def _states(model, tokens: torch.Tensor, mask: torch.Tensor, metric, layer: int,
 
 def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, base: str, lam: float,
          kernel: str, n_neighbours: int, layer: int | None, baseline, attribute_bos: bool, positions,
-         batch_size: int):
+         batch_size: int, attribute):
     """``attribute(..., method="lafa", corpus=[texts], base=..., lam=..., kernel=..., n_neighbours=...,
     layer=...)``: see the module docstring. ``layer`` defaults to a third of the way up; ``positions``
-    limit the input's attributed tokens (neighbours are attributed whole)."""
-    from gradgraph.attribution import Attribution, _kept, attribute
-
+    limit the input's attributed tokens (neighbours are attributed whole). ``attribute`` is
+    ``gradgraph.attribution.attribute``, which runs the base method."""
     if corpus is None or len(corpus) == 0:
         raise GradGraphError("LAFA needs a reference corpus: corpus=[texts] of the same task (other prompts "
                              "the model answers with the same metric)")
@@ -101,12 +101,12 @@ def lafa(model, token_ids: torch.Tensor, mask: torch.Tensor, metric, *, corpus, 
                 length = int(corpus_mask[i].sum())
                 other = attribute(model, corpus_ids[i:i + 1, :length], metric, method=base, baseline=baseline,
                                   attribute_bos=attribute_bos, batch_size=batch_size)
-                attributed = ~_kept(model, corpus_ids[i, :length], attribute_bos)
+                attributed = ~kept_positions(model, corpus_ids[i, :length], attribute_bos)
                 cache[i] = (corpus_ids[i, :length][attributed], other.scores[0, :length][attributed])
             other_ids, other_scores = cache[i]
             k = _kernel_values(kernel, W, ids, other_ids)  # [n, T_i]
             spread += (k * other_scores[None]).sum(1) / max(len(other_ids), 1)
-        scores[b, :n] += lam * spread / len(order) * ~_kept(model, ids, attribute_bos, positions)
+        scores[b, :n] += lam * spread / len(order) * ~kept_positions(model, ids, attribute_bos, positions)
     name = f"lafa ({own.method}, λ={lam}, {kernel}, {n_neighbours} neighbours)"
     return Attribution(name, token_ids, scores, target, scores.sum(1) - target, {names.inputs(model)[0]: elements})
 

@@ -16,8 +16,7 @@ import math
 import plotly.graph_objects as go
 import plotly.offline
 
-from gradgraph.bootstrap import MIN_ITEMS
-from gradgraph.studies.compare import cell, intervals_note
+from gradgraph.bootstrap import MIN_ITEMS, cell, intervals_note
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

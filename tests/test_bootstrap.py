@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from gradgraph.bootstrap import MIN_ITEMS, basic, format_interval, resample_weights
-from gradgraph.studies.compare import agreement, cell, intervals_note
+from gradgraph.bootstrap import MIN_ITEMS, basic, cell, format_interval, intervals_note, resample_weights
+from gradgraph.studies.compare import agreement
 
 
 def test_resample_weights_are_the_multiplicities_of_the_draws_over_n():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from gradgraph.bootstrap import MIN_ITEMS, basic, format_interval, resample_weights
+from gradgraph.bootstrap import MIN_ITEMS, basic, resample_weights
 from gradgraph.errors import GradGraphError
 
 GROUPS = {"heads": lambda label: "." not in label and label.startswith("L"),
@@ -81,18 +81,6 @@ def agreement(method: torch.Tensor, truth: torch.Tensor, labels: list[str], *, r
     return rows
 
 
-def cell(row: dict, key: str = "spearman", digits: int = 2) -> str:
-    """An agreement row's ``key`` (``spearman`` or ``overlap``) with its interval: ``+0.53 [+0.41, +0.61]``;
-    ``+0.53`` alone where there is none (``intervals_note`` says why, once per table)."""
-    return format_interval(dict(estimate=row[key], low=row[f"{key}_low"], high=row[f"{key}_high"], note=""),
-                           signed=key == "spearman", digits=digits)
-
-
-def intervals_note(rows: list[dict]) -> str | None:
-    """Why some of the agreement ``rows`` have no interval (their first such note), or None."""
-    return next((r["interval"] for r in rows if not r["interval"].startswith("basic")), None)
-
-
 def subject_wins(scores: list[torch.Tensor], items) -> list[dict]:
     """Per condition and number of attractors: how often the subject's |attribution| exceeds every
     attractor's. ``scores[i]`` is item i's token scores (NaN: the method did not run on it);
@@ -109,4 +97,4 @@ def subject_wins(scores: list[torch.Tensor], items) -> list[dict]:
             for (c, n), v in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], kv[0][1] or 0))]
 
 
-__all__ = ["GROUPS", "TOP_K", "agreement", "cell", "importance", "intervals_note", "spearman", "subject_wins"]
+__all__ = ["GROUPS", "TOP_K", "agreement", "importance", "spearman", "subject_wins"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gradgraph import plot, report
 from gradgraph.arch.models import load_model
-from gradgraph.bootstrap import MIN_ITEMS
+from gradgraph.bootstrap import MIN_ITEMS, cell, intervals_note
 from gradgraph.component_methods import METHODS, NEEDS_COUNTERFACTUAL, TOKEN_METHODS, check_methods, component_labels, score
 from gradgraph.errors import GradGraphError
 from gradgraph.heads import mask
@@ -28,7 +28,7 @@ from gradgraph.interventions import PATHWAYS, activation_means, intervene
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import read_prompts, single_token_id, to_tokens
 from gradgraph.studies import head_types
-from gradgraph.studies.compare import agreement, cell, importance, intervals_note
+from gradgraph.studies.compare import agreement, importance
 from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
 from gradgraph.studies.saved import load
 

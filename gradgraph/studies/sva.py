@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from gradgraph import plot, report
 from gradgraph.arch.models import load_model
-from gradgraph.bootstrap import MIN_ITEMS
+from gradgraph.bootstrap import MIN_ITEMS, cell, intervals_note
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
 from gradgraph.circuit_tracer import circuit_tracer_graph
 from gradgraph.component_graph import component_graph
@@ -51,7 +51,7 @@ from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max
 from gradgraph.studies import head_types
-from gradgraph.studies.compare import agreement, cell, importance, intervals_note, subject_wins
+from gradgraph.studies.compare import agreement, importance, subject_wins
 from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
 from gradgraph.studies.saved import load
 
