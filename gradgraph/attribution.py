@@ -50,7 +50,7 @@ def cached_relevance(graph: GradGraph, grads: Mapping[str, torch.Tensor], from_l
     that are not tokens) in layers ``from_layer`` and up; 0 without a prefix."""
     total = torch.zeros_like(graph.metric_value)
     for node in graph.cached:
-        if int(node.split(".")[1]) >= from_layer:
+        if names.parse(node)[1] >= from_layer:
             total = total + (grads[node][0] * graph.activations[node]).flatten(1).sum(1)
     return total
 
@@ -61,12 +61,12 @@ def relevance(graph: GradGraph, method: str | None = None) -> Attribution:
     a cached prefix, the inputs are the tokens and the prefix's keys and values (``cached``): what
     arrives there counts towards conservation, at a cut only where it enters above the cut."""
     grads = backprop(graph, Real)
-    values = {n: grads[n][0] * graph.activations[n] for n in graph.order if n != "metric"}
+    values = {n: grads[n][0] * graph.activations[n] for n in graph.order if n != names.METRIC}
     scores = token_scores(graph, grads)
     target = graph.metric_value
     cut_deltas = {}
     for n in cuts(graph):
-        layer = int(n.split(".")[1])
+        layer = names.parse(n)[1]
         above = layer if n == names.name("resid_pre", layer) else layer + 1  # cached k/v of layer L enter at its attention
         cut_deltas[n] = values[n].flatten(1).sum(1) + cached_relevance(graph, grads, above) - target
     delta = scores.sum(1) + cached_relevance(graph, grads) - target

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from gradgraph.arch import names
+from gradgraph.arch.names import METRIC
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.semirings import Real, Semiring
@@ -68,11 +69,11 @@ def backprop(
     dtype, device = dtype or graph.dtype, graph.metric_value.device
     if graph.settled is not None and inner is Real and dtype == graph.dtype and kept <= graph.settled.keys():
         return {node: graph.settled[node].clone() for node in kept}  # the pass that fixed the graph
-    values: dict[str, torch.Tensor | None] = {"metric": semiring.one(graph.shapes["metric"], dtype=dtype, device=device)}
+    values: dict[str, torch.Tensor | None] = {METRIC: semiring.one(graph.shapes[METRIC], dtype=dtype, device=device)}
     readers = {node: len(graph.edges_into(node)) for node in graph.order}  # sources still to read it
     checkpoints = _checkpoints(graph)
     for node in reversed(graph.order):
-        if node == "metric":
+        if node == METRIC:
             continue
         needed = readers[node] > 0 or node in kept  # no block reads a node without incoming edges
         total = None
@@ -142,7 +143,7 @@ def forward(
 def _checkpoints(graph: GradGraph) -> set[str]:
     """Nodes whose values are checked for overflow: every residual-stream node, the inputs and the
     logits. NaN and inf propagate through ⊕ and ⊗, so an overflow anywhere in a layer shows here."""
-    return {n for n in graph.order if "resid" in n or n in graph.sources or n in (names.name("logits"), "metric")}
+    return {n for n in graph.order if names.is_residual(n) or n in graph.sources or n in (names.name("logits"), METRIC)}
 
 
 def _check_range(semiring: Semiring, value: torch.Tensor, node: str, dtype: torch.dtype) -> None:

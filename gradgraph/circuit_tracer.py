@@ -12,52 +12,43 @@ with FOLDER holding ``<slug>.json`` and ``graph-metadata.json``, then open http:
 
 from __future__ import annotations
 
-import re
+from gradgraph.arch import names
+from gradgraph.labels import Registry
 
 _FEATURE = {"q": 100, "k": 200, "v": 300}
-_LABEL = re.compile(r"^(?:MLP(\d+)|L(\d+)H(\d+)(?:-\d+)?(?:\.([qkv]))?)@(\d+)$")
 
 
-def _node(label: str, graph: dict, n_layers: int, kv_group: int, influence: float | None) -> dict:
-    tokens = graph["tokens"]
-    if label == "metric":
+def _node(label: str, graph: dict, registry: Registry, influence: float | None) -> dict:
+    tokens, n_layers = graph["tokens"], registry.n_layers
+    if label == names.METRIC:
         last = graph["n_tokens"] - 1
         return dict(node_id=f"{n_layers + 1}_0_{last}", feature=0, layer=str(n_layers + 1), ctx_idx=last,
                     feature_type="logit", token_prob=0.0, is_target_logit=True, run_idx=0, reverse_ctx_idx=0,
                     jsNodeId=f"L_0-{last}", clerp=f"logit({graph['good']!r}) − logit({graph['bad']!r})",
                     influence=influence, activation=None)
-    if label.startswith("embed@"):
-        p = int(label.split("@")[1])
+    c = registry.parse(label)
+    p = c.position
+    if c.kind == "embed":
         return dict(node_id=f"E_{p}_{p}", feature=p, layer="E", ctx_idx=p, feature_type="embedding", token_prob=0.0,
                     is_target_logit=False, run_idx=0, reverse_ctx_idx=0, jsNodeId=f"E_{p}-{p}",
                     clerp=f"{tokens[p]!r} (position {p})", influence=influence, activation=None)
-    mlp, layer, head, branch, p = _LABEL.match(label).groups()
-    layer = int(mlp if mlp is not None else layer)
-    if mlp is not None:
-        feature = 999
-    elif branch is None:
-        feature = int(head)
-    else:
-        feature = _FEATURE[branch] + (int(head) // kv_group if branch in "kv" else int(head))
-    return dict(node_id=f"{layer}_{feature}_{p}", feature=feature, layer=str(layer), ctx_idx=int(p),
+    feature = 999 if c.kind == "mlp" else c.head if c.kind == "head" else _FEATURE[c.kind] + c.head
+    return dict(node_id=f"{c.layer}_{feature}_{p}", feature=feature, layer=str(c.layer), ctx_idx=p,
                 feature_type="cross layer transcoder", token_prob=0.0, is_target_logit=False, run_idx=0,
-                reverse_ctx_idx=0, jsNodeId=f"{layer}_{feature}-0", clerp=label, influence=influence, activation=None)
+                reverse_ctx_idx=0, jsNodeId=f"{c.layer}_{feature}-0", clerp=label, influence=influence, activation=None)
 
 
-def circuit_tracer_graph(graph: dict, *, slug: str, model: str, method: str = "flow", n_layers: int | None = None,
-                         kv_group: int = 1) -> dict:
+def circuit_tracer_graph(graph: dict, *, slug: str, model: str, registry: Registry, method: str = "flow") -> dict:
     """circuit-tracer's ``{metadata, qParams, nodes, links}`` for a component graph as the SVA study
     keeps it (``nodes``: label → values by method; ``edges``: source, target, values by method),
-    with ``method``'s edge values as link weights."""
+    with ``method``'s edge values as link weights; ``registry`` reads the labels."""
     labels = list(graph["nodes"])
-    layers = n_layers if n_layers is not None else 1 + max(
-        (int(m.group(1) or m.group(2)) for m in (_LABEL.match(x) for x in labels) if m), default=0)
     flow_out: dict[str, float] = {}
     for edge in graph["edges"]:
         weight = edge["values"].get(method)
         if weight is not None:
             flow_out[edge["source"]] = flow_out.get(edge["source"], 0.0) + weight
-    nodes = {label: _node(label, graph, layers, kv_group, flow_out.get(label)) for label in labels}
+    nodes = {label: _node(label, graph, registry, flow_out.get(label)) for label in labels}
     links = [dict(source=nodes[e["source"]]["node_id"], target=nodes[e["target"]]["node_id"],
                   weight=e["values"][method]) for e in graph["edges"] if e["values"].get(method) is not None]
     metadata = dict(slug=slug, scan=f"gradgraph-{model}", transcoder_list=[], prompt_tokens=graph["tokens"],

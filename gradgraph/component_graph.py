@@ -114,7 +114,7 @@ def component_graph(graph: GradGraph, semiring: Semiring = Abs, *, batch: int = 
                 for k in range(q + 1):
                     edges[(label("k", layer, g, k), head)] = float(via_k[h, q, k])
                     edges[(label("v", layer, g, k), head)] = float(via_v[h, q, k])
-    readers.append(("metric", graph.n_layers, None, bwd[names.name("resid_post", graph.n_layers - 1)][:, b, :n_pos]))
+    readers.append((names.METRIC, graph.n_layers, None, bwd[names.name("resid_post", graph.n_layers - 1)][:, b, :n_pos]))
     # writers -> readers through the residual stream (same position, later in the model)
     write = torch.cat([w for *_, w in writers], 0).transpose(0, 1)  # [pos, n_writers, d]
     read = torch.cat([r for *_, r in readers], 0).permute(1, 2, 0)  # [pos, d, n_readers]
@@ -126,7 +126,7 @@ def component_graph(graph: GradGraph, semiring: Semiring = Abs, *, batch: int = 
             if not later:
                 continue
             for p in range(n_pos):
-                target = "metric" if rkind == "metric" else label(rkind, rlayer, rhead, p)
+                target = names.METRIC if rkind == names.METRIC else label(rkind, rlayer, rhead, p)
                 edges[(label(wkind, wlayer if wlayer >= 0 else None, whead, p), target)] = float(flows[p, wi, ri])
     total = _oplus(sr, [float(reduce_last(bwd[s][:, b, :n_pos].reshape(1, -1))[0]) for s in reg.embeds])
     out = nx.DiGraph(semiring=sr.name, total=total, batch=batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from gradgraph.arch import names
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
 from gradgraph.labels import Component, Registry
@@ -80,8 +81,8 @@ def component_path(graph: GradGraph, nodes) -> tuple[str, ...]:
     reg = Registry.of(graph)
     out: list[str] = []
     for name, index in nodes:
-        if name == "metric":
-            step = "metric"
+        if name == names.METRIC:
+            step = names.METRIC
         else:
             found = reg.kind_of_node(name)
             if found is None:

@@ -737,7 +737,7 @@ class GradGraph:
                 else:
                     graph.add_edge(u, v, weight=w)
         for b in range(self.batch_size):
-            graph.add_edge(("metric", (b,)), "metric", weight=1.0)
+            graph.add_edge((names.METRIC, (b,)), names.METRIC, weight=1.0)
         for source in self.sources:  # every real input element is a node, even one with no edge
             for flat in range(_numel(self.shapes[source])):
                 idx = self.index(source, flat)

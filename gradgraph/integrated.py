@@ -65,7 +65,7 @@ def flow(model, tokens: torch.Tensor, metric, polyline: torch.Tensor, *, semirin
         graph = assemble(recording, GRADIENT)
         grads = backprop(graph, semiring)
         for node in graph.order:
-            if node == "metric":
+            if node == names.METRIC:
                 continue
             h = graph.activations[node]
             step = torch.nan_to_num(h[1:] - h[:-1], nan=0.0, posinf=0.0, neginf=0.0)  # masked scores: -inf − -inf

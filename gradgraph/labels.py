@@ -18,6 +18,7 @@ ablation removes).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -101,6 +102,10 @@ class Registry:
             return f"L{c.layer}H{c.head}.{c.kind}{at}"
         group = self.group(c.head)
         return f"L{c.layer}H{group.start}-{group.stop - 1}.{c.kind}{at}"
+
+    def everywhere(self, label: str) -> str:
+        """The label of the component ``label`` names at every position: ``L3H7@5`` → ``L3H7``."""
+        return self.label(dataclasses.replace(self.parse(label), position=None))
 
     def parse(self, label: str) -> Component:
         """The component a label names (inverse of ``label``)."""

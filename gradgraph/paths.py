@@ -53,7 +53,6 @@ class GradientPath:
         return f"{self.weight:+.4g}: " + " → ".join(self.steps)
 
 
-_RESIDUAL = ("resid_pre", "resid_mid", "resid_post")
 _EMBEDS = {"embed": "embed", "pos_embed": "pos_embed", "encoder_embed": "embed", "encoder_pos_embed": "pos_embed",
            "token_type_embed": "token_type"}
 
@@ -66,11 +65,11 @@ def readable_steps(nodes, registry: Registry) -> tuple[str, ...]:
     for name, index in nodes:
         parsed = names.parse(name)
         kind, layer = (parsed[0], parsed[1]) if parsed else (None, None)
-        if kind in _RESIDUAL:
+        if kind in names.RESIDUAL:
             if run is None or (run["position"], run["unit"]) != (index[1], index[-1]):
                 run = dict(position=index[1], unit=index[-1], layers=set(), last=None, step=None)
             previous = run["last"]
-            if previous is not None and previous[1] == layer and _RESIDUAL.index(previous[0]) < _RESIDUAL.index(kind):
+            if previous is not None and previous[1] == layer and names.RESIDUAL.index(previous[0]) < names.RESIDUAL.index(kind):
                 run["layers"].add(layer)  # a hop past a sublayer of this layer: the residual skip
             run["last"] = (kind, layer)
             n = len(run["layers"])
@@ -89,7 +88,7 @@ def readable_steps(nodes, registry: Registry) -> tuple[str, ...]:
         elif kind == "logits":
             step = f"logit[{index[-1]}]"
         elif kind == "metric":
-            step = "metric"
+            step = names.METRIC
         elif registry.kind_of_node(name) is not None:
             component, layer = registry.kind_of_node(name)
             head = index[2] if component in ("q", "k", "v", "head") else None
@@ -207,7 +206,7 @@ def _search(graph: GradGraph, flat_best: dict, batch: int, k: int, positions: se
     while heap and len(found) < k:
         _, _, weight, steps = heapq.heappop(heap)
         node, flat = steps[-1]
-        if node == "metric":
+        if node == names.METRIC:
             found.append(GradientPath(weight, tuple((n, graph.index(n, f)) for n, f in steps), registry))
             continue
         for edge in graph.edges_from(node):

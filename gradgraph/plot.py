@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from gradgraph.arch.names import METRIC  # noqa: E402
+
 CONDITION_NAMES = {
     "simple": "simple",
     "pp": "across PP",
@@ -217,7 +219,7 @@ def method_scatter(panels: dict[str, tuple], path: str | Path, *, title: str) ->
 
 def _place(step: str, registry, n_tokens: int) -> tuple[float, float]:
     """Drawing position of a component label: x = layer (embed left, metric right), y = position."""
-    if step == "metric":
+    if step == METRIC:
         return registry.n_layers + 1.0, n_tokens - 1
     c = registry.parse(step)
     if c.kind == "embed":
@@ -236,8 +238,8 @@ def circuit_plot(paths: list[tuple[tuple[str, ...], float, int]], tokens: list[s
         xs, ys = zip(*points)
         ax.plot(xs, ys, "-o", lw=1 + 3 * abs(weight) / max(weights), alpha=0.75, label=f"#{rank + 1} {weight:+.3g}")
         for (x, y), step in zip(points, steps):
-            if step != "metric" and not step.startswith("embed"):
-                ax.annotate(step.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+            if step != METRIC and registry.parse(step).kind != "embed":
+                ax.annotate(registry.everywhere(step), (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
     _token_axis(ax, tokens, registry.n_layers)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -250,7 +252,7 @@ def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: s
     layer × position grid; line width ∝ flow, heads that move information across positions show
     as slanted edges."""
     def across(edge) -> bool:
-        return "@" in edge[0] and "@" in edge[1] and edge[0].split("@")[1] != edge[1].split("@")[1]
+        return METRIC not in edge[:2] and registry.parse(edge[0]).position != registry.parse(edge[1]).position
 
     ranked = sorted(graph.edges(data=True), key=lambda e: -e[2]["weight"])
     # the strongest edges within a position, and the strongest that attention moves across positions
@@ -263,9 +265,9 @@ def component_graph_plot(graph, tokens: list[str], path: str | Path, *, title: s
                 lw=0.5 + 4 * (data["weight"] / top) ** 0.5, alpha=0.7)
     labelled = {n for u, v, _ in edges for n in (u, v)}
     for node in labelled:
-        if node != "metric" and not node.startswith("embed"):
+        if node != METRIC and registry.parse(node).kind != "embed":
             x, y = _place(node, registry, len(tokens))
-            ax.annotate(node.split("@")[0], (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+            ax.annotate(registry.everywhere(node), (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
     _token_axis(ax, tokens, registry.n_layers)
     ax.set_title(title + "\nstrongest edges within a position (blue) and across positions (red, attention)",
                  fontsize=9)

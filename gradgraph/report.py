@@ -16,7 +16,9 @@ import math
 import plotly.graph_objects as go
 import plotly.offline
 
+from gradgraph.arch.names import METRIC
 from gradgraph.bootstrap import MIN_ITEMS, cell, intervals_note
+from gradgraph.labels import Registry
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -37,21 +39,7 @@ _GRAPH_SCRIPT = """
 (function () {
   const G = JSON.parse(document.getElementById('gg-graph-data').textContent);
   // within a layer, left to right: query inputs, key inputs, value inputs, head outputs, the MLP
-  const H = G.n_heads, K = G.n_key_value_heads, slots = 2 * H + 2 * K + 1;
-  function slot(branch, head) {
-    return {q: head, k: H + head, v: H + K + head, head: H + 2 * K + head, mlp: slots - 1}[branch];
-  }
-  function place(label) {
-    if (label === 'metric') return [G.n_layers + 0.5, G.n_tokens - 1];
-    const [name, pos] = label.split('@');
-    if (name === 'embed') return [-1, +pos];
-    if (name.startsWith('MLP')) return [+name.slice(3) + 0.4, +pos];
-    const layer = +name.slice(1).split('H')[0];
-    const branch = name.includes('.') ? name.split('.')[1] : 'head';
-    let head = +name.slice(1).split('H')[1].split('-')[0].split('.')[0];
-    if (branch === 'k' || branch === 'v') head = Math.floor(head / (H / K));
-    return [layer - 0.4 + 0.8 * slot(branch, head) / (slots - 1), +pos];
-  }
+  const place = label => G.places[label];  // [x, y] of each component, from its parsed label (_places)
   const labels = Object.keys(G.nodes);
   const methods = Object.keys(G.methods);
   const select = document.getElementById('gg-method');
@@ -85,7 +73,7 @@ _GRAPH_SCRIPT = """
                  hovertemplate: '%{text}<extra></extra>',
                  text: kept.map(e => e.source + ' → ' + e.target + '<br>' + describe(e.values, G.edge_methods))});
     const touched = new Set(kept.flatMap(e => [e.source, e.target]));
-    const drawn = labels.filter(l => touched.has(l) || l === 'metric' || l.startsWith('embed@'));
+    const drawn = labels.filter(l => touched.has(l) || G.anchors.includes(l));
     const values = drawn.map(l => G.nodes[l][method]);
     const finite = values.filter(v => v !== null && v !== undefined);
     const signed = finite.some(v => v < 0);
@@ -115,6 +103,29 @@ _GRAPH_SCRIPT = """
   render();
 })();
 """
+
+
+def _places(graph: dict, registry: Registry) -> dict[str, list[float]]:
+    """Where the component graph draws each node: x = layer (within a layer, left to right: query
+    inputs, key inputs, value inputs, head outputs, the MLP; embeddings left, the metric right),
+    y = position."""
+    H, K = registry.n_heads, registry.n_key_value_heads
+    slots = 2 * H + 2 * K + 1
+    first = {"q": 0, "k": H, "v": H + K, "head": H + 2 * K}
+    places = {}
+    for label in graph["nodes"]:
+        if label == METRIC:
+            places[label] = [registry.n_layers + 0.5, graph["n_tokens"] - 1]
+            continue
+        c = registry.parse(label)
+        if c.kind == "embed":
+            x = -1.0
+        elif c.kind == "mlp":
+            x = c.layer + 0.4
+        else:
+            x = c.layer - 0.4 + 0.8 * (first[c.kind] + c.head) / (slots - 1)
+        places[label] = [x, c.position]
+    return places
 
 
 def _intervals(rows: list[dict]) -> str:
@@ -240,8 +251,9 @@ def sva_page(summary: dict, result, heat: dict, figures: dict[str, str]) -> str:
                      f"(subject at position {ex['subject']})</p><ul>{items}</ul>")
     graph_section = "<p>No example sentence with attractors among the analysed items.</p>"
     if result.graph is not None:
-        payload = dict(result.graph, n_layers=result.n_layers, n_heads=result.registry.n_heads,
-                       n_key_value_heads=result.registry.n_key_value_heads)
+        places = _places(result.graph, result.registry)
+        anchors = [label for label, (x, _) in places.items() if x < 0 or label == METRIC]  # the inputs and the metric
+        payload = dict(result.graph, n_layers=result.n_layers, places=places, anchors=anchors)
         data = json.dumps(payload).replace("</", "<\\/")
         graph_section = (
             f"<p>{html.escape(repr(result.graph['prefix']))} → {html.escape(repr(result.graph['good']))} vs "

@@ -10,6 +10,7 @@ import torch
 from scipy.stats import spearmanr
 
 from gradgraph.bootstrap import MIN_ITEMS, basic, cell, format_interval, intervals_note, resample_weights
+from gradgraph.labels import Registry
 from gradgraph.studies.compare import agreement
 
 
@@ -56,9 +57,12 @@ def test_bounds_clip_the_interval_to_the_statistic_range():
 
 
 def _labels(n_layers=3, n_heads=4):
-    return ([f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
-            + [f"L{layer}H{h}.q" for layer in range(n_layers) for h in range(n_heads)]
-            + [f"MLP{layer}" for layer in range(n_layers)])
+    """Head outputs, query inputs and MLPs of a 3-layer, 4-head model, parsed."""
+    registry = Registry(n_layers=n_layers, n_heads=n_heads, n_key_value_heads=n_heads, embeds=("hook_embed",))
+    labels = ([f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
+              + [f"L{layer}H{h}.q" for layer in range(n_layers) for h in range(n_heads)]
+              + [f"MLP{layer}" for layer in range(n_layers)])
+    return [registry.parse(label) for label in labels]
 
 
 @pytest.mark.parametrize("items", [1, 2, 3, 5, MIN_ITEMS - 1, MIN_ITEMS, 16])

@@ -139,6 +139,15 @@ def parse(node: str) -> tuple[str, int | None, str | None] | None:
     return None
 
 
+RESIDUAL = ("resid_pre", "resid_mid", "resid_post", "normalized_resid_post")  # the residual stream's kinds
+
+
+def is_residual(node: str) -> bool:
+    """Whether ``node`` is the residual stream (before, between and after a layer's sublayers)."""
+    parsed = parse(node)
+    return parsed is not None and parsed[0] in RESIDUAL
+
+
 @functools.lru_cache(maxsize=None)
 def renamed(n_layers: int) -> dict[str, str]:
     """A TransformerLens 4 bridge's own hook names → 3.9's: ``blocks.L.hook_in`` / ``hook_out`` are
@@ -147,4 +156,4 @@ def renamed(n_layers: int) -> dict[str, str]:
     return {name(bridge, layer): name(own, layer) for layer in range(n_layers) for bridge, own in pairs}
 
 
-__all__ = ["METRIC", "SPLIT_FIRINGS", "inputs", "is_encoder", "name", "parse", "renamed"]
+__all__ = ["METRIC", "RESIDUAL", "SPLIT_FIRINGS", "inputs", "is_encoder", "is_residual", "name", "parse", "renamed"]

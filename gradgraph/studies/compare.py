@@ -23,12 +23,23 @@ from scipy.stats import rankdata
 
 from gradgraph.bootstrap import MIN_ITEMS, basic, resample_weights
 from gradgraph.errors import GradGraphError
+from gradgraph.labels import KINDS, Component, Registry
 
-GROUPS = {"heads": lambda label: "." not in label and label.startswith("L"),
-          "q/k/v inputs": lambda label: "." in label,
-          "MLPs": lambda label: label.startswith("MLP"),
-          "all": lambda label: True}
+GROUPS = {"heads": ("head",), "q/k/v inputs": ("q", "k", "v"), "MLPs": ("mlp",), "all": KINDS}  # component kinds
 TOP_K = {"heads": 10, "q/k/v inputs": 10, "MLPs": 5, "all": 10}
+
+
+COLUMN_KIND = {"q": "q", "k": "k", "v": "v", "head": "head", "mlp": "MLP"}  # the kind column of the studies' tables
+
+
+def head_grid(registry: Registry, labels: list[str], values) -> torch.Tensor:
+    """``values`` per component (``labels``, in order) → ``[n_layers, n_heads]`` of the head outputs."""
+    grid = torch.zeros(registry.n_layers, registry.n_heads, dtype=torch.float64)
+    for column, label in enumerate(labels):
+        c = registry.parse(label)
+        if c.kind == "head":
+            grid[c.layer, c.head] = float(values[column])
+    return grid
 
 
 def importance(scores: np.ndarray) -> np.ndarray:
@@ -54,10 +65,11 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return (top_a[..., :, None] == top_b[..., None, :]).any(-1).sum(-1) / k
 
 
-def agreement(method: torch.Tensor, truth: torch.Tensor, labels: list[str], *, resamples: int = 1000,
+def agreement(method: torch.Tensor, truth: torch.Tensor, components: list[Component], *, resamples: int = 1000,
               seed: int = 0) -> list[dict]:
     """Rows ``{group, n_items, components, spearman, spearman_low, spearman_high, top_k, overlap,
     overlap_low, overlap_high, interval}`` for ``method`` and ``truth`` scores ``[items, components]``
+    of ``components`` (``Registry.parse`` of the score columns' labels)
     (the same items), with 95 % basic bootstrap intervals (NaN below ``bootstrap.MIN_ITEMS`` items; ``interval``
     says which)."""
     m, t = np.abs(method.double().numpy()), np.abs(truth.double().numpy())
@@ -66,8 +78,8 @@ def agreement(method: torch.Tensor, truth: torch.Tensor, labels: list[str], *, r
         raise GradGraphError(f"agreement needs the same items for the method and the truth, got {n} and {t.shape[0]}")
     weights = resample_weights(n, resamples, seed) if n >= MIN_ITEMS else None
     rows = []
-    for group, member in GROUPS.items():
-        columns = [i for i, label in enumerate(labels) if member(label)]
+    for group, kinds in GROUPS.items():
+        columns = [i for i, c in enumerate(components) if c.kind in kinds]
         if not columns:
             continue
         k = TOP_K[group]
@@ -97,4 +109,4 @@ def subject_wins(scores: list[torch.Tensor], items) -> list[dict]:
             for (c, n), v in sorted(groups.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], kv[0][1] or 0))]
 
 
-__all__ = ["GROUPS", "TOP_K", "agreement", "importance", "spearman", "subject_wins"]
+__all__ = ["COLUMN_KIND", "GROUPS", "TOP_K", "agreement", "head_grid", "importance", "spearman", "subject_wins"]

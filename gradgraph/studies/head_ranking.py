@@ -25,10 +25,11 @@ from gradgraph.component_methods import METHODS, NEEDS_COUNTERFACTUAL, TOKEN_MET
 from gradgraph.errors import GradGraphError
 from gradgraph.heads import mask
 from gradgraph.interventions import PATHWAYS, activation_means, intervene
+from gradgraph.labels import Registry
 from gradgraph.metrics import logit_diff
 from gradgraph.prompts import read_prompts, single_token_id, to_tokens
 from gradgraph.studies import head_types
-from gradgraph.studies.compare import agreement, importance
+from gradgraph.studies.compare import COLUMN_KIND, agreement, head_grid, importance
 from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
 from gradgraph.studies.saved import load
 
@@ -117,30 +118,21 @@ def run(config: Config) -> dict:
     scores, truths, tokens = rank_components(
         model, prompts, config.good, config.bad, counterfactuals=counterfactuals, position=config.position,
         methods=methods, batch_size=config.batch_size, udig_steps=config.udig_steps, head_mask=head_mask)
-    labels = component_labels(model)
+    registry, labels = Registry.of(model), component_labels(model)
+    components = [registry.parse(label) for label in labels]
     rows = []
-    for c, label in enumerate(labels):
-        kind = "MLP" if label.startswith("MLP") else ("head" if "." not in label else label.split(".")[1])
-        row = dict(component=label, kind=kind)
+    for c, (label, component) in enumerate(zip(labels, components)):
+        row = dict(component=label, kind=COLUMN_KIND[component.kind])
         row.update({m: float(v[:, c].mean()) for m, v in scores.items()})
         row.update({t: float(v[:, c].mean()) for t, v in truths.items()})
         rows.append(row)
     agreement_rows = [dict(method=METHODS[m], key=m, truth=TRUTHS[t], **r) for m, v in scores.items()
-                      for t, truth in truths.items() for r in agreement(v, truth, labels, resamples=config.resamples)]
+                      for t, truth in truths.items() for r in agreement(v, truth, components, resamples=config.resamples)]
     words = [[model.tokenizer.decode([t]) for t in to_tokens(model, p)[0][0].tolist()] for p in prompts]
     token_items = [dict(prefix=p, tokens=w, subject=-1, attractors=[], condition="",
                         scores={TOKEN_METHODS[m]: tokens[m][i] for m in tokens}) for i, (p, w) in enumerate(zip(prompts, words))]
-    return dict(config=config, labels=labels, rows=rows, scores=scores, truths=truths, agreement=agreement_rows,
+    return dict(config=config, registry=registry, labels=labels, rows=rows, scores=scores, truths=truths, agreement=agreement_rows,
                 tokens=token_items[:12], n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads, model=config.model)
-
-
-def _grid(labels, values, n_layers, n_heads) -> torch.Tensor:
-    grid = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    for c, label in enumerate(labels):
-        if label.startswith("L") and "." not in label:
-            layer, head = label[1:].split("H")
-            grid[int(layer), int(head)] = float(values[c])
-    return grid
 
 
 def write(result: dict) -> list[dict]:
@@ -187,9 +179,9 @@ def write(result: dict) -> list[dict]:
 
 def _heat(result: dict) -> dict[str, torch.Tensor]:
     """Mean |score| of every head's output ``[layers, heads]`` per method and intervention."""
-    heat = {METHODS[m]: _grid(result["labels"], importance(v.numpy()), result["n_layers"], result["n_heads"])
+    heat = {METHODS[m]: head_grid(result["registry"], result["labels"], importance(v.numpy()))
             for m, v in result["scores"].items()}
-    heat.update({TRUTHS[t]: _grid(result["labels"], importance(v.numpy()), result["n_layers"], result["n_heads"])
+    heat.update({TRUTHS[t]: head_grid(result["registry"], result["labels"], importance(v.numpy()))
                  for t, v in result["truths"].items()})
     return heat
 

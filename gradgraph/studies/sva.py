@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import plot, report
+from gradgraph.arch import names
 from gradgraph.arch.models import load_model
 from gradgraph.bootstrap import MIN_ITEMS, cell, intervals_note
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
@@ -51,7 +52,7 @@ from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max
 from gradgraph.studies import head_types
-from gradgraph.studies.compare import agreement, importance, subject_wins
+from gradgraph.studies.compare import COLUMN_KIND, agreement, head_grid, importance, subject_wins
 from gradgraph.studies.output import check_out, relative_link, staged_run, write_csv
 from gradgraph.studies.saved import load
 
@@ -137,21 +138,20 @@ def _example_graph(scores, b: int, item: SVAItem, words: list[str], labels: list
         for u, v, data in cg.edges(data=True):
             edges.setdefault((u, v), {})[name] = data["weight"] / cg.graph["total"]
     n = item.n_tokens
+    registry = Registry.of(graph)
     nodes = {}
     for u, v in edges:
         for label in (u, v):
             nodes.setdefault(label, {})
     for label in nodes:
         values = {}
-        if label == "metric":
+        if label == names.METRIC:
             values = {m: None for m in scores.positions}
-        elif label.startswith("embed@"):
-            p = int(label.split("@")[1])
-            values = {m: float(t[b, p]) for m, t in scores.tokens.items() if m in scores.positions}
+        elif (c := registry.parse(label)).kind == "embed":
+            values = {m: float(t[b, c.position]) for m, t in scores.tokens.items() if m in scores.positions}
         else:
-            name, p = label.split("@")
-            column = labels.index(name)
-            values = {m: float(at[b, int(p), column]) for m, at in scores.positions.items()}
+            column = labels.index(registry.everywhere(label))
+            values = {m: float(at[b, c.position, column]) for m, at in scores.positions.items()}
         nodes[label] = {k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}
     return dict(prefix=item.prefix, good=item.good, bad=item.bad, tokens=words[:n], n_tokens=n,
                 nodes=nodes, edges=[dict(source=u, target=v, values=w) for (u, v), w in edges.items()],
@@ -241,13 +241,13 @@ def _intervention_stage(model, chosen: list[SVAItem], subset: list[int], seed: i
     return {truth: torch.stack([effects[truth][label] for label in labels], 1).double().cpu() for truth in TRUTHS}
 
 
-def _component_rows(labels: list[str], methods: dict, truths: dict, intervened: list[int]) -> list[dict]:
+def _component_rows(registry: Registry, labels: list[str], methods: dict, truths: dict) -> list[dict]:
     rows = []
     means = {m: importance(v[~torch.isnan(v).any(1)].numpy()) for m, v in methods.items()}
     effects = {t: importance(v.numpy()) for t, v in truths.items()}
     for c, label in enumerate(labels):
-        kind = "MLP" if label.startswith("MLP") else ("head" if "." not in label else label.split(".")[1])
-        row = dict(component=label, kind=kind, layer=int(label[3:] if label.startswith("MLP") else label[1:].split("H")[0]))
+        component = registry.parse(label)
+        row = dict(component=label, kind=COLUMN_KIND[component.kind], layer=component.layer)
         row.update({m: float(v[c]) for m, v in means.items()})
         row.update({t: float(v[c]) for t, v in effects.items()})
         rows.append(row)
@@ -286,7 +286,8 @@ def run(config: Config) -> Result:
     methods = check_methods(config.methods)
     start = time.time()
     model = load_model(config.model)
-    labels = component_labels(model)
+    registry, labels = Registry.of(model), component_labels(model)
+    components = [registry.parse(label) for label in labels]
     items = sva_items(model.tokenizer, seed=config.seed, prepend_bos=model.cfg.default_prepend_bos)
     with_counterfactual = [i for i in items if i.counterfactual]
     if config.limit > len(with_counterfactual):
@@ -310,13 +311,13 @@ def run(config: Config) -> Result:
     for method in methods:
         rows = graphs.methods[method][torch.tensor(subset)]
         for truth, name in TRUTHS.items():
-            for row in agreement(rows, truths[truth], labels, resamples=config.resamples, seed=config.seed):
+            for row in agreement(rows, truths[truth], components, resamples=config.resamples, seed=config.seed):
                 agreement_rows.append(dict(method=METHODS[method], key=method, truth=name, **row))
     subject = []
     for method in [m for m in TOKEN_METHODS if m in graphs.tokens]:
         for row in subject_wins(graphs.tokens[method], chosen):
             subject.append(dict(method=TOKEN_METHODS[method], key=method, **row))
-    components = _component_rows(labels, graphs.methods, truths, subset)
+    component_rows = _component_rows(registry, labels, graphs.methods, truths)
     tokens = [dict(prefix=item.prefix, tokens=[model.tokenizer.decode([t]) for t in
                                                to_tokens(model, item.prefix)[0][0].tolist()],
                    subject=item.subject_pos, attractors=list(item.attractor_pos), condition=item.condition,
@@ -334,19 +335,9 @@ def run(config: Config) -> Result:
                              for name, s in shares.items()},
         entropy=_entropy_rows(graphs.per_item), examples=graphs.examples, stage_seconds=graphs.seconds,
         seconds=time.time() - start)
-    return Result(config, Registry.of(model), labels, model.cfg.n_layers, model.cfg.n_heads, accuracy, graphs.methods, truths, subset,
-                  agreement_rows, components, subject, shares, summary["entropy"], graphs.per_item, graphs.examples,
+    return Result(config, registry, labels, model.cfg.n_layers, model.cfg.n_heads, accuracy, graphs.methods, truths, subset,
+                  agreement_rows, component_rows, subject, shares, summary["entropy"], graphs.per_item, graphs.examples,
                   graphs.graph, tokens, summary)
-
-
-def _head_grid(result: Result, values: torch.Tensor) -> torch.Tensor:
-    """``[components]`` → ``[layers, heads]`` of the head outputs."""
-    grid = torch.zeros(result.n_layers, result.n_heads, dtype=torch.float64)
-    for c, label in enumerate(result.labels):
-        if label.startswith("L") and "." not in label:
-            layer, head = label[1:].split("H")
-            grid[int(layer), int(head)] = float(values[c])
-    return grid
 
 
 def _figures(result: Result, out, heat: dict) -> list[tuple[str, object]]:
@@ -394,8 +385,7 @@ def _component_graph_files(result: Result, out) -> None:
     nx.write_graphml(cg, out.path("component_graph.graphml"))
     out.path("component_graph.json").write_text(json.dumps(result.graph, indent=1))
     slug = "gradgraph-sva"
-    tracer = circuit_tracer_graph(result.graph, slug=slug, model=result.config.model, n_layers=result.n_layers,
-                                  kv_group=result.registry.n_heads // result.registry.n_key_value_heads)
+    tracer = circuit_tracer_graph(result.graph, slug=slug, model=result.config.model, registry=result.registry)
     out.path(f"circuit-tracer/{slug}.json").write_text(json.dumps(tracer, indent=1))
     out.path("circuit-tracer/graph-metadata.json").write_text(json.dumps({"graphs": [tracer["metadata"]]}, indent=1))
 
@@ -434,9 +424,9 @@ def write(result: Result) -> dict:
 
 def _heat(result: Result) -> dict[str, torch.Tensor]:
     """Mean |score| of every head's output ``[layers, heads]`` per method and intervention."""
-    heat = {METHODS[m]: _head_grid(result, torch.tensor(importance(v[~torch.isnan(v).any(1)].numpy())))
+    heat = {METHODS[m]: head_grid(result.registry, result.labels, torch.tensor(importance(v[~torch.isnan(v).any(1)].numpy())))
             for m, v in result.methods.items()}
-    heat.update({name: _head_grid(result, torch.tensor(importance(result.truths[t].numpy())))
+    heat.update({name: head_grid(result.registry, result.labels, torch.tensor(importance(result.truths[t].numpy())))
                  for t, name in TRUTHS.items()})
     return heat
 
