@@ -24,6 +24,7 @@ over positions.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from gradgraph.arch import names
 from gradgraph.attribution import integrated_flow, token_scores
 from gradgraph.backprop import backprop, forward
-from gradgraph.build import assemble, record
+from gradgraph.build import Recording, assemble, record
 from gradgraph.components import PATHWAY_KINDS, pathway_scores
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
@@ -93,10 +94,49 @@ class Scores:
     tokens: dict[str, torch.Tensor]
     branches: dict[str, Branches]
     graph: GradGraph
-    max_values: dict[str, torch.Tensor]
     positions: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [batch, pos, n components]
     udig_delta: torch.Tensor | None = None  # [batch]: Σ UDIG attribution − (F(x) − F(x′)); NaN where not run
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """What every method reads on one batch: the recording, its gradient graph and the Real pass at
+    the component, branch and input nodes, and what some methods need besides."""
+
+    model: object
+    recording: Recording
+    gradient: GradGraph
+    grads: dict[str, torch.Tensor]
+    nodes: list[str]  # the component nodes (q/k/v inputs, z, mlp_out)
+    wanted: list[str]  # the component, branch and input nodes
+    good: torch.Tensor  # [batch]
+    bad: torch.Tensor  # [batch]
+    position: int
+    counterfactual: torch.Tensor | None
+    head_mask: torch.Tensor | None
+    udig: torch.Tensor | None  # [batch] bool: the items UDIG runs on
+    udig_steps: int
+    baseline: object
+    _corrupt: dict | None = None
+
+    def corrupt(self) -> dict[str, torch.Tensor]:
+        """The counterfactual's activations at the component nodes (one run, shared by both patchings)."""
+        if self._corrupt is None:
+            self._corrupt = _cache(self.model, self.counterfactual, kinds=PATHWAYS)
+        return self._corrupt
+
+
+@dataclass
+class _Scored:
+    """One method on one batch: per component ``[batch, C]`` and per position ``[batch, pos, C]``,
+    its token attributions, branch values and (UDIG) completeness errors where it has them."""
+
+    components: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor | None = None
+    branches: Branches | None = None
+    delta: torch.Tensor | None = None
 
 
 def _component_nodes(graph: GradGraph) -> list[str]:
@@ -140,8 +180,6 @@ def score(model, tokens: torch.Tensor, mask: torch.Tensor, good: torch.Tensor, b
     ``counterfactual`` (aligned tokens) is needed by the patching methods. UDIG integrates along its
     own path (``udig_steps`` anchors, from ``baseline`` as in ``attribute``), one prompt at a time,
     for the items where ``udig`` ``[batch]`` is True (default all)."""
-    import time
-
     methods = check_methods(methods)
     if counterfactual is None and any(m in NEEDS_COUNTERFACTUAL for m in methods):
         raise GradGraphError(f"{[m for m in methods if m in NEEDS_COUNTERFACTUAL]} need counterfactual prompts")
@@ -149,60 +187,92 @@ def score(model, tokens: torch.Tensor, mask: torch.Tensor, good: torch.Tensor, b
         raise GradGraphError("mask_lrp needs a head mask (gradgraph.heads.mask builds Mask-LRP's)")
     clock: dict[str, float] = {}
     begin = time.perf_counter()
-    metric = logit_diff(good, bad, pos=position)
-    recording = record(model, tokens, metric, attention_mask=mask)
+    recording = record(model, tokens, logit_diff(good, bad, pos=position), attention_mask=mask)
     gradient = assemble(recording, GRADIENT)
     nodes = _component_nodes(gradient)
     wanted = list(dict.fromkeys(nodes + _branch_nodes(gradient) + list(gradient.sources)))
-    grads = backprop(gradient, Real, keep=wanted)
-    components, token_values, branches = {}, {"grad_x_input": token_scores(gradient, grads)}, {}
+    batch = _Batch(model, recording, gradient, backprop(gradient, Real, keep=wanted), nodes, wanted, good, bad,
+                   position, counterfactual, head_mask, udig, udig_steps, baseline)
     clock["(recording and gradient)"] = time.perf_counter() - begin
-    max_values: dict[str, torch.Tensor] = {}
-    positions: dict[str, torch.Tensor] = {}
-    corrupt = None
+    out = Scores({}, {"grad_x_input": token_scores(gradient, batch.grads).double().cpu()}, {}, gradient)
     for method in methods:
         start = time.perf_counter()
-        semiring = Real
-        if method in ("flow", "top_path"):
-            semiring = Abs if method == "flow" else Max
-            through, total, bwd = _through(gradient, semiring, nodes)
-            values = {n: v / total.to(v.dtype)[None, :].reshape((1, -1) + (1,) * (v.ndim - 2)) for n, v in through.items()}
-            source = bwd[gradient.sources[0]][0] / total.to(bwd[gradient.sources[0]].dtype)[:, None, None]
-            token_values[method] = (source.sum(-1) if method == "flow" else source.amax(-1)).double().cpu() * gradient.source_mask
-            branches[method] = Branches(semiring, "sum" if method == "flow" else "oplus",
-                                        {n: bwd[n] for n in _branch_nodes(gradient)})
-            if method == "top_path":
-                max_values = bwd
-        elif method in ("attribution", "relp"):
-            corrupt = _cache(model, counterfactual, kinds=PATHWAYS) if corrupt is None else corrupt
-            g = grads if method == "attribution" else backprop(assemble(recording, RELP), Real, keep=nodes)
-            values = {n: ((corrupt[n] - gradient.activations[n]) * g[n][0].to(corrupt[n].dtype))[None] for n in nodes}
-        elif method in ("attn_lrp", "mask_lrp"):
-            graph = assemble(recording, ATTN_LRP) if method == "attn_lrp" else \
-                assemble(recording, CHEFER2021, head_mask=head_mask)
-            g = backprop(graph, Real, keep=wanted)
-            values = _relevance(graph, g, wanted)
-            token_values[method] = token_scores(graph, g)
-            branches[method] = Branches(Real, "sum", {n: values[n] for n in _branch_nodes(graph)})
-        if method != "udig":
-            components[method] = pathway_scores(gradient, values, semiring)
-            positions[method] = pathway_scores(gradient, values, semiring, per_position=True)
-            if method == "top_path":  # one path multiplied in another order can pass the best by float rounding
-                components[method] = components[method].clamp(max=1.0)
+        scored = METHOD_FUNCTIONS[method](batch)
+        out.components[method], out.positions[method] = scored.components, scored.positions
+        if scored.tokens is not None:
+            out.tokens[method] = scored.tokens.double().cpu()
+        if scored.branches is not None:
+            out.branches[method] = scored.branches
+        if scored.delta is not None:
+            out.udig_delta = scored.delta
         clock[METHODS[method]] = time.perf_counter() - start
-    udig_delta = None
-    if "udig" in methods:
-        start = time.perf_counter()
-        components["udig"], positions["udig"], token_values["udig"], branches["udig"], udig_delta = _udig(
-            model, gradient, good, bad, position, udig, udig_steps, baseline)
-        clock[METHODS["udig"]] = time.perf_counter() - start
-    return Scores(components, {m: t.double().cpu() for m, t in token_values.items()}, branches, gradient, max_values,
-                  positions, udig_delta, clock)
+    out.seconds = clock
+    return out
 
 
-def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseline):
+def _per_component(batch: _Batch, values: dict[str, torch.Tensor], semiring) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(⊕ over positions and units [batch, C], ⊕ over units [batch, pos, C])`` of node values."""
+    return (pathway_scores(batch.gradient, values, semiring),
+            pathway_scores(batch.gradient, values, semiring, per_position=True))
+
+
+def _path_method(batch: _Batch, semiring, agg: str) -> _Scored:
+    """Flow (``Abs``) or best path (``Max``) through each component, as a share of the whole."""
+    graph = batch.gradient
+    through, total, bwd = _through(graph, semiring, batch.nodes)
+    values = {n: v / total.to(v.dtype)[None, :].reshape((1, -1) + (1,) * (v.ndim - 2)) for n, v in through.items()}
+    source = bwd[graph.sources[0]][0] / total.to(bwd[graph.sources[0]].dtype)[:, None, None]
+    tokens = (source.sum(-1) if agg == "sum" else source.amax(-1)).double().cpu() * graph.source_mask
+    components, positions = _per_component(batch, values, semiring)
+    return _Scored(components, positions, tokens, Branches(semiring, agg, {n: bwd[n] for n in _branch_nodes(graph)}))
+
+
+def _flow(batch: _Batch) -> _Scored:
+    return _path_method(batch, Abs, "sum")
+
+
+def _top_path(batch: _Batch) -> _Scored:
+    scored = _path_method(batch, Max, "oplus")
+    scored.components = scored.components.clamp(max=1.0)  # one path multiplied in another order can pass the best
+    return scored
+
+
+def _patching(batch: _Batch, grads: dict[str, torch.Tensor]) -> _Scored:
+    """(act_cf − act) · ``grads`` at every component element."""
+    corrupt, graph = batch.corrupt(), batch.gradient
+    values = {n: ((corrupt[n] - graph.activations[n]) * grads[n][0].to(corrupt[n].dtype))[None] for n in batch.nodes}
+    return _Scored(*_per_component(batch, values, Real))
+
+
+def _attribution(batch: _Batch) -> _Scored:
+    return _patching(batch, batch.grads)
+
+
+def _relp(batch: _Batch) -> _Scored:
+    return _patching(batch, backprop(assemble(batch.recording, RELP), Real, keep=batch.nodes))
+
+
+def _lrp(batch: _Batch, graph: GradGraph) -> _Scored:
+    """Relevance (activation ⊙ modified gradient) at every component, token and branch of ``graph``."""
+    g = backprop(graph, Real, keep=batch.wanted)
+    values = _relevance(graph, g, batch.wanted)
+    return _Scored(*_per_component(batch, values, Real), token_scores(graph, g),
+                   Branches(Real, "sum", {n: values[n] for n in _branch_nodes(graph)}))
+
+
+def _attn_lrp(batch: _Batch) -> _Scored:
+    return _lrp(batch, assemble(batch.recording, ATTN_LRP))
+
+
+def _mask_lrp(batch: _Batch) -> _Scored:
+    return _lrp(batch, assemble(batch.recording, CHEFER2021, head_mask=batch.head_mask))
+
+
+def _udig(batch: _Batch) -> _Scored:
     """UDIG conductance per component, UDIG's token attribution and branch conductances, one
     prompt at a time (NaN rows where not run)."""
+    model, gradient, good, bad, position = batch.model, batch.gradient, batch.good, batch.bad, batch.position
+    chosen, steps, baseline = batch.udig, batch.udig_steps, batch.baseline
     B, P = gradient.tokens.shape
     chosen = torch.ones(B, dtype=torch.bool) if chosen is None else chosen
     C = len(component_labels(gradient))
@@ -226,7 +296,12 @@ def _udig(model, gradient: GradGraph, good, bad, position, chosen, steps, baseli
         for node in nodes:
             key = f"{carried[node]}->{node}" if node in carried else node
             branch[node][0, b, :n] = result.values[key][0].double()
-    return rows, at, tokens, Branches(Real, "sum", branch, chosen.clone()), delta
+    return _Scored(rows, at, tokens, Branches(Real, "sum", branch, chosen.clone()), delta)
+
+
+# every method's function over one batch, in METHODS' order
+METHOD_FUNCTIONS = {"flow": _flow, "top_path": _top_path, "attribution": _attribution, "relp": _relp,
+                    "attn_lrp": _attn_lrp, "mask_lrp": _mask_lrp, "udig": _udig}
 
 
 __all__ = ["METHODS", "NEEDS_COUNTERFACTUAL", "TOKEN_METHODS", "Branches", "Scores", "check_methods",
