@@ -54,7 +54,7 @@ def cmd_sva_eval(args: argparse.Namespace) -> None:
     from gradgraph.studies.output import staged_run
 
     start = time.time()
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     items = take(sva_items(model.tokenizer, seed=args.seed, prepend_bos=model.cfg.default_prepend_bos),
                  args.limit, seed=args.seed)
     results = evaluate_sva(model, items, batch_size=args.batch_size)
@@ -87,7 +87,7 @@ def cmd_sva(args: argparse.Namespace) -> None:
     if args.redraw:
         sva.redraw(args.redraw, args.figures)
         return
-    sva.main(sva.Config(model=args.model, limit=args.limit, intervention_items=args.intervention_items,
+    sva.main(sva.Config(model=args.model, device=args.device, limit=args.limit, intervention_items=args.intervention_items,
                         batch_size=args.batch_size, methods=args.methods, udig_steps=args.udig_steps,
                         head_sentences=args.head_sentences, resamples=args.resamples, out=args.out,
                         figures=args.figures, seed=args.seed))
@@ -103,7 +103,7 @@ def cmd_heads(args: argparse.Namespace) -> None:
     if missing:
         raise GradGraphError(f"gradgraph heads needs {', '.join(missing)} (or --redraw OUT to draw a saved run again)")
     head_ranking.main(head_ranking.Config(
-        prompts=args.prompts, good=args.good, bad=args.bad, counterfactuals=args.counterfactuals,
+        prompts=args.prompts, device=args.device, good=args.good, bad=args.bad, counterfactuals=args.counterfactuals,
         position=args.position, model=args.model, methods=args.methods, udig_steps=args.udig_steps,
         head_sentences=args.head_sentences, resamples=args.resamples, top=args.top, out=args.out,
         figures=args.figures))
@@ -115,7 +115,7 @@ def cmd_synthetic(args: argparse.Namespace) -> None:
     if args.redraw:
         synthetic.redraw(args.redraw, args.figures)
         return
-    synthetic.main(synthetic.Config(seed=args.seed, steps=args.steps, induction_seeds=args.induction_seeds,
+    synthetic.main(synthetic.Config(device=args.device, seed=args.seed, steps=args.steps, induction_seeds=args.induction_seeds,
                                     out=args.out, figures=args.figures, threads=args.threads,
                                     progress=args.progress))
 
@@ -126,7 +126,7 @@ def cmd_head_types(args: argparse.Namespace) -> None:
     if args.redraw:
         head_types.redraw(args.redraw, args.figures)
         return
-    head_types.main(head_types.Config(corpus=args.corpus, sentences=args.sentences, threshold=args.threshold,
+    head_types.main(head_types.Config(device=args.device, corpus=args.corpus, sentences=args.sentences, threshold=args.threshold,
                                       margin=args.margin, model=args.model, out=args.out,
                                       figures=args.figures or f"{args.out}/figures"))
 
@@ -139,7 +139,7 @@ def cmd_lrp_eval(args: argparse.Namespace) -> None:
         return
     lrp_eval.main(lrp_eval.Config(sentences=args.sentences, sva_items=args.sva_items, relp_items=args.relp_items,
                                   head_sentences=args.head_sentences, max_words=args.max_words,
-                                  graph_tokens=args.graph_tokens, seed=args.seed, model=args.model, out=args.out,
+                                  graph_tokens=args.graph_tokens, seed=args.seed, model=args.model, device=args.device, out=args.out,
                                   figures=args.figures or f"{args.out}/figures"))
 
 
@@ -150,7 +150,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from gradgraph.metrics import logit_diff
     from gradgraph.prompts import single_token_id
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     good, bad = single_token_id(model.tokenizer, args.good), single_token_id(model.tokenizer, args.bad)
     metric = logit_diff(good, bad)
     options = {"ig": dict(steps=args.steps), "dig": dict(steps=args.steps, strategy=args.strategy),
@@ -183,7 +183,7 @@ def cmd_attr_eval(args: argparse.Namespace) -> None:
         return
     attr_eval.main(attr_eval.Config(sentences=args.sentences, sva_items=args.sva_items, corpus=args.corpus,
                                     steps=args.steps, samples=args.samples, max_words=args.max_words,
-                                    seed=args.seed, model=args.model, out=args.out,
+                                    seed=args.seed, model=args.model, device=args.device, out=args.out,
                                     figures=args.figures or f"{args.out}/figures"))
 
 
@@ -333,6 +333,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="default: OUT/figures")
     _redraw_option(p)
     p.set_defaults(func=cmd_attr_eval)
+    for command, p in sub.choices.items():
+        if command != "models":
+            p.add_argument("--device", default="auto",
+                           help="where the model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, "
+                                "cuda:N or mps (default auto)")
     return top
 
 
@@ -342,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     keep_freed_memory()  # a third faster on CPU: freed tensors' pages are reused, not faulted in anew
     try:
+        if getattr(args, "device", None) is not None:  # a device this machine lacks: refused before any work
+            from gradgraph.arch.devices import choose
+
+            choose(args.device)
         args.func(args)
     except OutputIncomplete as error:  # computed and saved, but some output failed: 1
         print(f"gradgraph: error: {error}", file=sys.stderr)

@@ -96,12 +96,13 @@ def component_path(graph: GradGraph, nodes) -> tuple[str, ...]:
 
 
 def top_component_paths(graph: GradGraph, k: int = 5, *, search: int | None = None, items: list[int] | None = None,
-                        sources=None):
+                        sources=None, best: dict | None = None):
     """Per batch item, the ``k`` best distinct component-level paths among the best ``search``
     (default 8k) scalar paths: ``(labels, best scalar path weight, scalar paths collapsed into it)``.
-    ``sources``: the input positions the paths start at (``gradgraph.paths.top_paths``)."""
+    ``sources``, ``best``: the input positions the paths start at, and the Max pass if the caller
+    has it (``gradgraph.paths.top_paths``)."""
     out = []
-    for item_paths in top_paths(graph, search or 8 * k, items=items, sources=sources):
+    for item_paths in top_paths(graph, search or 8 * k, items=items, sources=sources, best=best):
         seen: dict[tuple[str, ...], list] = {}
         for path in item_paths:
             key = component_path(graph, path.nodes)

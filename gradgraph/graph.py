@@ -576,8 +576,9 @@ class Pending(Block):
 
 
 class _Transposed(Weight):
-    """``W`` with its last two dims swapped. A shared weight keeps its transposed ``|W|`` and
-    ``|W| log |W|`` contiguous (the max–times kernels read rows), an unshared one is a view."""
+    """``W`` with its last two dims swapped: views of ``W``'s own (cached) ``|W|`` and ``|W| log |W|``,
+    so that a shared matrix keeps one copy of each per dtype (BLAS reads a transposed operand as it
+    is; the max–times kernels make the rows they read contiguous, one matrix at a time)."""
 
     def __init__(self, base: Weight):
         self.base = base
@@ -594,19 +595,10 @@ class _Transposed(Weight):
         return self.base.indicator(dtype).transpose(-1, -2)
 
     def abs(self, dtype):
-        if not self.base.shared:
-            return self.base.abs(dtype).transpose(-1, -2)
-        return self.base._get("abs_T", dtype, lambda: self.base.real(dtype).abs().transpose(-1, -2).contiguous())
+        return self.base.abs(dtype).transpose(-1, -2)
 
     def xlogx(self, dtype, magnitude=None):
-        if not self.base.shared:
-            return self.base.xlogx(dtype, None if magnitude is None else magnitude.transpose(-1, -2)).transpose(-1, -2)
-
-        def make():
-            a = self.abs(dtype) if magnitude is None else magnitude
-            return torch.special.xlogy(a, a)
-
-        return self.base._get("xlogx_T", dtype, make)
+        return self.base.xlogx(dtype, None if magnitude is None else magnitude.transpose(-1, -2)).transpose(-1, -2)
 
 
 def _no_edges() -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@ of the residual stream, attention and MLP outputs position by position, and the 
 estimates: attribution patching (gradient × activation difference) and relevance patching (the
 same with RelP's modified gradient).
 
-Every intervention replaces activations through ``hooks.replacing`` (no hook outlives a call) and
-changes nothing else on the model. Effects are ``metric(intervened) − metric(clean)`` per prompt: a
+Every intervention reruns the model through ``inference.run``, the one forward with ``Edit``\ s at
+named sites (from the weights where it covers the model, else TransformerLens' forward with hooks
+that do not outlive the call), and changes nothing on the model. Effects are ``metric(intervened) − metric(clean)`` per prompt: a
 negative effect means the component supports the metric. Components are the registry's
 position-less heads (``L3H7``, at ``hook_z``) and MLPs (``MLP5``, at ``hook_mlp_out``).
 """
@@ -14,10 +15,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph.arch import hooks, inference, lens, names
-from gradgraph.arch.features import soft_cap
-from gradgraph.arch.inference import KeysValues
+from gradgraph.arch import hooks, inference, names
+from gradgraph.arch.inference import Edit
 from gradgraph.arch.lens import Model
+from gradgraph.arch.spec import spec
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record
 from gradgraph.errors import GradGraphError
@@ -44,57 +45,55 @@ def _intervened_hooks(model: Model, kinds=INTERVENED) -> list[str]:
 
 
 @torch.no_grad()
-def _cache(model: Model, tokens: torch.Tensor, *, embed: torch.Tensor | None = None,
-           kinds=INTERVENED) -> dict[str, torch.Tensor]:
-    """Clean activations at every head output (hook_z), attention and MLP output, the residual
-    inputs, and the q/k/v inputs where ``kinds`` ask for them."""
+def _cache(model: Model, tokens: torch.Tensor, *, kinds=INTERVENED) -> dict[str, torch.Tensor]:
+    """Clean activations, recorded on TransformerLens' own forward (what the graph records): every
+    head output (hook_z), attention and MLP output, the residual inputs, and the q/k/v inputs where
+    ``kinds`` ask for them."""
     kinds = ("z", "mlp_out", "attn_out", "resid_pre") + tuple(f"{k}_input" for k in kinds if k in "qkv")
     wanted = {names.name(k, layer) for layer in range(model.cfg.n_layers) for k in kinds}
-    replacements = {} if embed is None else {names.inputs(model)[0]: embed}
-    with hooks.replacing(model, replacements), hooks.recording(model, names=wanted) as store:
+    with hooks.recording(model, names=wanted) as store:
         hooks.final_residual(model, tokens)
     return {name: tensors[0].clone() for name, tensors in store.items() if name in wanted}
 
 
-def _run_from(model, layer: int, resid: torch.Tensor, replacements: dict) -> torch.Tensor:
-    """Final residual stream after running layers ``layer..`` from ``resid`` with ``replacements``."""
-    with hooks.replacing(model, replacements):
-        return hooks.final_residual(model, resid, start_at_layer=layer)
+def _by_hook(model: Model, trace: dict[str, list[torch.Tensor]], kinds=INTERVENED) -> dict[str, torch.Tensor]:
+    """``inference.run``'s trace under the hook names of the sites interventions read."""
+    cfg = model.cfg
+    out = {}
+    for layer in range(cfg.n_layers):
+        for kind in ("z", "mlp_out", "attn_out", "resid_pre"):
+            if kind in trace and len(trace[kind]) > layer:
+                out[names.name(kind, layer)] = trace[kind][layer]
+        resid = trace["resid_pre"][layer]  # [batch, pos, d]: every q/k/v input copies it
+        for kind in (k for k in kinds if k in "qkv"):
+            copies = cfg.n_heads if kind == "q" else cfg.n_key_value_heads or cfg.n_heads
+            out[names.name(f"{kind}_input", layer)] = resid[:, :, None].expand(-1, -1, copies, -1)
+    return out
 
 
-def _metric_from_resid(model, resid_final: torch.Tensor, metric, mask, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The metric of the final residual stream; with ``ids``, only those logit columns are computed
-    (the rest are zero): a logit difference reads two columns of a 49k vocabulary."""
-    normalized = _final_norm(model, resid_final)
-    if ids is None:
-        return metric(_capped(model, model.unembed(normalized)), mask)
-    logits = normalized.new_zeros((*normalized.shape[:-1], model.cfg.d_vocab))
-    logits[..., ids] = _capped(model, normalized @ model.W_U[:, ids] + model.b_U[ids])
-    return metric(logits, mask)
-
-
-def _final_norm(model, resid_final: torch.Tensor) -> torch.Tensor:
-    return resid_final if model.cfg.normalization_type is None else lens.final_norm(model)(resid_final)
-
-
-def _capped(model, logits: torch.Tensor) -> torch.Tensor:
-    """The logits as the model returns them: soft-capped where it caps them (Gemma 2)."""
-    cap = soft_cap(model.cfg.output_logits_soft_cap)
-    return logits if cap is None else cap * torch.tanh(logits / cap)
-
-
-def _read_columns(model, resid_final: torch.Tensor, metric, mask) -> torch.Tensor | None:
-    """The logit columns the metric reads, if computing only them gives the same clean value."""
+def _reader(model: Model, final: torch.Tensor, metric, mask):
+    """``read(resid_final) -> [batch]``: the metric of a final residual stream, computing only the
+    logit columns the metric reads when that gives the same clean value (a logit difference reads
+    two columns of a 49k vocabulary)."""
     with torch.enable_grad():
-        logits = _capped(model, model.unembed(_final_norm(model, resid_final))).detach().requires_grad_(True)
-        value = metric(logits, mask)
-        (grad,) = torch.autograd.grad(value.sum(), logits)
+        full = inference.logits(model, final).detach().requires_grad_(True)
+        value = metric(full, mask)
+        (grad,) = torch.autograd.grad(value.sum(), full)
     ids = (grad != 0).flatten(0, -2).any(0).nonzero()[:, 0]
     if len(ids) > model.cfg.d_vocab // 4:
-        return None
-    # the same numbers up to the order of a float sum
-    same = torch.allclose(_metric_from_resid(model, resid_final, metric, mask, ids), value.detach(), rtol=1e-4, atol=1e-5)
-    return ids if same else None
+        ids = None
+    logits = final.new_zeros((*final.shape[:-1], model.cfg.d_vocab))  # the metric reads only the ids columns
+
+    def read(resid_final: torch.Tensor) -> torch.Tensor:
+        if ids is None:
+            return metric(inference.logits(model, resid_final), mask)
+        logits[..., ids] = inference.logits(model, resid_final, ids)
+        return metric(logits, mask)
+
+    # the same numbers up to the order of a float sum, or every column
+    if ids is not None and not torch.allclose(read(final), value.detach(), rtol=1e-4, atol=1e-5):
+        ids = None
+    return read
 
 
 def _check(model, tokens, mask):
@@ -105,6 +104,7 @@ def _check(model, tokens, mask):
         raise GradGraphError(f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(tokens.shape)}")
     if mask.shape != tokens.shape:
         raise GradGraphError(f"attention_mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}")
+    spec(model).check_device(tokens)
 
 
 @torch.no_grad()
@@ -147,46 +147,42 @@ def intervene(
         if wrong:
             raise GradGraphError(f"means lacks {wrong[0]} (or has the wrong shape); compute them with "
                                  f"gradgraph.interventions.activation_means")
-    if embed is None and inference.supported(model):
-        return _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress)
-    clean = _cache(model, tokens, embed=embed, kinds=kinds)
-    corrupt = _cache(model, counterfactual, kinds=kinds) if counterfactual is not None else None
-    with hooks.replacing(model, {} if embed is None else {names.inputs(model)[0]: embed}):
-        last = hooks.final_residual(model, tokens)
-    ids = _read_columns(model, last, metric, mask)
-    base = _metric_from_resid(model, last, metric, mask, ids)
+    clean, corrupt = {}, {}
+    final, _ = inference.run(model, tokens, embed=embed, trace=clean)
+    if counterfactual is not None:
+        inference.run(model, counterfactual, trace=corrupt)
+    read = _reader(model, final, metric, mask)
+    base = read(final)
     results: dict[str, dict[str, torch.Tensor]] = {"clean": {"metric": base}}
-    jobs = []
-    if means is not None:
-        jobs.append(("mean_ablation", None))
-    if corrupt is not None:
-        jobs.append(("patching", corrupt))
+    sources = ([("mean_ablation", means)] if means is not None else []) + \
+              ([("patching", _by_hook(model, corrupt, kinds))] if counterfactual is not None else [])
     reg = Registry.of(model)
     batch = tokens.shape[0]
-    layers = range(model.cfg.n_layers)
-    todo = [(name, source, layer) for name, source in jobs for layer in layers]
+    todo = [(name, source, layer) for name, source in sources for layer in range(model.cfg.n_layers)]
     for name, source, layer in tqdm(todo, desc="interventions", disable=not progress, unit="layer"):
         # one run from this layer for all its components: copy i of the batch has component i replaced
         components = [c for c in intervened_components(model, kinds) if c.layer == layer]
-        replacements = {}
-        for hook in dict.fromkeys(reg.nodes(c)[0] for c in components):
-            chosen = [(i, reg.index(c)[1:]) for i, c in enumerate(components) if reg.nodes(c)[0] == hook]
-
-            def replace(activation, hook=hook, chosen=chosen):
-                activation = activation.clone()
-                copies = activation.view(len(components), batch, *activation.shape[1:])
-                for i, index in chosen:  # index: (positions, head) or (positions,)
-                    value = means[hook][index[1:]] if source is None else source[hook][(slice(None),) + index]
-                    copies[i][(slice(None),) + index] = value
-                return activation
-
-            replacements[hook] = replace
-        resid = clean[names.name("resid_pre", layer)].repeat(len(components), 1, 1)
-        final = _run_from(model, layer, resid, replacements).view(len(components), batch, *resid.shape[1:])
+        edits = [_edit(reg, c, source, slice(i * batch, (i + 1) * batch), per_position=name == "patching")
+                 for i, c in enumerate(components)]
+        resid = clean["resid_pre"][layer].repeat(len(components), 1, 1)
+        out = inference.run(model, resid=resid, first_layer=layer, edits=edits)[0]
         for i, c in enumerate(components):
-            effect = _metric_from_resid(model, final[i], metric, mask, ids) - base
-            results.setdefault(name, {})[reg.label(c)] = effect
+            results.setdefault(name, {})[reg.label(c)] = read(out[i * batch:(i + 1) * batch]) - base
     return results
+
+
+# a component kind's site (``inference.SITES``; its hook point is ``names.name(site, layer)``)
+_SITE = {"head": "z", "mlp": "mlp_out", "q": "q_input", "k": "k_input", "v": "v_input"}
+
+
+def _edit(reg: Registry, c: Component, source: dict[str, torch.Tensor], rows: slice, per_position: bool) -> Edit:
+    """The edit that sets component ``c`` to its value in ``source`` (a mean by hook name ``[heads,
+    ...]`` or ``[d]``; or a run's activations by hook name ``[batch, pos, ...]``) in the batch rows ``rows``."""
+    site = _SITE[c.kind]
+    value = source[names.name(site, c.layer)]
+    if c.head is not None:
+        value = value[:, :, c.head] if per_position else value[c.head]
+    return Edit(site, c.layer, value, rows=rows, head=c.head)
 
 
 def _component_shapes(model: Model) -> dict[str, tuple[int, ...]]:
@@ -217,73 +213,6 @@ def activation_means(model: Model, tokens: torch.Tensor, mask: torch.Tensor) -> 
             name = names.name(f"{kind}_input", layer)
             means[name] = resid.expand(shapes[name]).clone()
     return means
-
-
-def _intervene_from_weights(model, tokens, mask, metric, counterfactual, means, kinds, progress) -> dict:
-    """``intervene`` with ``gradgraph.arch.inference``: each layer's components in one run from its
-    residual input, copy i of the batch with component i's q, k, v (before rotary), z or MLP output
-    replaced: a q/k/v input by the counterfactual's (or the mean input's) projection, which is what
-    replacing that head's input copy computes."""
-    trace, corrupt = {}, {}
-    final, _ = inference.run(model, tokens, trace=trace)
-    if counterfactual is not None:
-        inference.run(model, counterfactual, trace=corrupt)
-    ids = _read_columns(model, final, metric, mask)
-    ids = torch.arange(model.cfg.d_vocab, device=tokens.device) if ids is None else ids
-    logits = final.new_zeros((*final.shape[:-1], model.cfg.d_vocab))  # the metric reads only the ids columns
-
-    def value(resid_final: torch.Tensor) -> torch.Tensor:
-        logits[..., ids] = inference.final_logits(model, resid_final, ids)
-        return metric(logits, mask)
-
-    base = value(final)
-    results: dict[str, dict[str, torch.Tensor]] = {"clean": {"metric": base}}
-    sources = ([("mean_ablation", _mean_sources(model, means))] if means is not None else []) + \
-              ([("patching", corrupt)] if counterfactual is not None else [])
-    reg = Registry.of(model)
-    batch = tokens.shape[0]
-    site_of = {"q": "q", "k": "k", "v": "v", "head": "z", "mlp": "mlp_out"}
-    todo = [(name, source, layer) for name, source in sources for layer in range(model.cfg.n_layers)]
-    for name, source, layer in tqdm(todo, desc="interventions", disable=not progress, unit="layer"):
-        components = [c for c in intervened_components(model, kinds) if c.layer == layer]
-
-        def edits(index: int, site: str, value: torch.Tensor, layer=layer, components=components, source=source):
-            if index != layer:
-                return value
-            chosen = [(i, c) for i, c in enumerate(components) if site_of[c.kind] == site]
-            if not chosen:
-                return value
-            value = value.clone()
-            for i, c in chosen:
-                rows = slice(i * batch, (i + 1) * batch)
-                replacement = source[site][layer]  # [batch, pos, heads, e] or [batch, pos, d] (or per position)
-                if c.head is None:
-                    value[rows] = replacement
-                else:
-                    value[rows, :, c.head] = replacement[..., c.head, :]
-            return value
-
-        resid = trace["resid_pre"][layer].repeat(len(components), 1, 1)
-        out = inference.run(model, resid=resid, first_layer=layer, edits=edits)[0]
-        for i, c in enumerate(components):
-            results.setdefault(name, {})[reg.label(c)] = value(out[i * batch:(i + 1) * batch]) - base
-    return results
-
-
-def _mean_sources(model, means: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """The replacements mean ablation makes, in ``inference.run``'s trace layout: per layer q, k, v
-    projected from each head's mean input (``[heads, e]``), z's mean ``[H, e]``, the MLP output's ``[d]``."""
-    out = {site: [] for site in ("q", "k", "v", "z", "mlp_out")}
-    for layer in range(model.cfg.n_layers):
-        projected = {}
-        for kind in "qkv":
-            mean_input = means.get(names.name(f"{kind}_input", layer))
-            projected[kind] = None if mean_input is None else inference.project(model, layer, kind, mean_input)
-        for kind in "qkv":
-            out[kind].append(projected[kind])
-        out["z"].append(means.get(names.name("z", layer)))
-        out["mlp_out"].append(means.get(names.name("mlp_out", layer)))
-    return out
 
 
 def attribution_patching(
@@ -328,93 +257,35 @@ def patch_positions(
     """Activation patching of one site at one position: ``{site: [batch, n_layers, pos]}``, the
     effect ``metric(patched) − metric(clean)`` of setting ``hook_resid_pre`` / ``hook_attn_out`` /
     ``hook_mlp_out`` of that layer at that position to its value on ``counterfactual``.
-    One run from each layer per site, with copy i of the batch patched at position i."""
+    One run from each layer and position, copy v of the batch patched at site v; a patch at
+    position i leaves the earlier positions as they were, so the run starts from the clean run's
+    keys and values before i (``inference.run(clean_before=)``)."""
     _check(model, tokens, mask)
     metric = prepare(metric, model)
     unknown = [s for s in sites if s not in SITES]
     if unknown or counterfactual.shape != tokens.shape:
         raise GradGraphError(f"patch_positions: sites from {SITES} and counterfactual tokens of the clean shape "
                              f"{tuple(tokens.shape)}; got {unknown or tuple(counterfactual.shape)}")
-    if inference.supported(model):
-        return _patch_positions_from_weights(model, tokens, mask, counterfactual, metric, sites, progress)
-    with hooks.plain_forward(model):  # these sites need no split q/k/v copies
-        return _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress)
-
-
-def _patch_positions_from_weights(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:
-    """``patch_positions`` with ``gradgraph.arch.inference``: a patch at position i leaves the earlier
-    positions as they were, so each run covers positions i.. only, from the clean run's keys and
-    values before i; a patched attention or MLP output at layer L changes position i alone until
-    layer L + 1, so those runs start there. Patches at every site that start at one layer run together."""
     trace_clean, trace_corrupt = {}, {}
     final, kv = inference.run(model, tokens, keep=True, trace=trace_clean)
     inference.run(model, counterfactual, trace=trace_corrupt)
-    ids = _read_columns(model, final, metric, mask)
-    ids = torch.arange(model.cfg.d_vocab, device=tokens.device) if ids is None else ids
-
-    logits = final.new_zeros((*final.shape[:-1], model.cfg.d_vocab))  # the metric reads only the ids columns
-
-    def value(resid_final: torch.Tensor) -> torch.Tensor:  # [batch, pos, d] -> [batch]
-        logits[..., ids] = inference.final_logits(model, resid_final, ids)
-        return metric(logits, mask)
-
-    items = torch.arange(tokens.shape[0], device=tokens.device)
-    base = value(final)
+    read = _reader(model, final, metric, mask)
+    base = read(final)
     batch, P = tokens.shape
     L = model.cfg.n_layers
+    rows = torch.arange(batch, device=tokens.device).repeat(len(sites))  # [sites × batch]: one variant per site
+    kv_rows = None if kv is None else kv.rows(rows)
     out = {site: torch.zeros(batch, L, P, dtype=torch.float64) for site in sites}
     for i in tqdm(range(P), desc="position patching", disable=not progress, unit="position"):
-        for start in range(L + 1):  # the layer each patch's run starts at
-            starts = []  # (site, layer, resid at position i entering `start`)
-            if "resid_pre" in sites and start < L:
-                starts.append(("resid_pre", start, trace_corrupt["resid_pre"][start][:, i]))
-            if start > 0:
-                layer, mid = start - 1, trace_clean["resid_mid"][start - 1][:, i]
-                if "attn_out" in sites:
-                    patched = mid + trace_corrupt["attn_out"][layer][:, i] - trace_clean["attn_out"][layer][:, i]
-                    starts.append(("attn_out", layer, patched + inference.mlp_of(model, layer, patched)))
-                if "mlp_out" in sites:
-                    starts.append(("mlp_out", layer, mid + trace_corrupt["mlp_out"][layer][:, i]))
-            if not starts:
-                continue
-            rows = items.repeat(len(starts))  # [variants × batch]: each variant is the whole batch
-            entering = final if start == L else trace_clean["resid_pre"][start]
-            resid = entering[rows, i:].clone()
-            resid[:, 0] = torch.cat([patched_i for _, _, patched_i in starts])
-            if start < L:
-                past = KeysValues([k[:, rows, :i] for k in kv.keys], [v[:, rows, :i] for v in kv.values])
-                resid, _ = inference.run(model, resid=resid, first_layer=start, past=past)
+        for layer in range(L):
+            edits = [Edit(site, layer, trace_corrupt[site][layer][:, i], rows=slice(v * batch, (v + 1) * batch),
+                          position=i) for v, site in enumerate(sites)]
+            later, _ = inference.run(model, resid=trace_clean["resid_pre"][layer][rows], first_layer=layer,
+                                     edits=edits, clean_before=(kv_rows, i))
             whole = final[rows].clone()
-            whole[:, i:] = resid
-            for (site, layer, _), variant in zip(starts, whole.split(batch)):
-                out[site][:, layer, i] = (value(variant) - base).double().cpu()
-    return out
-
-
-def _patch_positions(model, tokens, mask, counterfactual, metric, sites, progress) -> dict[str, torch.Tensor]:
-    clean, corrupt = _cache(model, tokens), _cache(model, counterfactual)
-    last = hooks.final_residual(model, tokens)
-    ids = _read_columns(model, last, metric, mask)
-    base = _metric_from_resid(model, last, metric, mask, ids)
-    batch, P = tokens.shape
-    eye = torch.eye(P, dtype=torch.bool, device=tokens.device)[:, None, :, None]  # [copy, 1, pos, 1]
-    out = {site: torch.zeros(batch, model.cfg.n_layers, P, dtype=torch.float64) for site in sites}
-    todo = [(site, layer) for site in sites for layer in range(model.cfg.n_layers)]
-    for site, layer in tqdm(todo, desc="position patching", disable=not progress, unit="layer"):
-        hook = names.name(site, layer)
-
-        def patched(activation, hook=hook):  # [P * batch, pos, d]: copy i patched at position i
-            copies = activation.view(P, batch, *activation.shape[1:])
-            return torch.where(eye, corrupt[hook][None], copies).view_as(activation)
-
-        resid = clean[names.name("resid_pre", layer)].repeat(P, 1, 1)
-        if site == "resid_pre":
-            resid, replacements = patched(resid), {}
-        else:
-            replacements = {hook: patched}
-        final = _run_from(model, layer, resid, replacements).view(P, batch, P, -1)
-        for i in range(P):
-            out[site][:, layer, i] = (_metric_from_resid(model, final[i], metric, mask, ids) - base).double().cpu()
+            whole[:, i:] = later
+            for site, variant in zip(sites, whole.split(batch)):
+                out[site][:, layer, i] = (read(variant) - base).double().cpu()
     return out
 
 

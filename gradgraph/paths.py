@@ -168,8 +168,8 @@ def source_positions(graph: GradGraph, sources) -> list[set[int]]:
     return out
 
 
-def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None, sources=None
-              ) -> list[list[GradientPath]]:
+def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None, sources=None,
+              best: dict[str, torch.Tensor] | None = None) -> list[list[GradientPath]]:
     """The ``k`` highest-weighted (by Π|w|) input → metric paths, for each batch item.
 
     Best-first search guided by the exact ``Max`` values of every node (A* with an exact
@@ -178,11 +178,12 @@ def top_paths(graph: GradGraph, k: int = 1, *, items: list[int] | None = None, s
     items (the others get empty lists). ``sources`` restricts the paths to those starting at some
     input positions (``source_positions``: the subject, say; the best paths overall start at the
     last token). ``gradgraph.components.top_component_paths`` collapses them into component sequences.
+    ``best``: ``backprop(graph, Max)``'s values, when the caller has them (one pass serves many searches).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise GradGraphError(f"top_paths needs k >= 1 paths, got {k!r}")
     starts = source_positions(graph, sources)
-    best = backprop(graph, Max)
+    best = backprop(graph, Max) if best is None else best
     flat_best = {node: value[0].reshape(-1).double() for node, value in best.items()}
     chosen = range(graph.batch_size) if items is None else set(items)
     registry = Registry.of(graph)

@@ -79,13 +79,20 @@ class Weight:
             self._parts[key] = Weight(w.clamp(min=0) if sign > 0 else w.clamp(max=0), shared=self.shared)
         return self._parts[key]
 
+    def magnitude(self, dtype: torch.dtype) -> torch.Tensor:
+        """|w| in ``dtype``, uncached. One tensor's is taken in its own dtype and cast (both exact),
+        so that a float64 pass of a shared matrix keeps no float64 copy of it beside its |W|."""
+        if len(self.factors) == 1:
+            return _compact(self.factors[0]).abs().to(dtype)
+        return self.real(dtype).abs()
+
     def abs(self, dtype: torch.dtype) -> torch.Tensor:
         """|w|."""
-        return self._get("abs", dtype, lambda: self.real(dtype).abs())
+        return self._get("abs", dtype, lambda: self.magnitude(dtype))
 
     def indicator(self, dtype: torch.dtype) -> torch.Tensor:
-        """1 where w ≠ 0, else 0 (which edges exist)."""
-        return self._get("indicator", dtype, lambda: (self.real(dtype) != 0).to(dtype))
+        """1 where w ≠ 0, else 0 (which edges exist); not kept (one comparison per pass of ``Count``)."""
+        return (self.real(self.dtype) != 0).to(dtype)
 
     def xlogx(self, dtype: torch.dtype, magnitude: torch.Tensor | None = None) -> torch.Tensor:
         """|w| log |w| (0 log 0 = 0); ``magnitude`` may pass |w| when the caller has it."""

@@ -4,6 +4,7 @@ deletion probabilities built on them."""
 import pytest
 import torch
 
+from conftest import no_hooks_left
 from gradgraph import tiny_model
 from gradgraph.arch import inference, names
 from gradgraph.faithfulness import Example, measure, measure_all, probabilities
@@ -111,3 +112,62 @@ def test_no_hook_point_fires():
     with model.hooks(fwd_hooks=[(lambda name: True, lambda t, hook: fired.append(hook.name))]):
         inference.last_logits(model, _rows(6), torch.tensor([1]))
     assert fired == [] and names.name("embed") in model.hook_dict
+
+
+@pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", n_heads=4, n_key_value_heads=2)],
+                         ids=["gpt2", "llama-gqa"])
+def test_edits_from_the_weights_equal_edits_by_hooks(case, monkeypatch):
+    """``run`` with an edit at every site (whole and at one position, replacing and adding, from a
+    layer, after a clean prefix of keys and values) gives the same residual stream from the weights
+    as through TransformerLens' forward with hooks, and a change where an edit changes something."""
+    from gradgraph.arch.inference import SITES, Edit
+    from gradgraph.arch.spec import ModelSpec
+
+    case = dict(case)
+    model = tiny_model(case.pop("arch"), dtype=torch.float64, n_layers=3, seed=7, **case)
+    rows = _rows(6, n=4, length=7)
+    generator = torch.Generator().manual_seed(0)
+
+    def edits(layer):
+        out = []
+        for site in SITES:
+            width = model.cfg.d_head if site == "z" else model.cfg.d_model
+            head = None if site not in inference.HEAD_SITES else (1 if site in ("q_input", "z") else 0)
+            value = torch.randn(2, width, generator=generator, dtype=torch.float64)
+            out.append(Edit(site, layer, value[:, None], rows=slice(0, 2), head=head))  # every position
+            out.append(Edit(site, layer, value, rows=slice(2, 4), position=4, head=head, add=site != "q_input"))
+        return out
+
+    trace = {}
+    plain, kv = inference.run(model, rows, keep=True, trace=trace)
+    for layer, first in ((0, 0), (1, 1), (2, 0)):
+        listed = edits(layer)
+        resid = None if first == 0 else trace["resid_pre"][first]
+        tokens = rows if first == 0 else None
+        fast, _ = inference.run(model, tokens, resid=resid, first_layer=first, edits=listed)
+        after, _ = inference.run(model, tokens, resid=resid, first_layer=first, edits=listed[1::2],
+                                 clean_before=(kv, 4))
+        with monkeypatch.context() as hooked:
+            hooked.setattr(ModelSpec, "from_weights", property(lambda self: False))
+            slow, _ = inference.run(model, tokens, resid=resid, first_layer=first, edits=listed)
+            slow_after, _ = inference.run(model, tokens, resid=resid, first_layer=first, edits=listed[1::2],
+                                          clean_before=(None, 4))
+        assert torch.allclose(fast, slow, atol=1e-10), layer
+        assert torch.allclose(after, slow_after, atol=1e-10) and after.shape[1] == 3, layer
+        assert (fast - plain).abs().amax((0, 2)).min() > 1e-3  # every position of every row changed
+    assert no_hooks_left(model)
+
+
+def test_bad_edits_are_refused():
+    from gradgraph.arch.inference import Edit
+    from gradgraph.errors import GradGraphError
+
+    with pytest.raises(GradGraphError, match="site is one of"):
+        Edit("hook_z", 0, torch.zeros(4))
+    with pytest.raises(GradGraphError, match="needs head"):
+        Edit("z", 0, torch.zeros(4))
+    with pytest.raises(GradGraphError, match="takes no head"):
+        Edit("mlp_out", 0, torch.zeros(4), head=1)
+    model = tiny_model("gpt2", dtype=torch.float64, normalization_type=None)
+    with pytest.raises(GradGraphError, match="cached keys and values"):
+        inference.run(model, _rows(0)[:, 5:], past=inference.run(tiny_model("gpt2"), _rows(0)[:, :5], keep=True)[1])

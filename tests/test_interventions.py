@@ -193,9 +193,11 @@ def test_relevance_patching_with_gradient_rules_is_attribution_patching():
 
 @pytest.mark.parametrize("case", [dict(arch="gpt2"), dict(arch="llama", n_heads=4, n_key_value_heads=2)],
                          ids=["gpt2", "llama-gqa"])
-def test_pathway_interventions_from_the_weights_equal_hooks(case):
+def test_pathway_interventions_from_the_weights_equal_hooks(case, monkeypatch):
     """Heads, MLPs and every head's q/k/v input: the runs from the weights (no hooks) equal
-    TransformerLens' hooks (forced by ``embed``), and a q-input patch equals replacing that one copy."""
+    TransformerLens' hooks (forced by a spec the weights path does not cover), and a q-input patch
+    equals replacing that one copy."""
+    from gradgraph.arch.spec import ModelSpec
     from gradgraph.interventions import PATHWAYS
 
     case = dict(case)
@@ -203,8 +205,9 @@ def test_pathway_interventions_from_the_weights_equal_hooks(case):
     tokens, mask, cf, metric = _clean_and_counterfactual()
     means = activation_means(model, tokens, mask)
     fast = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS)
-    slow = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS,
-                     embed=model.W_E[tokens])
+    with monkeypatch.context() as hooked:
+        hooked.setattr(ModelSpec, "from_weights", property(lambda self: False))
+        slow = intervene(model, tokens, mask, metric, counterfactual=cf, means=means, progress=False, kinds=PATHWAYS)
     G = model.cfg.n_key_value_heads or 4
     assert len(fast["patching"]) == 2 * (4 + G + G + 4 + 1) and set(fast["patching"]) == set(slow["patching"])
     for job in ("mean_ablation", "patching"):

@@ -1,12 +1,10 @@
-"""What a model's architecture has, and what gradgraph covers: the support check the graph builder
-runs (``unsupported_features``, ``check_supported``) and the features beyond the GPT-2 / Llama layout
+"""What a model's architecture has, and what gradgraph covers: what the graph builder does not cover
+(``unsupported_features``; ``spec.check_supported`` raises it) and the features beyond the GPT-2 / Llama layout
 (``layout_features``) that a forward pass from the weights must handle."""
 
 from __future__ import annotations
 
 from gradgraph.arch import lens, names
-from gradgraph.arch.lens import Model
-from gradgraph.errors import GradGraphError
 
 POST_NORM = {"Olmo2ForCausalLM"}  # norms after attention and the MLP only, none before (OLMo-2)
 QK_NORM_ACROSS_HEADS = {"Olmo2ForCausalLM"}  # q/k norms over all heads at once, not per head
@@ -94,21 +92,5 @@ def soft_cap(cap) -> float | None:
     return float(cap) if cap is not None and cap > 0 else None
 
 
-def check_supported(model: Model) -> None:
-    """Raise ``GradGraphError`` naming the first feature the graph builder does not cover."""
-    lens.check_model(model)
-    problems = unsupported_features(model)
-    if problems:
-        raise GradGraphError(
-            "build_graph does not cover this model's " + "; ".join(problems)
-            + " (the families it covers: README, 'Model families')"
-        )
-    if not (model.cfg.use_split_qkv_input and (model.cfg.use_hook_mlp_in or model.cfg.attn_only)):
-        raise GradGraphError(
-            "build_graph needs model.set_use_split_qkv_input(True) and model.set_use_hook_mlp_in(True) "
-            "(gradgraph.arch.models.set_flags sets them, and gradgraph.load_model and tiny_model call it)"
-        )
-
-
-__all__ = ["POST_NORM", "QK_NORM_ACROSS_HEADS", "check_supported", "layout_features", "soft_cap",
+__all__ = ["POST_NORM", "QK_NORM_ACROSS_HEADS", "layout_features", "soft_cap",
            "unsupported_features"]

@@ -1,6 +1,7 @@
-"""Output-only forward passes, written from a model's weights.
+"""The one forward pass every rerun of a model goes through (``run``, with ``Edit``\ s at named
+sites), written from the model's weights, and the logits it ends in (``logits``, ``last_logits``).
 
-Deletion metrics and patching run thousands of forward passes that read one position's logits.
+Interventions, position patching and deletion metrics run thousands of forward passes that read one position's logits.
 TransformerLens 3.9 copies every weight matrix (``W.T.contiguous()``, the grouped key/value heads
 repeated per query head) on every forward and runs hook machinery; these passes use the weights
 as stored, fused where the maths allows (q, k and v in one product, the gate and the linear branch
@@ -8,22 +9,25 @@ of a gated MLP in one), attention per key/value head group without repeating key
 prefix's keys and values computed once.
 
 The arithmetic is TransformerLens' own, op for op, for the pre-norm GPT-2- and Llama-family models
-the graph builder supports (``supported``); results equal ``model(tokens)`` up to float rounding
-(tested to 1e-10 in float64). Anything else falls back to the model's own forward.
+the graph builder supports (``ModelSpec.from_weights``); results equal ``model(tokens)`` up to float
+rounding (tested to 1e-10 in float64). Anything else runs TransformerLens' own forward, with the same
+edits made by hooks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from gradgraph.arch import hooks, lens
-from gradgraph.arch.features import layout_features, unsupported_features
+from gradgraph.arch import hooks, names
+from gradgraph.arch.features import soft_cap
 from gradgraph.arch.lens import Model
 from gradgraph.arch.rotary import rotate
-from gradgraph.weights import _fingerprint
+from gradgraph.arch.spec import ModelSpec, spec
+from gradgraph.errors import GradGraphError
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,9 @@ _CACHE: "weakref.WeakKeyDictionary[Model, tuple[tuple, _Weights]]" = weakref.Wea
 
 
 def supported(model) -> bool:
-    """Whether these passes cover ``model``: the GPT-2 / Llama layout (``features.layout_features``
-    lists what else the graph builder covers, and what these passes leave to TransformerLens)."""
-    return not unsupported_features(model) and not layout_features(lens.config(model))
+    """Whether these passes cover ``model``: the GPT-2 / Llama layout (``ModelSpec.from_weights``;
+    its ``features`` list what else the graph builder covers, and these passes leave to TransformerLens)."""
+    return spec(model).from_weights
 
 
 def _norm(module, kind: str) -> _Norm:
@@ -84,14 +88,14 @@ def _grouped(attn, which: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _weights(model: Model) -> _Weights:
-    fingerprint = _fingerprint(model)
+    made = spec(model)
     cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
+    if cached is not None and cached[0] == made.fingerprint:
         return cached[1]
-    cfg = lens.config(model)
+    cfg = made.cfg
     kind = cfg.normalization_type
     layers = []
-    for block in (lens.block(model, layer) for layer in range(cfg.n_layers)):
+    for block in made.blocks:
         attn, mlp = block.attn, block.mlp
         W_K, b_K = _grouped(attn, "K")
         W_V, b_V = _grouped(attn, "V")
@@ -111,8 +115,8 @@ def _weights(model: Model) -> _Weights:
             ln2=_norm(block.ln2, kind), W_in=W_in, b_in=mlp.b_in.detach(), W_out=mlp.W_out.detach().contiguous(),
             b_out=mlp.b_out.detach(), act_fn=mlp.act_fn))
     W_pos = model.W_pos.detach() if cfg.positional_embedding_type == "standard" else None
-    weights = _Weights(tuple(layers), _norm(lens.final_norm(model), kind), model.W_E.detach(), W_pos)
-    _CACHE[model] = (fingerprint, weights)
+    weights = _Weights(tuple(layers), _norm(made.final_norm, kind), model.W_E.detach(), W_pos)
+    _CACHE[model] = (made.fingerprint, weights)
     return weights
 
 
@@ -149,22 +153,101 @@ class KeysValues:
                           [torch.cat(pair, 2) for pair in zip(self.values, later.values)])
 
 
-def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple | None, past: tuple | None,
-               edit=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One attention sublayer on the normed input ``x`` ``[n, s, d]`` at positions start..start+s.
-    Keys and values of earlier positions: ``shared`` ``[G, p0, e]`` (the same for every row, never
-    copied per row) then ``past`` ``[G, n, t, e]`` (each row's own), start = p0 + t. ``edit(site,
-    value)`` may replace q, k, v (before rotary, ``[n, s, heads, e]``) and z (``[n, s, H, e]``).
-    Returns the output ``[n, s, d]`` and this span's keys and values ``[G, n, s, e]``."""
-    cfg = model.cfg
+SITES = ("resid_pre", "q_input", "k_input", "v_input", "z", "attn_out", "mlp_in", "mlp_out")
+HEAD_SITES = ("q_input", "k_input", "v_input", "z")  # q_input, z: a query head; k_input, v_input: a key/value head
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace (``add``: add to) the value at one named site of one layer, for the batch rows
+    ``rows``, at ``position`` (None: every position) and, at a head's site, for head ``head``.
+
+    Sites (``SITES``, as ``names.name`` spells their hook points): the residual stream entering a
+    layer, a head's query / key / value input (its copy of the residual stream, before ``ln1``), a
+    head's output ``z``, the attention and MLP outputs, the MLP's input (the residual before ``ln2``).
+    ``value`` broadcasts to the slot: ``[d_model]`` or ``[rows, d_model]`` (per position: ``[rows, pos,
+    d_model]``), ``[d_head]`` or ``[rows, (pos,) d_head]`` for a head's output."""
+
+    site: str
+    layer: int
+    value: torch.Tensor
+    rows: slice | None = None  # None: every row
+    position: int | None = None
+    head: int | None = None
+    add: bool = False
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise GradGraphError(f"an edit's site is one of {SITES}, got {self.site!r}")
+        if (self.head is None) == (self.site in HEAD_SITES):
+            raise GradGraphError(f"an edit at {self.site} {'needs' if self.head is None else 'takes no'} head")
+
+    def apply(self, value: torch.Tensor, start: int = 0, head_axis: bool = True) -> None:
+        """Make the edit in ``value`` ``[n, s, ...]`` (positions start..start+s), in place; without
+        ``head_axis``, in the one input ``[n, s, d]`` of the edited head."""
+        if self.position is None:
+            where = slice(None)
+        elif 0 <= self.position - start < value.shape[1]:
+            where = self.position - start
+        else:
+            return
+        rows = slice(None) if self.rows is None else self.rows
+        slot = value[rows, where] if self.head is None or not head_axis else value[rows, where, self.head]
+        new = self.value.to(value.dtype)
+        if self.add:
+            slot += new
+        else:
+            slot.copy_(new.expand_as(slot) if new.shape != slot.shape else new)
+
+
+def _edited(value: torch.Tensor, edits: list[Edit], start: int) -> torch.Tensor:
+    """``value`` with ``edits`` made (one copy for all of them); ``value`` itself if there are none."""
+    if not edits:
+        return value
+    value = value.clone()
+    for edit in edits:
+        edit.apply(value, start)
+    return value
+
+
+def _by_site(edits) -> dict[tuple[int, str], list[Edit]]:
+    out: dict[tuple[int, str], list[Edit]] = {}
+    for edit in edits:
+        out.setdefault((edit.layer, edit.site), []).append(edit)
+    return out
+
+
+def _attention(cfg, layer: _Layer, index: int, x: torch.Tensor, start: int, shared: tuple | None, past: tuple | None,
+               edits: dict, trace: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One attention sublayer on the residual ``x`` ``[n, s, d]`` at positions start..start+s. Keys and
+    values of earlier positions: ``shared`` ``[G, p0, e]`` (the same for every row, never copied per
+    row) then ``past`` ``[G, n, t, e]`` (each row's own), start = p0 + t. ``edits`` by (layer, site):
+    a head's q/k/v input edit recomputes that head's q, k or v from its edited input; z edits
+    replace head outputs. Returns the output ``[n, s, d]`` and this span's keys and values ``[G, n, s, e]``."""
     n, s, _ = x.shape
     H, e = cfg.n_heads, cfg.d_head
     G = cfg.n_key_value_heads or H
     R = H // G
-    qkv = torch.addmm(layer.b_qkv, x.reshape(n * s, -1), layer.W_qkv).view(n, s, H + 2 * G, e)
+    qkv = _qkv(layer, _apply_norm(layer.ln1, x), H + 2 * G, e)
+    for first, copies, site in ((0, H, "q_input"), (H, G, "k_input"), (H + G, G, "v_input")):
+        for edit in edits.get((index, site), ()):  # qkv is this call's own: edited in place
+            rows = slice(None) if edit.rows is None else edit.rows
+            at = slice(None) if edit.position is None else edit.position - start
+            if isinstance(at, int) and not 0 <= at < s:
+                continue
+            if edit.value.ndim == 1 and not edit.add:  # one input everywhere (a mean): projected once, per copy
+                inputs = _apply_norm(layer.ln1, edit.value.to(x.dtype).expand(copies, -1))  # [copies, d]
+                moved = torch.addmm(layer.b_qkv, inputs, layer.W_qkv).view(copies, H + 2 * G, e)[edit.head]
+                qkv[rows, at, first + edit.head] = moved[first + edit.head]
+                continue
+            head_input = x.clone()
+            edit.apply(head_input, start, head_axis=False)
+            moved = _qkv(layer, _apply_norm(layer.ln1, head_input[rows]), H + 2 * G, e)[:, :, first + edit.head]
+            qkv[rows, at, first + edit.head] = moved[:, at]
     q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
-    if edit is not None:
-        q, k, v = edit("q", q), edit("k", k), edit("v", v)
+    if trace is not None:
+        for site, value in zip("qkv", (q, k, v)):
+            trace.setdefault(site, []).append(value)
     if layer.rotary is not None:
         cos, sin = (t[start:start + s].to(x.dtype) for t in layer.rotary)
         q = rotate(q, cos, sin, cfg.rotary_adjacent_pairs)
@@ -186,16 +269,24 @@ def _attention(model, layer: _Layer, x: torch.Tensor, start: int, shared: tuple 
     z = pattern[..., p0:] @ v_own  # [G, n, R s, e]
     if shared is not None:
         z = z + (pattern[..., :p0].reshape(G, n * R * s, p0) @ shared[1]).view(G, n, R * s, e)
-    z = z.view(G, n, R, s, e).permute(1, 3, 0, 2, 4)  # [n, s, G, R, e]
-    z = (z if edit is None else edit("z", z.reshape(n, s, H, e))).reshape(n * s, H * e)
-    out = torch.addmm(layer.b_O, z, layer.W_O).view(n, s, -1)
-    return out, k_new, v_new
+    z = z.view(G, n, R, s, e).permute(1, 3, 0, 2, 4).reshape(n, s, H, e)
+    z = _edited(z, edits.get((index, "z"), []), start)
+    if trace is not None:
+        trace.setdefault("z", []).append(z)
+    out = torch.addmm(layer.b_O, z.reshape(n * s, H * e), layer.W_O).view(n, s, -1)
+    return _edited(out, edits.get((index, "attn_out"), []), start), k_new, v_new
 
 
-def _mlp(model, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+def _qkv(layer: _Layer, normed: torch.Tensor, heads: int, e: int) -> torch.Tensor:
+    """q, k and v of every head (before rotary): ``[n, s, H + 2 G, e]``."""
+    n, s, _ = normed.shape
+    return torch.addmm(layer.b_qkv, normed.reshape(n * s, -1), layer.W_qkv).view(n, s, heads, e)
+
+
+def _mlp(cfg, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     n, s, _ = x.shape
     pre = (x.reshape(n * s, -1) @ layer.W_in)
-    if model.cfg.gated_mlp:
+    if cfg.gated_mlp:
         gate, linear = pre.chunk(2, -1)
         post = layer.act_fn(gate) * linear + layer.b_in
     else:
@@ -207,25 +298,53 @@ TRACED = ("resid_pre", "attn_out", "resid_mid", "mlp_out")
 HEADS_TRACED = ("q", "k", "v", "z")
 
 
+def as_spec(model_or_spec: Model | ModelSpec) -> ModelSpec:
+    return model_or_spec if isinstance(model_or_spec, ModelSpec) else spec(model_or_spec)
+
+
 @torch.no_grad()
-def run(model: Model, tokens: torch.Tensor | None = None, *, resid: torch.Tensor | None = None,
-        first_layer: int = 0, shared: KeysValues | None = None, past: KeysValues | None = None, keep: bool = False,
-        last_only: bool = False, trace: dict[str, list[torch.Tensor]] | None = None, edits=None
+def run(model: Model | ModelSpec, tokens: torch.Tensor | None = None, *, resid: torch.Tensor | None = None,
+        first_layer: int = 0, edits=(), embed: torch.Tensor | None = None, clean_before: tuple | None = None,
+        shared: KeysValues | None = None, past: KeysValues | None = None, keep: bool = False,
+        last_only: bool = False, trace: dict[str, list[torch.Tensor]] | None = None
         ) -> tuple[torch.Tensor, KeysValues | None]:
-    """The residual stream after the last layer (before ``ln_final``) for ``tokens`` ``[n, s]``
-    (no padding), or from ``resid`` ``[n, s, d_model]`` entering layer ``first_layer``. The
-    positions follow those of ``shared`` (``[G, p0, e]``: the same for every row) and then ``past``
-    (``[G, n, t, e]``: each row's own), one entry per layer of the model. With ``keep``, also these
-    positions' keys and values ``[G, n, s, e]`` (of the layers run). ``last_only``: only the last
-    position goes through the last layer's output (all a next-token metric reads), ``[n, 1, d]``.
-    ``trace`` collects each layer's ``TRACED`` activations ``[n, s, d]`` (lists by layer), and q, k, v
-    (before rotary) and z (``[n, s, heads, e]``). ``edits(layer, site, value) -> value`` may replace
-    q, k, v, z and ``mlp_out`` as they are computed (interventions)."""
-    w = _weights(model)
+    """The one forward pass every rerun of the model goes through: the residual stream after the
+    last layer (before ``ln_final``) for ``tokens`` ``[n, s]`` (no padding; ``embed`` ``[n, s, d]``
+    replaces their token embeddings), or from ``resid`` ``[n, s, d_model]`` entering layer
+    ``first_layer``, with ``edits`` (``Edit``\ s) made as the sites are computed.
+
+    A model that ``ModelSpec.from_weights`` covers runs from its weights here; any other through
+    TransformerLens' own forward, the same edits made by hooks (none outlives the call).
+
+    ``clean_before=(kv, i)``: the positions before ``i`` are those of an unedited run whose keys and
+    values ``kv`` (``keep=True``'s, for these rows) are given; only positions ``i..`` are returned
+    (from the weights, only they are computed). From the weights only: positions after ``shared``
+    (``[G, p0, e]``, every row's) then ``past`` (``[G, n, t, e]``, each row's own); ``keep``: also
+    these positions' keys and values ``[G, n, s, e]`` (None through TransformerLens); ``last_only``:
+    only the last position goes through the last layer (``[n, 1, d]``). ``trace`` collects each
+    layer's ``TRACED`` activations ``[n, s, d]`` and q, k, v (before rotary), z ``[n, s, heads, e]``."""
+    made = as_spec(model)
+    by_site = _by_site(edits)
+    if not made.from_weights:
+        if shared is not None or past is not None or last_only:
+            raise GradGraphError("a forward from cached keys and values needs a model the weights path covers "
+                                 f"(this one has {'; '.join(made.problems + made.features)})")
+        return _hooked(made, tokens, resid, first_layer, by_site, embed, clean_before, trace), None
+    if clean_before is not None:
+        kv, i = clean_before
+        past = KeysValues([k[:, :, :i] for k in kv.keys], [v[:, :, :i] for v in kv.values])
+        tokens = None if tokens is None else tokens[:, i:]
+        resid = None if resid is None else resid[:, i:]
+        embed = None if embed is None else embed[:, i:]
+    return _from_weights(made, tokens, resid, first_layer, by_site, embed, shared, past, keep, last_only, trace)
+
+
+def _from_weights(made: ModelSpec, tokens, resid, first_layer, edits, embed, shared, past, keep, last_only, trace):
+    w, cfg = _weights(made.model), made.cfg
     start = (0 if shared is None else shared.length) + (0 if past is None else past.length)
     if resid is None:
-        n, s = tokens.shape
-        x = w.W_E[tokens]
+        s = tokens.shape[1]
+        x = w.W_E[tokens] if embed is None else embed.to(w.W_E.dtype)
         if w.W_pos is not None:
             x = x + w.W_pos[start:start + s][None]
     else:
@@ -234,25 +353,18 @@ def run(model: Model, tokens: torch.Tensor | None = None, *, resid: torch.Tensor
     last = len(w.layers) - 1
     for index in range(first_layer, len(w.layers)):
         layer = w.layers[index]
-
-        def edit(site: str, value: torch.Tensor, index=index) -> torch.Tensor:
-            if trace is not None and site in HEADS_TRACED:
-                trace.setdefault(site, []).append(value)
-            return value if edits is None else edits(index, site, value)
-
-        hooked = None if trace is None and edits is None else edit
-        attn, k, v = _attention(model, layer, _apply_norm(layer.ln1, x), start,
+        x = _edited(x, edits.get((index, "resid_pre"), []), start)
+        attn, k, v = _attention(cfg, layer, index, x, start,
                                 None if shared is None else (shared.keys[index], shared.values[index]),
-                                None if past is None else (past.keys[index], past.values[index]), hooked)
+                                None if past is None else (past.keys[index], past.values[index]), edits, trace)
         if kept is not None:
             kept.keys.append(k)
             kept.values.append(v)
         if index == last and last_only:  # later positions never read this layer's output
             x, attn = x[:, -1:], attn[:, -1:]
         mid = x + attn
-        out = _mlp(model, layer, _apply_norm(layer.ln2, mid))
-        if edits is not None:
-            out = edits(index, "mlp_out", out)
+        out = _mlp(cfg, layer, _apply_norm(layer.ln2, _edited(mid, edits.get((index, "mlp_in"), []), start)))
+        out = _edited(out, edits.get((index, "mlp_out"), []), start)
         if trace is not None:
             for kind, value in zip(TRACED, (x, attn, mid, out)):
                 trace.setdefault(kind, []).append(value)
@@ -260,28 +372,45 @@ def run(model: Model, tokens: torch.Tensor | None = None, *, resid: torch.Tensor
     return x, kept
 
 
-def project(model: Model, layer: int, kind: str, inputs: torch.Tensor) -> torch.Tensor:
-    """Each head's q, k or v (before rotary) from its own input vector: ``inputs`` ``[heads, d]``
-    (query heads for q, key/value heads for k and v) → ``[heads, e]``."""
-    cfg, block = model.cfg, _weights(model).layers[layer]
-    H, e = cfg.n_heads, cfg.d_head
-    G = cfg.n_key_value_heads or H
-    first = {"q": 0, "k": H, "v": H + G}[kind]
-    full = torch.addmm(block.b_qkv, _apply_norm(block.ln1, inputs), block.W_qkv).view(len(inputs), H + 2 * G, e)
-    heads = torch.arange(len(inputs), device=inputs.device)
-    return full[heads, first + heads]
+# the hook point each site's edits replace through TransformerLens, and what each trace entry reads
+_HOOKED_TRACE = {"resid_pre": "resid_pre", "attn_out": "attn_out", "resid_mid": "resid_mid", "mlp_out": "mlp_out",
+                 "q": "q", "k": "k", "v": "v", "z": "z"}
 
 
-def mlp_of(model: Model, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
-    """Layer ``layer``'s MLP output for the residual ``resid_mid`` ``[..., d_model]``."""
-    block = _weights(model).layers[layer]
-    x = resid_mid.reshape(1, -1, resid_mid.shape[-1])
-    return _mlp(model, block, _apply_norm(block.ln2, x)).view_as(resid_mid)
+def _hooked(made: ModelSpec, tokens, resid, first_layer, edits, embed, clean_before, trace) -> torch.Tensor:
+    """``run`` through TransformerLens' forward: each edited site's hook point makes its edits."""
+    model = made.model
+    replacements = {} if embed is None else {names.inputs(model)[0]: embed}
+    for (layer, site), listed in edits.items():
+        replacements[names.name(site, layer)] = lambda value, listed=listed: _edited(value, listed, 0)
+    wanted = set() if trace is None else {names.name(hook, layer) for hook in _HOOKED_TRACE.values()
+                                          for layer in range(first_layer, made.n_layers)}
+    split = any(site in ("q_input", "k_input", "v_input", "mlp_in") for _, site in edits)
+    with (contextlib.nullcontext() if split else hooks.plain_forward(model)), hooks.replacing(model, replacements), \
+            hooks.recording(model, names=wanted) as store:
+        final = hooks.final_residual(model, resid if resid is not None else tokens,
+                                     start_at_layer=first_layer if resid is not None else None)
+    if trace is not None:
+        for kind, hook in _HOOKED_TRACE.items():
+            for layer in range(first_layer, made.n_layers):
+                tensors = store.get(names.name(hook, layer))
+                if tensors:
+                    trace.setdefault(kind, []).append(tensors[0])
+    return final if clean_before is None else final[:, clean_before[1]:]
 
 
-def final_logits(model: Model, resid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``ln_final`` and the logits of the vocabulary entries ``ids`` for a final residual ``[..., d]``."""
-    return _apply_norm(_weights(model).ln_final, resid) @ model.W_U[:, ids] + model.b_U[ids]
+def logits(model: Model | ModelSpec, resid: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits, as the model returns them, of the vocabulary entries ``ids`` (None: all) for a
+    final residual ``[..., d]``: ``ln_final``, the unembedding, and the soft cap where the model has one."""
+    made = as_spec(model)
+    model = made.model
+    W_U, b_U = (model.W_U, model.b_U) if ids is None else (model.W_U[:, ids], model.b_U[ids])
+    if made.from_weights:
+        return _apply_norm(_weights(model).ln_final, resid) @ W_U + b_U
+    normed = resid if made.final_norm is None else made.final_norm(resid)
+    out = normed @ W_U + b_U
+    cap = soft_cap(made.cfg.output_logits_soft_cap)
+    return out if cap is None else cap * torch.tanh(out / cap)
 
 
 @torch.no_grad()
@@ -321,7 +450,7 @@ def last_logits(model: Model, rows: torch.Tensor, ids: torch.Tensor, *, prefix: 
             resid, kv = run(model, unique[lo:lo + batch_size, begin:end], shared=shared, past=past,
                             keep=not final, last_only=final)
             if final:
-                outputs.append(final_logits(model, resid[:, -1], ids))
+                outputs.append(logits(model, resid[:, -1], ids))
             else:
                 kept.append(kv if past is None else past.then(kv))
         if final:
@@ -333,10 +462,9 @@ def last_logits(model: Model, rows: torch.Tensor, ids: torch.Tensor, *, prefix: 
 
 
 def _fallback(model, rows: torch.Tensor, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's own forward, for architectures these passes do not cover."""
-    with hooks.plain_forward(model):
-        return torch.cat([model(rows[begin:begin + batch_size])[:, -1, ids]
-                          for begin in range(0, rows.shape[0], batch_size)])
+    """Through TransformerLens' forward, for architectures the weights path does not cover."""
+    return torch.cat([logits(model, run(model, rows[begin:begin + batch_size])[0][:, -1], ids)
+                      for begin in range(0, rows.shape[0], batch_size)])
 
 
-__all__ = ["KeysValues", "TRACED", "final_logits", "last_logits", "mlp_of", "project", "run", "supported"]
+__all__ = ["Edit", "KeysValues", "SITES", "TRACED", "last_logits", "logits", "run", "supported"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gradgraph.arch import lens
+from gradgraph.arch import devices, lens
 from gradgraph.arch.lens import Model
 from gradgraph.errors import GradGraphError
 
@@ -86,14 +86,17 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Model:
-    """Load ``name``: an embedded model, a TransformerLens official name, or a local HF folder.
+    """Load ``name``: an embedded model, a TransformerLens official name, or a local HF folder, on
+    ``device`` (``devices.choose``: ``"auto"`` is a GPU when torch sees one; None: the CPU).
 
-    Offline, only embedded models and local folders load; a hub name raises ``GradGraphError``.
+    Offline, only embedded models and local folders load; a hub name raises ``GradGraphError``, and
+    so does a device this machine lacks (before anything loads).
     """
     if not isinstance(name, str) or not name.strip():
         raise GradGraphError(
             f"load_model needs a model name, got {name!r}; embedded models: {EMBEDDED_NAMES}"
         )
+    device = None if device is None else devices.choose(device)
     if name in EMBEDDED:
         model = _load_embedded(EMBEDDED[name])
     elif name in TINY:

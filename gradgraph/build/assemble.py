@@ -8,8 +8,9 @@ from types import MappingProxyType
 
 import torch
 
-from gradgraph.arch import lens, names
+from gradgraph.arch import names
 from gradgraph.arch.lens import Model
+from gradgraph.arch.spec import spec
 from gradgraph.backprop import backprop
 from gradgraph.build import decoder, encoder
 from gradgraph.build.emit import Assembly, unembed
@@ -41,12 +42,12 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
     ``head_mask`` ``[n_layers, n_heads]`` bool (Mask-LRP): a head marked False passes nothing into
     its pattern · v product (its output node still receives what arrives from above)."""
     rules = rule_set(rules)
-    cfg = lens.config(recording.model)
+    cfg = spec(recording.model).cfg
     if recording.prefix is not None and not rules.positionwise:
         raise GradGraphError(f"{rules.name} normalises relevance over every position of the sequence, so a graph "
                              f"after a cached prefix cannot apply it; record the whole sequence (no prefix)")
     asm = Assembly(recording, rules, check_head_mask(head_mask, cfg))
-    unembed(asm, LAYOUTS["encoder" if asm.encoder else "decoder"](asm))
+    unembed(asm, LAYOUTS[asm.spec.layout](asm))
     sources = names.inputs(cfg)
     name = rules.name if head_mask is None else f"{rules.name}+mask({int(head_mask.sum())} heads)"
     cached = tuple(names.name(f"cached_{w}", layer) for layer in range(cfg.n_layers) for w in "kv") if asm.prefix else ()

@@ -10,6 +10,7 @@ import torch
 
 from gradgraph.arch import lens, names
 from gradgraph.arch.features import POST_NORM, soft_cap
+from gradgraph.arch.spec import spec
 from gradgraph.build.record import Recording
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Broadcast, Diag, Identity, Matmul, Place, Reshape
@@ -22,7 +23,8 @@ class Assembly:
 
     def __init__(self, recording: Recording, rules: RuleSet, head_mask: torch.Tensor | None):
         self.rec, self.rules, self.head_mask = recording, rules, head_mask
-        self.model, self.cfg = recording.model, lens.config(recording.model)
+        self.model, self.spec = recording.model, spec(recording.model)
+        self.cfg = self.spec.cfg
         self.valid = recording.attention_mask.bool()  # [B, P]
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.order: list[str] = []
@@ -30,7 +32,7 @@ class Assembly:
         self.stored: dict[str, torch.Tensor] = {}
         self.weights = model_weights(self.model)
         self.prefix = 0 if recording.prefix is None else len(recording.prefix)
-        self.encoder = names.is_encoder(self.cfg)  # post-LN blocks around the residual sums, attention both ways
+        self.encoder = self.spec.layout == "encoder"  # post-LN blocks around the residual sums, attention both ways
 
     def node(self, name: str, tensor: torch.Tensor | None = None) -> str:
         if tensor is None:
@@ -122,7 +124,7 @@ def _kv_weight(attn, which: str) -> torch.Tensor:
 def attention(asm: Assembly, layer: int, resid: str) -> str:
     """ln1, q/k/v, q/k norms, rotary, scores (soft-capped), pattern, z and attn_out of one layer (a
     norm after it); returns attn_out's node."""
-    cfg, block = asm.cfg, lens.block(asm.model, layer)
+    cfg, block = asm.cfg, asm.spec.blocks[layer]
     attn = block.attn
     B, P = asm.valid.shape
     H = cfg.n_heads
@@ -297,7 +299,7 @@ def _rotary(asm: Assembly, attn, src: str, tgt: str, layer: int, start: int = 0)
 
 def mlp(asm: Assembly, layer: int, mlp_in: str) -> str:
     """ln2, the (gated) MLP and its output (a norm after it); returns mlp_out's node."""
-    cfg, block = asm.cfg, lens.block(asm.model, layer)
+    cfg, block = asm.cfg, asm.spec.blocks[layer]
     mlp = block.mlp
     B, P = asm.valid.shape
     before, after, after_prefix = _norms_around(asm, block, "2")  # an encoder's MLP reads ln1's output
@@ -355,9 +357,9 @@ def _solu(asm: Assembly, layer: int, pre: str, mlp, post: str) -> None:
 
 def final_norm(asm: Assembly, resid: str) -> str:
     """ln_final into ``unembed.hook_in``; returns its node."""
-    y = norm(asm, "ln_final", resid, None, lens.final_norm(asm.model)) if asm.cfg.normalization_type else resid
+    y = norm(asm, "ln_final", resid, None, asm.spec.final_norm) if asm.cfg.normalization_type else resid
     unembed_in = asm.node(names.name("unembed_in"))
-    wf = norm_weight(lens.final_norm(asm.model)) if asm.cfg.normalization_type else None
+    wf = norm_weight(asm.spec.final_norm) if asm.cfg.normalization_type else None
     if wf is None:
         asm.add([Identity(y, unembed_in, "linear" if y != resid else "copy", None)])
     else:  # y * w + b

@@ -9,8 +9,9 @@ from typing import Mapping
 import torch
 
 from gradgraph.arch import hooks, lens, memory, names
-from gradgraph.arch.features import check_supported, layout_features, soft_cap
+from gradgraph.arch.features import soft_cap
 from gradgraph.arch.lens import Model
+from gradgraph.arch.spec import ModelSpec, check_supported, spec
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import prepare
 from gradgraph.prompts import to_tokens
@@ -68,7 +69,7 @@ def _check_embed(model, embed: torch.Tensor, token_ids: torch.Tensor) -> torch.T
         raise GradGraphError(f"embed must be a [batch, pos, d_model] = {list(shape)} tensor of input embeddings, got {got}")
     if not torch.isfinite(embed).all():
         raise GradGraphError("embed holds NaN or inf values")
-    return embed.detach().to(lens.dtype(model))
+    return embed.detach().to(spec(model).dtype)
 
 
 def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -94,11 +95,11 @@ def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, tor
     return acts
 
 
-def _check_prefix_layout(cfg) -> None:
-    if names.is_encoder(cfg):
+def _check_prefix_layout(made: ModelSpec) -> None:
+    if made.layout == "encoder":
         raise GradGraphError("a cached prefix is for causal models; an encoder's positions all read each other: "
                              "record the whole sequence")
-    if "q/k normalisation" in layout_features(cfg):
+    if "q/k normalisation" in made.features:
         raise GradGraphError("graphs after a cached prefix do not cover q/k normalisation yet; record the whole "
                              "sequence (no prefix)")
 
@@ -131,17 +132,19 @@ def record(
     ``prefix`` ``[p]``: token ids every row follows (a few-shot prompt, say), run once and cached;
     ``tokens`` are then what comes after it, and the graph covers only those positions (see
     ``GradGraph``): much less work when the prefix is long and only what follows is explained."""
-    check_supported(model)
+    made = check_supported(model)
+    if isinstance(tokens, torch.Tensor):
+        made.check_device(tokens)
     metric = prepare(metric, model)
     if prefix is not None:
-        _check_prefix_layout(lens.config(model))
+        _check_prefix_layout(made)
         prefix = _check_prefix(model, prefix, tokens)
     token_ids, mask = _tokens_and_mask(model, tokens, attention_mask)
     if prefix is not None and not lens.caches_prefix(model):
         return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed)
     replacements = {} if embed is None else {names.inputs(model)[0]: _check_embed(model, embed, token_ids)}
     p0 = 0 if prefix is None else len(prefix)
-    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, lens.dtype(model), token_ids.device)
+    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, made.dtype, token_ids.device)
     cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
@@ -201,7 +204,7 @@ def after_prefix(recording: Recording, length: int) -> Recording:
     tokens, mask = recording.tokens, recording.attention_mask
     if recording.prefix is not None:
         raise GradGraphError("this recording already follows a cached prefix")
-    _check_prefix_layout(lens.config(recording.model))
+    _check_prefix_layout(spec(recording.model))
     if not 0 < length < int(mask.sum(1).min()):
         raise GradGraphError(f"a prefix of {length} tokens must leave every row at least one token after it "
                              f"(shortest row: {int(mask.sum(1).min())})")

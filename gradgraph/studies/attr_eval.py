@@ -46,6 +46,7 @@ class Config:
     max_words: int = 20
     seed: int = 0
     model: str = "smollm2-135m"
+    device: str = "auto"  # where the model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps
     out: str = "results/attr-eval"
     figures: str = "results/attr-eval/figures"
 
@@ -119,7 +120,7 @@ def run(config: Config) -> dict:
         if getattr(config, field) < 1:
             raise GradGraphError(f"{field} must be a positive number, got {getattr(config, field)}")
     started = time.time()
-    model = load_model(config.model)
+    model = load_model(config.model, device=config.device)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     begin = time.perf_counter()
     vocabulary_neighbours(model)  # DIG's KNN graph: built once per model, then read from the cache

@@ -45,6 +45,7 @@ class Config:
     counterfactuals: str | None = None  # aligned counterfactual prompts (for patching)
     position: int = -1  # the metric's position (default: each prompt's last token)
     model: str = "smollm2-135m"
+    device: str = "auto"  # where the model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps
     methods: tuple[str, ...] = tuple(METHODS)
     batch_size: int = 8
     udig_steps: int = 30
@@ -108,7 +109,7 @@ def run(config: Config) -> dict:
             print(f"no --counterfactuals: {', '.join(METHODS[m] for m in dropped)} and activation patching left out")
         if not methods:
             raise GradGraphError("every chosen method needs counterfactual prompts; give --counterfactuals")
-    model = load_model(config.model)
+    model = load_model(config.model, device=config.device)
     single_token_id(model.tokenizer, config.good), single_token_id(model.tokenizer, config.bad)  # fail early
     head_mask = None
     if "mask_lrp" in methods:

@@ -30,6 +30,7 @@ class Config:
     threshold: float = 0.8  # ξ_pos
     margin: float = 0.1  # ξ_synt: a relation's threshold is its fixed-offset baseline plus this
     model: str = "smollm2-135m"
+    device: str = "auto"  # where the model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps
     out: str = "results/head-types"
     figures: str = "results/head-types/figures"
 
@@ -54,7 +55,7 @@ def run(config: Config, model=None) -> tuple[list[dict], list[dict], list[str]]:
         if not 0 <= getattr(config, name) <= 1:
             raise GradGraphError(f"--{name} must lie in [0, 1], got {getattr(config, name)}")
     corpus = read_prompts(config.corpus) if config.corpus else None  # a bad file is refused before the model loads
-    model = model or load_model(config.model)
+    model = model or load_model(config.model, device=config.device)
     corpus = corpus or default_corpus(model.tokenizer, config.sentences)
     positional, syntactic = detect(model, corpus, config.threshold, config.margin)
     return positional, syntactic, corpus

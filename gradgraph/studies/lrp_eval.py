@@ -62,6 +62,7 @@ class Config:
     graph_tokens: int = 600  # padded tokens per gradient graph (items of similar length batched together)
     seed: int = 0
     model: str = "smollm2-135m"
+    device: str = "auto"  # where the model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps
     out: str = "results/lrp-eval"
     figures: str = "results/lrp-eval/figures"
 
@@ -240,7 +241,7 @@ def run(config: Config) -> dict:
         raise GradGraphError(f"--relp-items {config.relp_items} is more than the {config.sva_items} SVA items "
                              f"(--sva-items): relevance patching runs on some of those; choose at most {config.sva_items}")
     started = time.time()
-    model = load_model(config.model)
+    model = load_model(config.model, device=config.device)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     corpus = head_types.default_corpus(model.tokenizer, config.head_sentences, seed=config.seed + 1)
     positional, syntactic = head_types.detect(model, corpus, 0.8, 0.1)

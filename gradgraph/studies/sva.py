@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from gradgraph import plot, report
 from gradgraph.arch import names
 from gradgraph.arch.models import load_model
+from gradgraph.backprop import backprop
 from gradgraph.bootstrap import MIN_ITEMS, cell, intervals_note
 from gradgraph.branches import BRANCHES, BranchShares, branch_shares
 from gradgraph.circuit_tracer import circuit_tracer_graph
@@ -66,6 +67,7 @@ SHARES = {"top_path": "best path (Du et al.)", "flow": "gradient flow", "attn_lr
 @dataclass
 class Config:
     model: str = "smollm2-135m"
+    device: str = "auto"  # where the model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps
     limit: int = 96  # items for the graph methods (spread over conditions)
     # items for ablation and patching (and UDIG: each integrates a path); None: 16, or all when --limit is smaller
     intervention_items: int | None = None
@@ -205,8 +207,10 @@ def _graph_stage(model, chosen: list[SVAItem], udig_rows: set[int], head_mask, c
         wanted = [b for b, i in enumerate(batch) if i.n_attractors > 0 and i.subject_pos < i.n_tokens - 1]
         wanted = wanted[: config.examples - len(examples)]
         if wanted:
-            from_subject = top_component_paths(scores.graph, k=5, search=config.top_k, items=wanted, sources=subject)
-            overall = top_component_paths(scores.graph, k=3, search=config.top_k, items=wanted)
+            best = backprop(scores.graph, Max)  # one Max pass for both searches
+            from_subject = top_component_paths(scores.graph, k=5, search=config.top_k, items=wanted, sources=subject,
+                                               best=best)
+            overall = top_component_paths(scores.graph, k=3, search=config.top_k, items=wanted, best=best)
             for b in wanted:
                 item = batch[b]
                 words = [model.tokenizer.decode([t]) for t in tokens[b, : item.n_tokens].tolist()]
@@ -285,7 +289,7 @@ def run(config: Config) -> Result:
     check_out(config.out)
     methods = check_methods(config.methods)
     start = time.time()
-    model = load_model(config.model)
+    model = load_model(config.model, device=config.device)
     registry, labels = Registry.of(model), component_labels(model)
     components = [registry.parse(label) for label in labels]
     items = sva_items(model.tokenizer, seed=config.seed, prepend_bos=model.cfg.default_prepend_bos)

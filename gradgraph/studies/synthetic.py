@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gradgraph.arch import hooks, lens, names  # noqa: E402
+from gradgraph.arch import devices, hooks, lens, names  # noqa: E402
 from gradgraph.arch.lens import Model  # noqa: E402
 from gradgraph.arch.models import tiny_model  # noqa: E402
 from gradgraph.backprop import backprop  # noqa: E402
@@ -258,6 +258,7 @@ class FirstTokenConfig:
     batch_size: int = 128
     graph_batch: int = 64  # held-out sequences in the gradient graph
     progress: bool = False
+    device: str = "cpu"  # where the model trains and runs (devices.choose)
 
 
 def run_first_token(config: FirstTokenConfig) -> dict:
@@ -273,9 +274,10 @@ def run_first_token(config: FirstTokenConfig) -> dict:
     x, y = first_token_repeated(c.n_train, seq_len=c.seq_len, vocab=c.vocab, seed=2 * c.seed + 1, reverse=c.reverse)
     xt, yt = first_token_repeated(c.n_test, seq_len=c.seq_len, vocab=c.vocab, seed=2 * c.seed + 2, reverse=c.reverse)
     keep = unseen(xt, x)
-    xt, yt = xt[keep], yt[keep]
+    device = devices.choose(c.device)
+    x, y, xt, yt = (t.to(device) for t in (x, y, xt[keep], yt[keep]))
     no, _ = answer_ids(c.vocab)
-    model = new_model(shape, n_ctx=c.seq_len, d_vocab=c.vocab + 2, seed=c.seed)
+    model = new_model(shape, n_ctx=c.seq_len, d_vocab=c.vocab + 2, seed=c.seed).to(device)
     start = time.perf_counter()
     losses = train(model, x, no + y, steps=c.steps, lr=c.lr, batch_size=c.batch_size, seed=c.seed, progress=c.progress)
     seconds = time.perf_counter() - start
@@ -309,6 +311,7 @@ class InductionConfig:
     n_eval: int = 500  # sequences for attention and ablation
     graph_batch: int = 48  # sequences in the gradient graph
     progress: bool = False
+    device: str = "cpu"  # where the model trains and runs (devices.choose)
 
 
 def run_induction(config: InductionConfig) -> dict:
@@ -322,7 +325,9 @@ def run_induction(config: InductionConfig) -> dict:
     c = config
     x, y, _ = induction(c.n_train, seq_len=c.seq_len, vocab=c.vocab, seed=2 * c.seed + 1)
     xt, yt, src = induction(c.n_test, seq_len=c.seq_len, vocab=c.vocab, seed=2 * c.seed + 2)
-    model = new_model(c.shape, n_ctx=c.seq_len, d_vocab=c.vocab, seed=c.seed)
+    device = devices.choose(c.device)
+    x, y, xt, yt, src = (t.to(device) for t in (x, y, xt, yt, src))
+    model = new_model(c.shape, n_ctx=c.seq_len, d_vocab=c.vocab, seed=c.seed).to(device)
     start = time.perf_counter()
     losses = train(model, x, y, steps=c.steps, lr=c.lr, batch_size=c.batch_size, seed=c.seed, progress=c.progress)
     accuracy_before_pruning = accuracy(model, xt, yt)
@@ -371,6 +376,7 @@ class Config:
     figures: str = "figures"
     threads: int = 1  # tiny models run fastest on one thread; more threads on a busy CPU are far slower
     progress: bool = False  # tqdm progress bars while training
+    device: str = "auto"  # where the models train and run: auto (a GPU when torch sees one, else the CPU), cpu, cuda
 
 
 def shares_table(name: str, rows: list[dict]) -> str:
@@ -401,13 +407,13 @@ def run(config: Config) -> dict:
     start = time.perf_counter()
     print(f"[1/3] first token repeated, 1 layer {FIRST_TOKEN_SHAPE}, {config.steps} steps ...", flush=True)
     first = run_first_token(FirstTokenConfig(seed=config.seed, steps=config.steps, n_train=50_000,
-                                             progress=config.progress))
+                                             progress=config.progress, device=config.device))
     print(f"  accuracy train {first['train_accuracy']:.4f}, held-out {first['test_accuracy']:.4f} "
           f"({first['n_test_unseen']} unseen sequences); trained in {first['seconds']:.0f} s")
     print(shares_table("first token repeated", first["branches"]))
     print(f"[2/3] reversed sequences, 1 layer {MIRROR_SHAPE} ...", flush=True)
     mirror = run_first_token(FirstTokenConfig(seed=config.seed, reverse=True, steps=1000, lr=3e-3,
-                                              progress=config.progress))
+                                              progress=config.progress, device=config.device))
     print(f"  accuracy train {mirror['train_accuracy']:.4f}, held-out {mirror['test_accuracy']:.4f}; "
           f"trained in {mirror['seconds']:.0f} s")
     print(shares_table("reversed (tested token read last)", mirror["branches"]))
@@ -416,7 +422,7 @@ def run(config: Config) -> dict:
     heads = []
     for seed in config.induction_seeds:
         print(f"[3/3] induction, 2 layers {INDUCTION_SHAPE}, seed {seed} ...", flush=True)
-        result = run_induction(InductionConfig(seed=seed, progress=config.progress))
+        result = run_induction(InductionConfig(seed=seed, progress=config.progress, device=config.device))
         heads.append((seed, result))
         print(f"  accuracy held-out {result['test_accuracy']:.4f} (before pruning {result['accuracy_before_pruning']:.4f});"
               f" trained in {result['seconds']:.0f} s")
