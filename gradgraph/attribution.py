@@ -11,7 +11,7 @@ logit difference, so conservation is measured against the metric value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -175,33 +175,64 @@ def _path_of(model, ids: torch.Tensor, method: str, opts: dict, baseline, keep: 
                                 factor=opts["factor"], k=opts["neighbours"])[0]
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    """What every method reads of one prompt: its ids ``[pos]``, embeddings ``x`` and baseline
+    ``x0`` ``[pos, d]``, the positions that keep their token (``keep``) and ``grads(rows)``, the
+    gradient and metric at rows of embeddings."""
+
+    model: object
+    ids: torch.Tensor
+    x: torch.Tensor
+    x0: torch.Tensor
+    keep: torch.Tensor
+    grads: Callable
+    baseline: object
+
+
+def _at_input(p: _Prompt, method: str, opts: dict) -> _One:
+    """Saliency Σ_d |∂F/∂x| and gradient × input, from the gradient at the input."""
+    g, f = p.grads(torch.stack([p.x, p.x0]))
+    elements = g[0] * p.x
+    scores = g[0].abs().sum(-1) * (~p.keep) if method == "saliency" else None
+    return _One(elements * (~p.keep)[:, None], float(f[0] - f[1]), None, scores, method)
+
+
+def _smoothgrad(p: _Prompt, method: str, opts: dict) -> _One:
+    """Gradient × input averaged over noisy copies of the input."""
+    if opts["samples"] < 1:
+        raise GradGraphError(f"samples must be ≥ 1, got {opts['samples']}")
+    sigma = opts["noise"] * float(p.x.max() - p.x.min())
+    noise = torch.randn((opts["samples"], *p.x.shape), generator=torch.Generator().manual_seed(opts["seed"]),
+                        dtype=p.x.dtype) * sigma * (~p.keep)[:, None]
+    g, f = p.grads(torch.cat([p.x + noise, torch.stack([p.x, p.x0])]))
+    return _One(g[:-2].mean(0) * p.x * (~p.keep)[:, None], float(f[-2] - f[-1]), p.x + noise, None,
+                f"smoothgrad ({opts['samples']} samples, noise {opts['noise']})")
+
+
+def _along_path(p: _Prompt, method: str, opts: dict) -> _One:
+    """IG, DIG, UDIG: Σ_k ∂F/∂x(x_k) ⊙ Δx_k along the method's path."""
+    path = _path_of(p.model, p.ids, method, opts, p.baseline, p.keep)
+    rows = torch.cat([path.points, torch.stack([path.end, path.start])])
+    g, f = p.grads(rows)
+    elements = (g[:-2] * path.steps).sum(0)
+    return _One(elements, float(f[-2] - f[-1]), path.polyline if path.polyline is not None else path.points, None,
+                path.kind)
+
+
+# each method of one prompt (LAFA wraps a base method over the whole batch: ``attribute`` hands it over)
+_ONE_PROMPT = {"saliency": _at_input, "grad_x_input": _at_input, "smoothgrad": _smoothgrad,
+               "ig": _along_path, "dig": _along_path, "udig": _along_path}
+
+
 def _attribute_one(model, ids: torch.Tensor, metric, method: str, opts: dict, baseline, attribute_bos: bool,
                    batch_size: int, positions) -> _One:
     _check_length(model, ids)
     keep = kept_positions(model, ids, attribute_bos, positions)
-    x = model.W_E.detach()[ids]  # [pos, d]
     x0, _ = _baseline(model, ids, baseline, keep)
     grads = lambda rows: integrated.gradients(model, ids, metric, rows, batch_size=batch_size)  # noqa: E731
-    if method in ("saliency", "grad_x_input"):
-        g, f = grads(torch.stack([x, x0]))
-        elements = g[0] * x
-        scores = g[0].abs().sum(-1) * (~keep) if method == "saliency" else None
-        return _One(elements * (~keep)[:, None], float(f[0] - f[1]), None, scores, method)
-    if method == "smoothgrad":
-        if opts["samples"] < 1:
-            raise GradGraphError(f"samples must be ≥ 1, got {opts['samples']}")
-        sigma = opts["noise"] * float(x.max() - x.min())
-        noise = torch.randn((opts["samples"], *x.shape), generator=torch.Generator().manual_seed(opts["seed"]),
-                            dtype=x.dtype) * sigma * (~keep)[:, None]
-        g, f = grads(torch.cat([x + noise, torch.stack([x, x0])]))
-        return _One(g[:-2].mean(0) * x * (~keep)[:, None], float(f[-2] - f[-1]), x + noise, None,
-                    f"smoothgrad ({opts['samples']} samples, noise {opts['noise']})")
-    path = _path_of(model, ids, method, opts, baseline, keep)
-    rows = torch.cat([path.points, torch.stack([path.end, path.start])])
-    g, f = grads(rows)
-    elements = (g[:-2] * path.steps).sum(0)
-    return _One(elements, float(f[-2] - f[-1]), path.polyline if path.polyline is not None else path.points, None,
-                path.kind)
+    prompt = _Prompt(model, ids, model.W_E.detach()[ids], x0, keep, grads, baseline)
+    return _ONE_PROMPT[method](prompt, method, opts)
 
 
 def attribute(model, tokens, metric, *, method: str = "ig", baseline="pad", attribute_bos: bool = False,

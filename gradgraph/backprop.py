@@ -13,6 +13,8 @@ tensor is read by several ops (e.g. the residual stream feeding q, k, v and the 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from gradgraph.arch import names
@@ -55,6 +57,7 @@ def backprop(
     granularity: str = "neuron",
     dtype: torch.dtype | None = None,
     keep=None,
+    visit: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{node: [S, *shape]}``: ⊕ over paths node → metric of ⊗ edge weights.
 
@@ -62,12 +65,14 @@ def backprop(
     ``dtype`` defaults to the model's; sums over all paths (``Abs``) of a deep model can overflow
     float32, which raises ``GradGraphError`` (use ``dtype=torch.float64``, ``Log`` or ``Entropy``).
     ``keep`` (node names) returns only those nodes and frees every other value once no block needs
-    it: a long prompt's backward then holds about what autograd's does.
+    it: a long prompt's backward then holds about what autograd's does. ``visit(node, value)`` is
+    called with each node's value as soon as it is complete (not for nodes no path reaches), so a
+    caller can reduce every node's value with ``keep=()`` and hold one layer's values at a time.
     """
     inner = _check(graph, semiring, granularity)
     kept = _kept(graph, keep)
     dtype, device = dtype or graph.dtype, graph.metric_value.device
-    if graph.settled is not None and inner is Real and dtype == graph.dtype and kept <= graph.settled.keys():
+    if visit is None and graph.settled is not None and inner is Real and dtype == graph.dtype and kept <= graph.settled.keys():
         return {node: graph.settled[node].clone() for node in kept}  # the pass that fixed the graph
     values: dict[str, torch.Tensor | None] = {METRIC: semiring.one(graph.shapes[METRIC], dtype=dtype, device=device)}
     readers = {node: len(graph.edges_into(node)) for node in graph.order}  # sources still to read it
@@ -75,7 +80,7 @@ def backprop(
     for node in reversed(graph.order):
         if node == METRIC:
             continue
-        needed = readers[node] > 0 or node in kept  # no block reads a node without incoming edges
+        needed = readers[node] > 0 or node in kept or visit is not None  # no block reads a node without incoming edges
         total = None
         for edge in graph.edges_from(node):
             if needed and values[edge.tgt] is not None:
@@ -87,6 +92,8 @@ def backprop(
         values[node] = total  # None: no path to the metric (the semiring's zero, formed only if returned)
         if total is not None and node in checkpoints:
             _check_range(semiring, total, node, dtype)
+        if total is not None and visit is not None:
+            visit(node, total)
         if readers[node] == 0 and node not in kept:
             del values[node]
     return _formed(graph, semiring, values, dtype, device)

@@ -63,22 +63,25 @@ def flow(model, tokens: torch.Tensor, metric, polyline: torch.Tensor, *, semirin
         chunk = polyline[start:start + batch_size + 1]  # one more row: the step's end point
         recording = record(model, tokens.expand(len(chunk), -1), metric, embed=chunk)
         graph = assemble(recording, GRADIENT)
-        grads = backprop(graph, semiring)
-        for node in graph.order:
-            if node == names.METRIC:
-                continue
-            h = graph.activations[node]
-            step = torch.nan_to_num(h[1:] - h[:-1], nan=0.0, posinf=0.0, neginf=0.0)  # masked scores: -inf − -inf
-            if semiring is Abs:
-                step = step.abs()
-            part = (grads[node][0][:-1] * step).sum(0, keepdim=True)
-            totals[node] = part if node not in totals else totals[node] + part
+        reading = {tgt: [] for _, tgt in edges}  # a skip's target: the sources whose step it carries
         for src, tgt in edges:
-            h = graph.activations[src]
-            step = (h[1:] - h[:-1]).abs() if semiring is Abs else h[1:] - h[:-1]
-            part = (grads[tgt][0][:-1] * step).sum(0, keepdim=True)
-            key = f"{src}->{tgt}"
+            reading[tgt].append(src)
+
+        def add(key: str, value: torch.Tensor, h: torch.Tensor) -> None:
+            step = torch.nan_to_num(h[1:] - h[:-1], nan=0.0, posinf=0.0, neginf=0.0)  # masked scores: -inf − -inf
+            part = ((value[0][:-1]) * (step.abs() if semiring is Abs else step)).sum(0, keepdim=True)
             totals[key] = part if key not in totals else totals[key] + part
+
+        def visit(node: str, value: torch.Tensor, graph=graph) -> None:  # each node's value once, then freed
+            add(node, value, graph.activations[node])
+            for src in reading.get(node, ()):
+                add(f"{src}->{node}", value, graph.activations[src])
+
+        backprop(graph, semiring, keep=(), visit=visit)
+        zero = graph.metric_value.new_zeros  # no path to the metric: no conductance
+        for key, node in [(n, n) for n in graph.order if n != names.METRIC] + [(f"{s}->{t}", s) for s, t in edges]:
+            if key not in totals:
+                totals[key] = zero((1, *graph.shapes[node][1:]), dtype=graph.dtype)
         values.append(recording.metric_value[:-1])
     values.append(recording.metric_value[-1:])
     return totals, torch.cat(values)

@@ -8,8 +8,10 @@ is the broadcast shape of the factors, not necessarily the node's.
 
 A *shared* weight is one of the model's matrices (``W_Q``, ``W_in``, ...; with a norm's weight
 folded in where the model has one). Every graph built from the model reuses the same ``Weight``
-(``model_weights``), which keeps its casts, ``|W|`` and ``|W| log |W|`` per dtype: integrated
-gradients run dozens of passes, and a float64 ``Abs`` pass would otherwise cast every matrix anew.
+(``model_weights``), which keeps ``|W|`` and ``|W| log |W|`` in the matrix's own dtype: integrated
+gradients run dozens of passes. A pass in another dtype (a float64 ``Abs`` pass of a float32
+model) casts each matrix as its block runs, exact and a fraction of the product it feeds, rather
+than keeping a float64 copy of every matrix (which doubled the memory of a float32 model).
 The cache is dropped when any parameter of the model changes (its ``_version`` or identity).
 """
 
@@ -45,12 +47,8 @@ class Weight:
         """The dtype of the first tensor factor (its own: no cast, no copy)."""
         return next(f.dtype for f in self.factors if isinstance(f, torch.Tensor))
 
-    def scaled(self, factor: float) -> "Weight":
-        """This weight times a number (a new, unshared weight unless the number is 1)."""
-        return self if factor == 1 else Weight(*self.factors, factor)
-
     def _get(self, kind: str, dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if not self.shared:
+        if not self.shared or dtype != self.dtype:  # kept in the matrix's own dtype only
             return make()
         key = (kind, dtype)
         if key not in self._cache:
@@ -72,16 +70,16 @@ class Weight:
 
     def part(self, sign: int) -> "Weight":
         """The positive (``sign=+1``) or negative (``-1``) part, ``max(w, 0)`` / ``min(w, 0)``, as a
-        weight of its own (kept, so every graph of a model reuses a shared weight's parts)."""
+        weight of its own, formed when a pass reads it and not kept (a clamp costs a fraction of
+        the product it feeds; keeping both parts of every matrix would double the model)."""
         key = ("part", sign)
         if key not in self._parts:
-            w = self.real(self.dtype)
-            self._parts[key] = Weight(w.clamp(min=0) if sign > 0 else w.clamp(max=0), shared=self.shared)
+            self._parts[key] = _Part(self, sign)
         return self._parts[key]
 
     def magnitude(self, dtype: torch.dtype) -> torch.Tensor:
         """|w| in ``dtype``, uncached. One tensor's is taken in its own dtype and cast (both exact),
-        so that a float64 pass of a shared matrix keeps no float64 copy of it beside its |W|."""
+        with no cast copy of the tensor itself."""
         if len(self.factors) == 1:
             return _compact(self.factors[0]).abs().to(dtype)
         return self.real(dtype).abs()
@@ -102,6 +100,23 @@ class Weight:
             return torch.special.xlogy(a, a)
 
         return self._get("xlogx", dtype, make)
+
+
+class _Part(Weight):
+    """``max(w, 0)`` or ``min(w, 0)`` of a base weight, computed on each use (the base keeps its own casts)."""
+
+    def __init__(self, base: Weight, sign: int):
+        self.base, self.sign = base, sign
+        self.factors = base.factors
+        self.shared = False
+        self._cache, self._parts = {}, {}
+
+    def real(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.base.real(self.base.dtype)
+        return (w.clamp(min=0) if self.sign > 0 else w.clamp(max=0)).to(dtype)
+
+    def magnitude(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.real(dtype).abs()
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
