@@ -372,18 +372,13 @@ def _from_weights(made: ModelSpec, tokens, resid, first_layer, edits, embed, sha
     return x, kept
 
 
-# the hook point each site's edits replace through TransformerLens, and what each trace entry reads
-_HOOKED_TRACE = {"resid_pre": "resid_pre", "attn_out": "attn_out", "resid_mid": "resid_mid", "mlp_out": "mlp_out",
-                 "q": "q", "k": "k", "v": "v", "z": "z"}
-
-
 def _hooked(made: ModelSpec, tokens, resid, first_layer, edits, embed, clean_before, trace) -> torch.Tensor:
     """``run`` through TransformerLens' forward: each edited site's hook point makes its edits."""
     model = made.model
     replacements = {} if embed is None else {names.inputs(model)[0]: embed}
     for (layer, site), listed in edits.items():
         replacements[names.name(site, layer)] = lambda value, listed=listed: _edited(value, listed, 0)
-    wanted = set() if trace is None else {names.name(hook, layer) for hook in _HOOKED_TRACE.values()
+    wanted = set() if trace is None else {names.name(kind, layer) for kind in TRACED + HEADS_TRACED
                                           for layer in range(first_layer, made.n_layers)}
     split = any(site in ("q_input", "k_input", "v_input", "mlp_in") for _, site in edits)
     with (contextlib.nullcontext() if split else hooks.plain_forward(model)), hooks.replacing(model, replacements), \
@@ -391,9 +386,9 @@ def _hooked(made: ModelSpec, tokens, resid, first_layer, edits, embed, clean_bef
         final = hooks.final_residual(model, resid if resid is not None else tokens,
                                      start_at_layer=first_layer if resid is not None else None)
     if trace is not None:
-        for kind, hook in _HOOKED_TRACE.items():
+        for kind in TRACED + HEADS_TRACED:  # each traced kind is its hook point's name
             for layer in range(first_layer, made.n_layers):
-                tensors = store.get(names.name(hook, layer))
+                tensors = store.get(names.name(kind, layer))
                 if tensors:
                     trace.setdefault(kind, []).append(tensors[0])
     return final if clean_before is None else final[:, clean_before[1]:]
