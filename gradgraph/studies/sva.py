@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradgraph import plot, report
+from gradgraph.allocator import hand_back
 from gradgraph.arch import names
 from gradgraph.arch.models import load_model
 from gradgraph.backprop import backprop
@@ -221,6 +222,9 @@ def _graph_stage(model, chosen: list[SVAItem], udig_rows: set[int], head_mask, c
                     overall=[dict(components=list(c), weight=w, scalar_paths=n) for c, w, n in overall[b]]))
                 if example_graph is None:
                     example_graph = _example_graph(scores, b, item, words, labels)
+            del best
+        del scores  # this batch's graph, freed before the next batch records its own
+        hand_back()  # what this batch freed, returned: the next batch's peak does not stack on its scattered pages
     rows_of = torch.tensor(order).argsort()  # row r of the concatenated scores is chosen[order[r]]
     tokens = {m: [values[i] for i in range(len(chosen))] for m, values in token_rows.items()}
     return _GraphStage({m: torch.cat(v)[rows_of] for m, v in rows.items()}, tokens,
