@@ -85,10 +85,10 @@ class PeakMemory:
 
 
 def prompts(model, length: str):
-    """``(tokens, mask, metric)`` for a length label: ``"8x12"`` or a number of tokens."""
+    """``(tokens, mask, good, bad)`` for a length label: ``"8x12"`` or a number of tokens; ``good``
+    and ``bad`` ``[batch]`` are the ids of the metric logit(good) − logit(bad) at each last token."""
     from gradgraph.data import sva_items
-    from gradgraph.metrics import logit_diff
-    from gradgraph.prompts import to_tokens
+    from gradgraph.prompts import single_token_id, to_tokens
 
     items = sva_items(model.tokenizer)
     if "x" in length:
@@ -96,14 +96,15 @@ def prompts(model, length: str):
         candidates = [i for i in items if 11 <= i.n_tokens <= 13]
         chosen = candidates[:: max(1, len(candidates) // batch)][:batch]
         tokens, mask = to_tokens(model, [i.prefix for i in chosen])
-        return tokens, mask, logit_diff(torch.tensor([i.good_id for i in chosen]), torch.tensor([i.bad_id for i in chosen]))
+        return tokens, mask, torch.tensor([i.good_id for i in chosen]), torch.tensor([i.bad_id for i in chosen])
     n = int(length)
     text = ". ".join(i.prefix + i.good for i in items[:: 7])
     tokens, _ = to_tokens(model, text)
     if tokens.shape[1] < n:
         raise SystemExit(f"the benchmark text has {tokens.shape[1]} tokens, fewer than {n}")
     tokens = tokens[:, :n]
-    return tokens, torch.ones_like(tokens), logit_diff(" are", " is")
+    good, bad = (torch.tensor([single_token_id(model.tokenizer, w)]) for w in (" are", " is"))
+    return tokens, torch.ones_like(tokens), good, bad
 
 
 # a model of about GPT-2 small's width, 6 layers: big enough that the matrices dominate, as they do in real models
@@ -133,7 +134,7 @@ def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool 
     from gradgraph.attribution import lrp
     from gradgraph.backprop import backprop
     from gradgraph.build import build_graph
-    from gradgraph.metrics import prepare
+    from gradgraph.metrics import logit_diff, prepare
     from gradgraph.semirings import Entropy, Max, Real
 
     if device == "cpu":
@@ -143,7 +144,8 @@ def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool 
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens announces the device
         if family is None:
             model = load_model("smollm2-135m", device=device)
-            tokens, mask, metric = prompts(model, length)
+            tokens, mask, good, bad = prompts(model, length)
+            metric = logit_diff(good, bad)
         else:
             model, tokens, mask, metric = family_model(family, length, device)
     model.requires_grad_(False)  # gradients at activations only, as the graph computes them

@@ -34,20 +34,28 @@ from lxt.efficient import monkey_patch  # noqa: E402
 from gradgraph.arch.models import EMBEDDED, _gguf_folder  # noqa: E402
 
 
-def main(rules: str, good: str, bad: str, *texts: str) -> list[dict]:
+def load(rules: str | None = None, attention: str = "eager"):
+    """``(model, tokenizer)``: the embedded model in Hugging Face's Llama classes, float32, frozen;
+    with lxt's ``rules`` (``attn-lrp`` / ``cp-lrp``) patched in, or plain (``None``)."""
     entry = EMBEDDED["smollm2-135m"]
     folder = str(_gguf_folder(entry))
-    original = modeling_llama.ALL_ATTENTION_FUNCTIONS
-    monkey_patch(modeling_llama, {"attn-lrp": lxt_llama.attnLRP, "cp-lrp": lxt_llama.cp_LRP}[rules])
-    modeling_llama.ALL_ATTENTION_FUNCTIONS = original
+    if rules is not None:
+        original = modeling_llama.ALL_ATTENTION_FUNCTIONS
+        monkey_patch(modeling_llama, {"attn-lrp": lxt_llama.attnLRP, "cp-lrp": lxt_llama.cp_LRP}[rules])
+        modeling_llama.ALL_ATTENTION_FUNCTIONS = original
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry.gguf_file, dtype=torch.float32,
-                                                     attn_implementation="eager")
+                                                     attn_implementation=attention)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model, tokenizer
+
+
+def main(rules: str, good: str, bad: str, *texts: str) -> list[dict]:
+    model, tokenizer = load(rules)
     good_id, bad_id = (tokenizer.encode(w, add_special_tokens=False)[0] for w in (good, bad))
     out = []
     for text in texts:

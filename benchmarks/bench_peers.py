@@ -1,0 +1,178 @@
+"""gradgraph against the fastest way a user would otherwise get the same numbers, on the same weights.
+
+SmolLM2-135M (embedded), the prompts of ``bench_graph.py`` (8 SVA prompts of about 12 tokens, and
+English text cut to 12, 128 and 512 tokens at batch 1), the metric logit(good) − logit(bad) at each
+prompt's last token. Each job runs in a fresh process: a warm-up, its peak memory over one run (RSS
+above the loaded model, as in ``bench_graph.py``), then the median of ``--repeats`` runs.
+
+Peers (Hugging Face's Llama classes, float32, weights frozen, loaded offline from the same file):
+
+- ``HF fwd+bwd``: one forward (its default attention, SDPA) and one backward with the gradient at the
+  input embeddings: the floor for anything that needs one backward pass;
+- ``lxt AttnLRP`` / ``lxt CP-LRP``: lxt 2.1's reference implementation (its patches, eager attention),
+  the relevance as input × modified gradient at the embeddings;
+- ``captum LayerIG (32)``: captum's ``LayerIntegratedGradients`` at the input embeddings, 32
+  Gauss–Legendre points from the pad-token baseline (BOS kept), 8 rows at a time;
+- ``TL fwd+bwd``: TransformerLens 3.9's forward and backward with the gradient at ``hook_embed``
+  (the second baseline, named as such).
+
+gradgraph: ``Real→inputs`` (build_graph + backprop keeping the inputs), ``Max`` and ``Entropy``
+(keeping the inputs), ``AttnLRP`` and ``CP-LRP`` (``lrp``), ``IG (32)`` (``attribute(method="ig")``).
+Each is divided by HF fwd+bwd and by its own peer (LRP by lxt's rule set, IG by captum).
+
+    .venv/bin/python benchmarks/bench_peers.py [--lengths 8x12 12 128 512] [--repeats 3] [--jobs ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench_graph import PeakMemory, prompts  # noqa: E402
+
+PEERS = ("HF fwd+bwd", "lxt AttnLRP", "lxt CP-LRP", "captum LayerIG (32)", "TL fwd+bwd")
+OURS = ("Real→inputs", "Max", "Entropy", "AttnLRP", "CP-LRP", "IG (32)")
+PEER_OF = {"AttnLRP": "lxt AttnLRP", "CP-LRP": "lxt CP-LRP", "IG (32)": "captum LayerIG (32)"}
+IG_LENGTHS = ("12", "128")  # one prompt (IG's paths are per prompt); at 512 tokens 32 points take minutes
+STEPS = 32
+
+
+def _inputs(length: str):
+    """The benchmark's tokens, mask and per-row (good, bad) ids, from the TransformerLens model's
+    tokenizer (the same ids feed every job)."""
+    from gradgraph import load_model
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = load_model("smollm2-135m")
+    tokens, mask, good, bad = prompts(model, length)
+    return model, tokens, mask, good, bad, model.tokenizer.pad_token_id
+
+
+def _hf_job(job: str, tokens, mask, good, bad, pad: int):
+    import lxt_reference
+
+    rules = {"lxt AttnLRP": "attn-lrp", "lxt CP-LRP": "cp-lrp"}.get(job)
+    model, _ = lxt_reference.load(rules, attention="sdpa" if rules is None else "eager")
+    last = mask.sum(1) - 1
+    rows = torch.arange(len(tokens))
+
+    def metric(logits):  # [rows]: logit(good) − logit(bad) at each prompt's last token
+        at = logits[rows, last]
+        return at[rows, good] - at[rows, bad]
+
+    embedding = model.get_input_embeddings()
+    if job == "captum LayerIG (32)":
+        from captum.attr import LayerIntegratedGradients
+
+        baseline = torch.where(torch.arange(tokens.shape[1]) == 0, tokens, torch.full_like(tokens, pad))
+        lig = LayerIntegratedGradients(lambda ids, m: metric(model(input_ids=ids, attention_mask=m).logits), embedding)
+        return lambda: lig.attribute(tokens, baseline, additional_forward_args=(mask,), n_steps=STEPS,
+                                     method="gausslegendre", internal_batch_size=8 * len(tokens))
+
+    def run():  # the plain and the lxt passes: input × gradient at the embeddings
+        embeds = embedding(tokens).requires_grad_(True)
+        metric(model(inputs_embeds=embeds, attention_mask=mask).logits).sum().backward()
+        return (embeds * embeds.grad).sum(-1)
+
+    return run
+
+
+def _our_job(job: str, model, tokens, mask, good, bad):
+    from gradgraph.arch import hooks, names
+    from gradgraph.attribution import attribute, lrp
+    from gradgraph.backprop import backprop
+    from gradgraph.build import build_graph
+    from gradgraph.metrics import logit_diff, prepare
+    from gradgraph.semirings import Entropy, Max, Real
+
+    model.requires_grad_(False)
+    metric = logit_diff(good, bad) if len(tokens) > 1 else logit_diff(int(good), int(bad))
+    if job == "TL fwd+bwd":
+        prepared = prepare(metric, model)
+
+        def tl():
+            with hooks.recording(model, keep_grad=True, names={names.inputs(model)[0]}):
+                logits = model(tokens)
+            prepared(logits, mask).sum().backward()
+
+        return tl
+    if job in ("AttnLRP", "CP-LRP"):
+        return lambda: lrp(model, tokens, metric, rules=job.lower(), attention_mask=mask)
+    if job == "IG (32)":
+        return lambda: attribute(model, tokens, metric, method="ig", steps=STEPS, attention_mask=mask)
+    semiring = {"Real→inputs": Real, "Max": Max, "Entropy": Entropy}[job]
+
+    def graph():
+        built = build_graph(model, tokens, metric, attention_mask=mask)
+        backprop(built, semiring, keep=built.sources)
+
+    return graph
+
+
+def measure(job: str, length: str, repeats: int) -> dict:
+    """Time and memory of one job in this (fresh) process."""
+    from gradgraph.allocator import keep_freed_memory
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    keep_freed_memory()  # as the gradgraph command runs; the peers get the same allocator
+    model, tokens, mask, good, bad, pad = _inputs(length)
+    if job in PEERS and job != "TL fwd+bwd":
+        del model
+        run = _hf_job(job, tokens, mask, good, bad, pad)
+    else:
+        run = _our_job(job, model, tokens, mask, good, bad)
+    run()  # warm-up: numba compilation, weight caches
+    from gradgraph.allocator import hand_back
+
+    hand_back()
+    base = PeakMemory.rss()
+    with PeakMemory("cpu") as memory:
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return dict(seconds=statistics.median(times), memory=memory.peak - base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", default=["8x12", "12", "128", "512"])
+    parser.add_argument("--jobs", nargs="+", default=list(PEERS + OURS), choices=PEERS + OURS)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"CPU, torch threads {min(2, os.cpu_count() or 1)}, median of {args.repeats} runs after a warm-up, "
+          f"each job in a fresh process; memory = peak RSS above the loaded model")
+    print(f"| tokens | job | time (s) | x HF fwd+bwd | x its peer | peak MB | memory x HF |\n|---|---|---|---|---|---|---|")
+    pool = multiprocessing.get_context("spawn")
+    for length in args.lengths:
+        done: dict[str, dict] = {}
+        for job in args.jobs:
+            if "IG" in job and length not in IG_LENGTHS:
+                continue
+            with pool.Pool(1) as worker:
+                done[job] = worker.apply(measure, (job, length, args.repeats))
+            seconds, memory = done[job]["seconds"], done[job]["memory"]
+            hf = done.get("HF fwd+bwd")
+            peer = done.get(PEER_OF.get(job, "HF fwd+bwd" if job in OURS else ""))
+            ratio = lambda x, of: f"{x / of:.2f}" if of else ""  # noqa: E731
+            print(f"| {length} | {job} | {seconds:.3f} | {ratio(seconds, hf and hf['seconds'])} | "
+                  f"{ratio(seconds, peer and peer['seconds'])} | {memory / 2**20:.0f} | "
+                  f"{ratio(memory, hf and hf['memory'])} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
