@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import io
 import multiprocessing
 import os
@@ -129,7 +128,7 @@ def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool 
             family: str | None = None) -> dict:
     """Time and memory of one job in this (fresh) process, with both baselines timed beside it."""
     from gradgraph import load_model
-    from gradgraph.allocator import keep_freed_memory
+    from gradgraph.allocator import hand_back, keep_freed_memory
     from gradgraph.arch import hooks, names
     from gradgraph.attribution import lrp
     from gradgraph.backprop import backprop
@@ -180,7 +179,7 @@ def measure(job: str, length: str, device: str, repeats: int, keep_memory: bool 
 
     sync()
     if device == "cpu":  # hand memory freed while loading back to the system, so that RSS counts the job
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        hand_back()
     base = torch.cuda.memory_allocated() if device == "cuda" else PeakMemory.rss()
     peak = 0
     for _ in range(2):  # a warm-up (numba compilation, weight caches) and one run, the job alone

@@ -42,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_graph import PeakMemory, prompts  # noqa: E402
 
-PEERS = ("HF fwd+bwd", "lxt AttnLRP", "lxt CP-LRP", "captum LayerIG (32)", "TL fwd+bwd")
+HF_PEERS = ("HF fwd+bwd", "lxt AttnLRP", "lxt CP-LRP", "captum LayerIG (32)")  # on Hugging Face's classes
+PEERS = HF_PEERS + ("TL fwd+bwd",)
 OURS = ("Real→inputs", "Max", "Entropy", "AttnLRP", "CP-LRP", "IG (32)")
+RULES = {"AttnLRP": "attn-lrp", "CP-LRP": "cp-lrp"}
 PEER_OF = {"AttnLRP": "lxt AttnLRP", "CP-LRP": "lxt CP-LRP", "IG (32)": "captum LayerIG (32)"}
 IG_LENGTHS = ("12", "128")  # one prompt (IG's paths are per prompt); at 512 tokens 32 points take minutes
 STEPS = 32
@@ -108,10 +110,10 @@ def _our_job(job: str, model, tokens, mask, good, bad):
             prepared(logits, mask).sum().backward()
 
         return tl
-    if job in ("AttnLRP", "CP-LRP"):
-        return lambda: lrp(model, tokens, metric, rules=job.lower(), attention_mask=mask)
+    if job in RULES:
+        return lambda: lrp(model, tokens, metric, rules=RULES[job], attention_mask=mask)
     if job == "IG (32)":
-        return lambda: attribute(model, tokens, metric, method="ig", steps=STEPS, attention_mask=mask)
+        return lambda: attribute(model, tokens, metric, method="ig", steps=STEPS)  # one prompt: no padding
     semiring = {"Real→inputs": Real, "Max": Max, "Entropy": Entropy}[job]
 
     def graph():
@@ -123,19 +125,17 @@ def _our_job(job: str, model, tokens, mask, good, bad):
 
 def measure(job: str, length: str, repeats: int) -> dict:
     """Time and memory of one job in this (fresh) process."""
-    from gradgraph.allocator import keep_freed_memory
+    from gradgraph.allocator import hand_back, keep_freed_memory
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     keep_freed_memory()  # as the gradgraph command runs; the peers get the same allocator
     model, tokens, mask, good, bad, pad = _inputs(length)
-    if job in PEERS and job != "TL fwd+bwd":
-        del model
+    if job in HF_PEERS:
+        del model  # only its tokens were needed
         run = _hf_job(job, tokens, mask, good, bad, pad)
     else:
         run = _our_job(job, model, tokens, mask, good, bad)
     run()  # warm-up: numba compilation, weight caches
-    from gradgraph.allocator import hand_back
-
     hand_back()
     base = PeakMemory.rss()
     with PeakMemory("cpu") as memory:
@@ -166,12 +166,14 @@ def main() -> None:
             with pool.Pool(1) as worker:
                 done[job] = worker.apply(measure, (job, length, args.repeats))
             seconds, memory = done[job]["seconds"], done[job]["memory"]
-            hf = done.get("HF fwd+bwd")
-            peer = done.get(PEER_OF.get(job, "HF fwd+bwd" if job in OURS else ""))
-            ratio = lambda x, of: f"{x / of:.2f}" if of else ""  # noqa: E731
-            print(f"| {length} | {job} | {seconds:.3f} | {ratio(seconds, hf and hf['seconds'])} | "
-                  f"{ratio(seconds, peer and peer['seconds'])} | {memory / 2**20:.0f} | "
-                  f"{ratio(memory, hf and hf['memory'])} |", flush=True)
+            hf, peer = done.get("HF fwd+bwd"), done.get(PEER_OF.get(job, ""))
+            print(f"| {length} | {job} | {seconds:.3f} | {_ratio(seconds, hf, 'seconds')} | "
+                  f"{_ratio(seconds, peer, 'seconds')} | {memory / 2**20:.0f} | {_ratio(memory, hf, 'memory')} |",
+                  flush=True)
+
+
+def _ratio(value: float, of: dict | None, key: str) -> str:
+    return f"{value / of[key]:.2f}" if of and of[key] else ""
 
 
 if __name__ == "__main__":

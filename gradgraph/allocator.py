@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -22,6 +23,7 @@ _M_MMAP_THRESHOLD = -3
 _LARGEST_HEAP_BLOCK = 32 * 2**20  # glibc's upper limit for the mmap threshold on 64-bit systems
 
 
+@functools.cache
 def _libc():
     name = ctypes.util.find_library("c")
     try:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from gradgraph.errors import GradGraphError
+from gradgraph.prompts import single_token_id
 
 Metric = Callable[..., torch.Tensor]
 SIGNATURE = "(logits [batch, pos, vocab], attention_mask [batch, pos] = None) -> [batch]"
@@ -60,8 +61,6 @@ def _is_words(value) -> bool:
 
 def _with_words(builder, good, bad, pos) -> Metric:
     """A metric naming words: calling it before ``prepare`` resolved them is an error."""
-    from gradgraph.prompts import single_token_id
-
     def ids(tokenizer, words) -> int | torch.Tensor:
         if isinstance(words, str):
             return single_token_id(tokenizer, words)

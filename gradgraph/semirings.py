@@ -46,6 +46,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from gradgraph import kernels
+from gradgraph.errors import GradGraphError
 from gradgraph.weights import Weight, as_weight
 
 # elements of the broadcast product materialised at once by the max-times kernels
@@ -439,8 +440,6 @@ class KMaxSemiring(Semiring):
     nonnegative = True
 
     def __init__(self, k: int):
-        from gradgraph.errors import GradGraphError
-
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise GradGraphError(f"KMax needs k >= 1 (the number of best paths kept), got {k!r}")
         self.k = self.size = k

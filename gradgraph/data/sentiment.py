@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradgraph.errors import GradGraphError
+from gradgraph.prompts import single_token_id
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,6 @@ class SentimentItem:
 def sentiment_items(tokenizer, n: int, *, seed: int = 0, max_words: int | None = 20,
                     prepend_bos: bool = True) -> list[SentimentItem]:
     """``n`` balanced Rotten Tomatoes items in ``FEW_SHOT`` + ``"Review: {text}\\nSentiment:"``."""
-    from gradgraph.prompts import single_token_id
-
     if tokenizer is None:
         raise GradGraphError("sentiment items need the model's tokenizer")
     positive, negative = (single_token_id(tokenizer, w) for w in LABELS)

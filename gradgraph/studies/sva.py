@@ -50,6 +50,7 @@ from gradgraph.evaluate import accuracy_table, evaluate_sva, format_table, take
 from gradgraph.heads import mask
 from gradgraph.interventions import PATHWAYS, activation_means, intervene
 from gradgraph.labels import Registry
+from gradgraph.metrics import logit_diff
 from gradgraph.paths import path_count, path_entropy
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max
@@ -242,8 +243,6 @@ def _intervention_stage(model, chosen: list[SVAItem], subset: list[int], seed: i
     tokens, mask_ = to_tokens(model, [i.prefix for i in items])
     cf_tokens, _ = to_tokens(model, [i.counterfactual for i in items])
     good, bad = _ids(items)
-    from gradgraph.metrics import logit_diff
-
     effects = intervene(model, tokens, mask_, logit_diff(good, bad), counterfactual=cf_tokens, means=means,
                         kinds=PATHWAYS)
     return {truth: torch.stack([effects[truth][label] for label in labels], 1).double().cpu() for truth in TRUTHS}
