@@ -16,8 +16,10 @@ Peers (Hugging Face's Llama classes, float32, weights frozen, loaded offline fro
 - ``TL fwd+bwd``: TransformerLens 3.9's forward and backward with the gradient at ``hook_embed``
   (the second baseline, named as such).
 
-gradgraph: ``Real→inputs`` (build_graph + backprop keeping the inputs), ``Max`` and ``Entropy``
-(keeping the inputs), ``AttnLRP`` and ``CP-LRP`` (``lrp``), ``IG (32)`` (``attribute(method="ig")``).
+gradgraph: ``Real→inputs`` (the gradient at the inputs, ``fused.input_values``), ``Real→inputs
+(graph)`` (build_graph + backprop keeping the inputs), ``Max`` and ``Entropy`` (keeping the inputs),
+``AttnLRP`` and ``CP-LRP`` (``lrp``: token relevance and its deltas), ``IG (32)``
+(``attribute(method="ig")``).
 Each is divided by HF fwd+bwd and by its own peer (LRP by lxt's rule set, IG by captum).
 
     .venv/bin/python benchmarks/bench_peers.py [--lengths 8x12 12 128 512] [--repeats 3] [--jobs ...]
@@ -44,7 +46,7 @@ from bench_graph import PeakMemory, prompts  # noqa: E402
 
 HF_PEERS = ("HF fwd+bwd", "lxt AttnLRP", "lxt CP-LRP", "captum LayerIG (32)")  # on Hugging Face's classes
 PEERS = HF_PEERS + ("TL fwd+bwd",)
-OURS = ("Real→inputs", "Max", "Entropy", "AttnLRP", "CP-LRP", "IG (32)")
+OURS = ("Real→inputs", "Real→inputs (graph)", "Max", "Entropy", "AttnLRP", "CP-LRP", "IG (32)")
 RULES = {"AttnLRP": "attn-lrp", "CP-LRP": "cp-lrp"}
 PEER_OF = {"AttnLRP": "lxt AttnLRP", "CP-LRP": "lxt CP-LRP", "IG (32)": "captum LayerIG (32)"}
 IG_LENGTHS = ("12", "128")  # one prompt (IG's paths are per prompt); at 512 tokens 32 points take minutes
@@ -92,6 +94,7 @@ def _hf_job(job: str, tokens, mask, good, bad, pad: int):
 
 
 def _our_job(job: str, model, tokens, mask, good, bad):
+    from gradgraph import fused
     from gradgraph.arch import hooks, names
     from gradgraph.attribution import attribute, lrp
     from gradgraph.backprop import backprop
@@ -114,7 +117,9 @@ def _our_job(job: str, model, tokens, mask, good, bad):
         return lambda: lrp(model, tokens, metric, rules=RULES[job], attention_mask=mask)
     if job == "IG (32)":
         return lambda: attribute(model, tokens, metric, method="ig", steps=STEPS)  # one prompt: no padding
-    semiring = {"Real→inputs": Real, "Max": Max, "Entropy": Entropy}[job]
+    if job == "Real→inputs":
+        return lambda: fused.input_values(model, tokens, metric, rules="gradient", attention_mask=mask)
+    semiring = {"Real→inputs (graph)": Real, "Max": Max, "Entropy": Entropy}[job]
 
     def graph():
         built = build_graph(model, tokens, metric, attention_mask=mask)

@@ -6,6 +6,7 @@ from gradgraph.attribution import Attribution, attribute, integrated_flow, lrp
 from gradgraph.backprop import backprop, forward
 from gradgraph.build import assemble, build_graph, record
 from gradgraph.errors import GradGraphError
+from gradgraph.fused import input_values
 from gradgraph.graph import GradGraph
 from gradgraph.paths import GradientPath, gradient_flow, path_entropy, top_paths
 from gradgraph.rules import GRADIENT, RuleSet
@@ -24,6 +25,7 @@ __all__ = [
     "data",
     "forward",
     "gradient_flow",
+    "input_values",
     "integrated_flow",
     "load_model",
     "lrp",

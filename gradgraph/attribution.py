@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from gradgraph import ig_paths, integrated
+from gradgraph import fused, ig_paths, integrated
 from gradgraph.arch import names
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, build_graph, record
@@ -25,7 +25,7 @@ from gradgraph.labels import Registry
 from gradgraph.lafa import lafa
 from gradgraph.prompts import to_tokens
 from gradgraph.result import Attribution, kept_positions
-from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RuleSet
+from gradgraph.rules import ATTN_LRP, CHEFER2021, GRADIENT, RuleSet, rule_set
 from gradgraph.semirings import Real, Semiring
 
 
@@ -55,22 +55,31 @@ def cached_relevance(graph: GradGraph, grads: Mapping[str, torch.Tensor], from_l
     return total
 
 
-def relevance(graph: GradGraph, method: str | None = None) -> Attribution:
-    """``activation ⊙ backprop(graph, Real)`` at every node of a (rule-built) graph, with the input
+def relevance(graph: GradGraph, method: str | None = None, *, keep="all") -> Attribution:
+    """LRP relevance on a graph built under an LRP rule set (or gradient × input under GRADIENT):
     relevance per token and the conservation error at the input and at every residual cut. After
     a cached prefix, the inputs are the tokens and the prefix's keys and values (``cached``): what
-    arrives there counts towards conservation, at a cut only where it enters above the cut."""
-    grads = backprop(graph, Real)
-    values = {n: grads[n][0] * graph.activations[n] for n in graph.order if n != names.METRIC}
+    arrives there counts towards conservation, at a cut only where it enters above the cut.
+    ``keep``: ``"all"`` (values at every node, the graph kept for ``by_component``) or node names
+    (values at the inputs and those nodes only, no graph)."""
+    at_cuts = cuts(graph)
+    if keep == "all":
+        wanted = [n for n in graph.order if n != names.METRIC]
+    else:
+        wanted = list(dict.fromkeys([*graph.sources, *([keep] if isinstance(keep, str) else keep)]))
+    grads = backprop(graph, Real, keep=list(dict.fromkeys([*wanted, *at_cuts, *graph.cached])))
     scores = token_scores(graph, grads)
     target = graph.metric_value
     cut_deltas = {}
-    for n in cuts(graph):
+    for n in at_cuts:
         layer = names.parse(n)[1]
         above = layer if n == names.name("resid_pre", layer) else layer + 1  # cached k/v of layer L enter at its attention
-        cut_deltas[n] = values[n].flatten(1).sum(1) + cached_relevance(graph, grads, above) - target
+        reached = (grads[n][0] * graph.activations[n]).flatten(1).sum(1)
+        cut_deltas[n] = reached + cached_relevance(graph, grads, above) - target
     delta = scores.sum(1) + cached_relevance(graph, grads) - target
-    return Attribution(method or graph.rules, graph.tokens, scores, target, delta, values, graph, cut_deltas)
+    values = {n: grads[n][0] * graph.activations[n] for n in wanted}
+    return Attribution(method or graph.rules, graph.tokens, scores, target, delta, values,
+                       graph if keep == "all" else None, cut_deltas)
 
 
 def lrp(
@@ -81,6 +90,7 @@ def lrp(
     rules: RuleSet | str = ATTN_LRP,
     head_mask: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    keep=(),
 ) -> Attribution:
     """Layer-wise relevance propagation of ``metric`` through ``model`` on ``tokens``.
 
@@ -88,9 +98,20 @@ def lrp(
     ``head_mask`` ``[n_layers, n_heads]`` bool (Mask-LRP; ``gradgraph.heads.mask`` builds it):
     relevance flows down only through the heads marked True. Which rule sets conserve: CP-LRP on a
     model without biases, Chefer et al.'s (up to outputs with a zero denominator); AttnLRP's softmax
-    rule and biases do not, and ``delta`` says by how much."""
+    rule and biases do not, and ``delta`` says by how much.
+
+    ``keep``: what ``values`` holds besides the relevance at the inputs: ``()`` (default: the
+    scores, ``delta`` and the cut deltas only, from one fused autograd pass where ``fused.covers``
+    the rule set and model, with no graph stored), node names, or ``"all"`` (every node, and the
+    graph for ``by_component``)."""
+    if keep == () and fused.covers(model, rules, head_mask=head_mask):
+        one = fused.input_values(model, tokens, metric, rules=rules, attention_mask=attention_mask)
+        scores, target = one.scores(), one.metric_value
+        values = {n: one.grads[n] * one.activations[n] for n in one.grads}
+        return Attribution(rule_set(rules).name, one.tokens, scores, target, scores.sum(1) - target, values, None,
+                           {n: total - target for n, total in one.cut_sums.items()})
     graph = build_graph(model, tokens, metric, attention_mask=attention_mask, rules=rules, head_mask=head_mask)
-    return relevance(graph)
+    return relevance(graph, keep=keep)
 
 
 # --------------------------------------------------------------------------- input attributions

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from gradgraph import fused
 from gradgraph.arch import memory, names
 from gradgraph.backprop import backprop
 from gradgraph.build import assemble, record
@@ -28,13 +29,21 @@ def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_
               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂F/∂embed [R, pos, d_model], F [R])`` at each row ``[R, pos, d_model]`` of token
     embeddings for the prompt ``tokens`` ``[pos]``; ``batch_size`` rows per pass at most, fewer
-    where memory is short."""
+    where memory is short. Where ``fused.covers`` the model, one autograd pass per batch (the
+    graph's values, tested equal); otherwise the graph."""
     grads, values = [], []
     embed = names.inputs(model)[0]
     batch_size = fitting(model, len(tokens), batch_size)
+    direct = fused.covers(model, GRADIENT)
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="path gradients", unit="batch", disable=not progress or len(starts) < 2):
         chunk = rows[start:start + batch_size]
+        if direct:  # the same gradient by one autograd pass, no graph stored
+            one = fused.input_values(model, tokens.expand(len(chunk), -1), metric, rules=GRADIENT, embed=chunk,
+                                     cuts=False)
+            grads.append(one.grads[embed])
+            values.append(one.metric_value)
+            continue
         recording = record(model, tokens.expand(len(chunk), -1), metric, embed=chunk)
         graph = assemble(recording, GRADIENT)
         grads.append(backprop(graph, keep=[embed])[embed][0])

@@ -39,7 +39,8 @@ class Attribution:
         of each component's elements (a head's output ``hook_z``, its q/k/v inputs, an MLP's output,
         the embeddings) at each real position."""
         if self.graph is None:
-            raise ValueError(f"{self.method}: no graph was kept, so there are no component values")
+            raise GradGraphError(f"{self.method}: no graph was kept, so there are no component values ("
+                                 f"lrp keeps it with keep='all')")
         rows = component_values(self.graph, {n: v[None] for n, v in self.values.items()}, Real)
         return [r for r in rows if r["kind"] in kinds]
 

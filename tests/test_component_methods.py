@@ -83,10 +83,10 @@ def test_each_method_equals_its_own_function(arch):
         assert torch.allclose(scores.components["attribution"][:, column], attribution[label].double(), atol=1e-12)
         assert torch.allclose(scores.components["relp"][:, column], relp[label].double(), atol=1e-12)
     # relevance and conductance
-    attn = lrp(model, tokens, metric, rules=ATTN_LRP, attention_mask=mask)
+    attn = lrp(model, tokens, metric, rules=ATTN_LRP, attention_mask=mask, keep="all")
     assert torch.allclose(scores.components["attn_lrp"], _by_label(attn, labels), atol=1e-10)
     assert torch.allclose(scores.tokens["attn_lrp"], attn.scores.double(), atol=1e-12)
-    masked = lrp(model, tokens, metric, rules=CHEFER2021, head_mask=head_mask, attention_mask=mask)
+    masked = lrp(model, tokens, metric, rules=CHEFER2021, head_mask=head_mask, attention_mask=mask, keep="all")
     assert torch.allclose(scores.components["mask_lrp"], _by_label(masked, labels), atol=1e-10)
     for b in range(2):
         n = int(mask[b].sum())

@@ -183,7 +183,7 @@ def test_reassembling_one_recording_under_other_masks_equals_fresh_graphs():
 
 def test_lrp_returns_an_attribution_with_its_errors():
     model, tokens = _model_and_tokens("llama", seed=7)
-    result = lrp(model, tokens, METRIC, rules=CP_LRP)
+    result = lrp(model, tokens, METRIC, rules=CP_LRP, keep="all")
     assert result.method == "cp-lrp" and result.scores.shape == tokens.shape
     graph = result.graph
     assert torch.allclose(result.delta, result.scores.sum(1) - graph.metric_value)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradgraph.arch import hooks, names
+from gradgraph.arch import hooks, lens, names
 from gradgraph.arch.features import soft_cap
 from gradgraph.arch.lens import Model
 from gradgraph.arch.rotary import rotate
@@ -120,11 +120,13 @@ def _weights(model: Model) -> _Weights:
     return weights
 
 
-def _apply_norm(norm: _Norm, x: torch.Tensor) -> torch.Tensor:
-    """TransformerLens' LayerNorm / RMSNorm (and their ``Pre`` forms, whose weights are folded)."""
+def _apply_norm(norm: _Norm, x: torch.Tensor, held: bool = False) -> torch.Tensor:
+    """TransformerLens' LayerNorm / RMSNorm (and their ``Pre`` forms, whose weights are folded);
+    ``held``: the scale is a constant of the backward pass."""
     if norm.kind in ("LN", "LNPre"):
         x = x - x.mean(-1, keepdim=True)
-    x = x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    x = x / (scale.detach() if held else scale)
     if norm.w is not None:
         x = x * norm.w
     if norm.b is not None:
@@ -283,15 +285,132 @@ def _qkv(layer: _Layer, normed: torch.Tensor, heads: int, e: int) -> torch.Tenso
     return torch.addmm(layer.b_qkv, normed.reshape(n * s, -1), layer.W_qkv).view(n, s, heads, e)
 
 
-def _mlp(cfg, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+def _mlp(cfg, layer: _Layer, x: torch.Tensor, backward: "Backward | None" = None) -> torch.Tensor:
     n, s, _ = x.shape
     pre = (x.reshape(n * s, -1) @ layer.W_in)
+    act = layer.act_fn if backward is None or not backward.identity else lambda x: _identity_rule(layer.act_fn, x)
     if cfg.gated_mlp:
         gate, linear = pre.chunk(2, -1)
-        post = layer.act_fn(gate) * linear + layer.b_in
+        factors = (1.0, 1.0) if backward is None else backward.gate
+        post = _scaled(act(gate), factors[0]) * _scaled(linear, factors[1]) + layer.b_in
     else:
-        post = layer.act_fn(pre + layer.b_in)
+        post = act(pre + layer.b_in)
     return torch.addmm(layer.b_out, post, layer.W_out).view(n, s, -1)
+
+
+# --------------------------------------------------------------------------- the differentiable pass
+
+
+@dataclass(frozen=True)
+class Backward:
+    """How the backward pass of ``differentiable`` departs from the gradient: a rule set's Real
+    recursion written as autograd (``gradgraph.fused`` maps rule sets to these). A factor multiplies
+    what an operand of a product receives (0: the operand is a constant); ``scale_held``: each norm's
+    scale is a constant; ``identity``: an element-wise activation ``f`` passes ``f(x) / x`` ⊙ g."""
+
+    scale_held: bool = False
+    identity: bool = False
+    qk: tuple[float, float] = (1.0, 1.0)  # q, k of q·k
+    pv: tuple[float, float] = (1.0, 1.0)  # the pattern, v of pattern · v
+    gate: tuple[float, float] = (1.0, 1.0)  # act(gate), linear of a gated MLP's product
+
+
+class _Scaled(torch.autograd.Function):
+    """x forward, f · g backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, f: float) -> torch.Tensor:
+        ctx.f = f
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g * ctx.f, None
+
+
+def _scaled(x: torch.Tensor, f: float) -> torch.Tensor:
+    """``x``, with the gradient it passes back multiplied by ``f`` (0: none)."""
+    return x if f == 1 else x.detach() if f == 0 else _Scaled.apply(x, f)
+
+
+class _LocalWeight(torch.autograd.Function):
+    """``y`` forward (computed from ``x`` elsewhere), ``w ⊙ g`` back to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (w,) = ctx.saved_tensors
+        return g * w, None, None
+
+
+def _identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)``, passing ``fn(x) / x`` ⊙ g back (0 where x = 0; AttnLRP's identity rule)."""
+    with torch.no_grad():
+        y = fn(x)
+        w = torch.where(x == 0, 0.0, y / x)
+    return _LocalWeight.apply(x, y, w)
+
+
+def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor, backward: Backward) -> torch.Tensor:
+    """The attention sublayer of ``differentiable`` (causal, no cached positions), its softmax and
+    products in torch's fused attention: constant factors on q·k and pattern · v scale what q, k
+    and v receive (q: pattern factor × q factor), so that no pattern is ever stored."""
+    cfg = made.cfg
+    n, s, _ = x.shape
+    H, e = cfg.n_heads, cfg.d_head
+    G = cfg.n_key_value_heads or H
+    qkv = _qkv(layer, _apply_norm(layer.ln1, x, backward.scale_held), H + 2 * G, e)
+    q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
+    if layer.rotary is not None:
+        tables = layer.rotary if s <= len(layer.rotary[0]) else lens.rotary_tables(made.model, index, s)
+        cos, sin = (t[:s].to(x.dtype) for t in tables)
+        q = rotate(q, cos, sin, cfg.rotary_adjacent_pairs)
+        k = rotate(k, cos, sin, cfg.rotary_adjacent_pairs)
+    q = _scaled(q, backward.pv[0] * backward.qk[0]).transpose(1, 2)  # [n, H, s, e]
+    k = _scaled(k, backward.pv[0] * backward.qk[1]).transpose(1, 2)  # [n, G, s, e]
+    v = _scaled(v, backward.pv[1]).transpose(1, 2)
+    z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / layer.attn_scale,
+                                                         enable_gqa=G != H)  # [n, H, s, e]
+    return torch.addmm(layer.b_O, z.transpose(1, 2).reshape(n * s, H * e), layer.W_O).view(n, s, -1)
+
+
+def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Backward = Backward(), *,
+                   embed: torch.Tensor | None = None, watch=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The forward from the weights with autograd on, for a model ``from_weights`` covers:
+    ``(logits [n, s, d_vocab], inputs)``, ``inputs`` the input embeddings by node name (leaves that
+    require grad: ``hook_embed``, ``hook_pos_embed``), so that the metric's backward leaves at each
+    the gradient, or the rule set's modified gradient under ``backward``. ``tokens`` ``[n, s]``,
+    causal attention over every position (right padding is never read by a real position); rotary
+    models run past ``n_ctx`` (the rotation by the model's own formula), learned positions do not;
+    ``embed`` ``[n, s, d]`` replaces the token embeddings. ``watch(name, tensor)`` sees each residual
+    cut (``hook_resid_pre``, ``hook_resid_mid``, the last ``hook_resid_post``) as it is computed."""
+    made = as_spec(model)
+    if not made.from_weights or made.layout != "decoder":
+        raise GradGraphError("the differentiable forward from the weights covers the GPT-2 / Llama layout; this "
+                             f"model has {'; '.join(made.problems + made.features) or 'an encoder layout'}")
+    w, cfg = _weights(made.model), made.cfg
+    s = tokens.shape[1]
+    if w.W_pos is not None and s > len(w.W_pos):
+        raise GradGraphError(f"{s} tokens, but the model's learned positions stop at {len(w.W_pos)}")
+    token_embed = w.W_E[tokens] if embed is None else embed.detach().to(w.W_E.dtype)
+    inputs = {names.name("embed"): token_embed.detach().clone().requires_grad_(True)}
+    x = inputs[names.name("embed")]
+    if w.W_pos is not None:
+        inputs[names.name("pos_embed")] = w.W_pos[:s][None].expand(len(tokens), -1, -1).detach().clone().requires_grad_(True)
+        x = x + inputs[names.name("pos_embed")]
+    see = watch or (lambda name, tensor: None)
+    for index, layer in enumerate(w.layers):
+        see(names.name("resid_pre", index), x)
+        mid = x + _attention_sdpa(made, layer, index, x, backward)
+        see(names.name("resid_mid", index), mid)
+        x = mid + _mlp(cfg, layer, _apply_norm(layer.ln2, mid, backward.scale_held), backward)
+    see(names.name("resid_post", len(w.layers) - 1), x)
+    model = made.model
+    return _apply_norm(w.ln_final, x, backward.scale_held) @ model.W_U.detach() + model.b_U.detach(), inputs
 
 
 TRACED = ("resid_pre", "attn_out", "resid_mid", "mlp_out")
@@ -462,4 +581,5 @@ def _fallback(model, rows: torch.Tensor, ids: torch.Tensor, batch_size: int) -> 
                       for begin in range(0, rows.shape[0], batch_size)])
 
 
-__all__ = ["Edit", "KeysValues", "SITES", "TRACED", "last_logits", "logits", "run", "supported"]
+__all__ = ["Backward", "Edit", "KeysValues", "SITES", "TRACED", "differentiable", "last_logits", "logits", "run",
+           "supported"]

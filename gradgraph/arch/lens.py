@@ -211,6 +211,16 @@ def _rotary_tables(model, like: torch.Tensor, n: int | None = None) -> tuple[tor
     return cos[0].to(like.dtype), sin[0].to(like.dtype)
 
 
+def rotary_tables(model, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[n, rotary_dim]`` of ``layer``'s rotary embedding for positions 0..n − 1, by the
+    model's own formula (past the tables it keeps, which stop at ``n_ctx``)."""
+    if is_bridge(model):
+        return _rotary_tables(model, model.W_E, n)
+    attn = model.blocks[layer].attn
+    sin, cos = attn.calculate_sin_cos_rotary(model.cfg.rotary_dim, n, base=attn._rotary_base(), dtype=model.cfg.dtype)
+    return cos.to(attn.rotary_cos.device), sin.to(attn.rotary_sin.device)
+
+
 def _mlp_view(model, mlp) -> SimpleNamespace:
     W_in, W_out = mlp.W_in, mlp.W_out  # [d, m], [m, d]
     hf_mlp = mlp.original_component  # Llama's activation is act_fn, GPT-2's act

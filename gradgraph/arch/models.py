@@ -31,10 +31,11 @@ from gradgraph.arch import devices, lens
 from gradgraph.arch.lens import Model
 from gradgraph.errors import GradGraphError
 
-CACHE_FORMAT = 2  # bump when what is cached changes (2: the dequantised Hugging Face weights)
-# The embedded model's context is capped: TransformerLens 3.9 keeps an n_ctx x n_ctx mask per layer,
-# 2 GB at SmolLM2's 8192. Prompts here are sentences.
-EMBEDDED_N_CTX = 2048
+# bump when what is cached changes (2: the dequantised Hugging Face weights; 3: the model's whole context,
+# 8,192 tokens for SmolLM2, no longer capped at 2,048: TransformerLens 3.9.0 makes its causal mask per
+# forward and extends its rotary tables on demand, so a long context costs nothing until it is used)
+CACHE_FORMAT = 3
+TINY_N_CTX = 8192  # tiny-smollm2's context, SmolLM2's own
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _load_tiny(name: str) -> Model:
 
     embedded, sizes = TINY[name]
     tokenizer = load_tokenizer(embedded)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=EMBEDDED_N_CTX,
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=TINY_N_CTX,
                                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                       **sizes)
@@ -249,7 +250,6 @@ def _dequantise(entry: EmbeddedModel) -> tuple[dict, dict]:
         hf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=entry.gguf_file, dtype=torch.float32)
     config = hf_model.config.to_dict()
     config["architectures"] = config.get("architectures") or [type(hf_model).__name__]  # GGUF configs leave it empty
-    config["max_position_embeddings"] = min(config["max_position_embeddings"], EMBEDDED_N_CTX)
     config.pop("transformers_version", None)
     state_dict = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"
                   or not hf_model.config.tie_word_embeddings}

@@ -45,7 +45,7 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all())
 
 
-def _tokens_and_mask(model, tokens, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens_and_mask(model, tokens, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     token_ids, mask = to_tokens(model, tokens)
     if attention_mask is None:
         return token_ids, mask
@@ -139,7 +139,7 @@ def record(
     if prefix is not None:
         _check_prefix_layout(made)
         prefix = _check_prefix(model, prefix, tokens)
-    token_ids, mask = _tokens_and_mask(model, tokens, attention_mask)
+    token_ids, mask = tokens_and_mask(model, tokens, attention_mask)
     if prefix is not None and not lens.caches_prefix(model):
         return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed)
     replacements = {} if embed is None else {names.inputs(model)[0]: _check_embed(model, embed, token_ids)}
@@ -228,4 +228,4 @@ def after_prefix(recording: Recording, length: int) -> Recording:
                      recording.grad_logits[:, length:], recording.logit_ids, prefix=tokens[0, :length])
 
 
-__all__ = ["Recording", "after_prefix", "record"]
+__all__ = ["Recording", "after_prefix", "record", "tokens_and_mask"]
