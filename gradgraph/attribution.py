@@ -105,7 +105,7 @@ def lrp(
     the rule set and model, with no graph stored), node names, or ``"all"`` (every node, and the
     graph for ``by_component``)."""
     if keep == () and fused.covers(model, rules, head_mask=head_mask):
-        one = fused.input_values(model, tokens, metric, rules=rules, attention_mask=attention_mask)
+        one = fused.input_values(model, tokens, metric, rules=rules, attention_mask=attention_mask, cuts=True)
         scores, target = one.scores(), one.metric_value
         values = {n: one.grads[n] * one.activations[n] for n in one.grads}
         return Attribution(rule_set(rules).name, one.tokens, scores, target, scores.sum(1) - target, values, None,

@@ -68,7 +68,7 @@ def covers(model, rules: RuleSet | str, *, head_mask=None, prefix=None) -> bool:
 
 
 def input_values(model, tokens, metric, *, rules: RuleSet | str, attention_mask: torch.Tensor | None = None,
-                 embed: torch.Tensor | None = None, cuts: bool = True) -> InputValues:
+                 embed: torch.Tensor | None = None, cuts: bool = False) -> InputValues:
     """The value ``backprop(build_graph(...), Real)`` leaves at each input node under ``rules``, from
     one autograd pass (``covers`` must hold); ``cuts``: also Σ activation ⊙ value at every residual
     cut (``attribution.cuts``), for the conservation deltas."""

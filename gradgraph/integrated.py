@@ -39,8 +39,7 @@ def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_
     for start in tqdm(starts, desc="path gradients", unit="batch", disable=not progress or len(starts) < 2):
         chunk = rows[start:start + batch_size]
         if direct:  # the same gradient by one autograd pass, no graph stored
-            one = fused.input_values(model, tokens.expand(len(chunk), -1), metric, rules=GRADIENT, embed=chunk,
-                                     cuts=False)
+            one = fused.input_values(model, tokens.expand(len(chunk), -1), metric, rules=GRADIENT, embed=chunk)
             grads.append(one.grads[embed])
             values.append(one.metric_value)
             continue

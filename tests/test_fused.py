@@ -32,7 +32,7 @@ def test_fused_equals_the_graph_at_the_inputs_and_every_cut(family, rules):
     tokens, mask, metric = prompts(family)
     graph = build_graph(model, tokens, metric, attention_mask=mask, rules=rules)
     grads = backprop(graph, Real)
-    one = fused.input_values(model, tokens, metric, rules=rules, attention_mask=mask)
+    one = fused.input_values(model, tokens, metric, rules=rules, attention_mask=mask, cuts=True)
     assert torch.allclose(one.metric_value, graph.metric_value, atol=1e-12, rtol=0)
     assert set(one.grads) == set(names.inputs(model))
     scale = max(grads[n][0].abs().max().item() for n in graph.sources)
