@@ -96,7 +96,7 @@ def test_prompts_on_the_real_tokenizer(smol_model):
     with pytest.raises(GradGraphError, match="no prompts"):
         to_tokens(smol_model, [])
     with pytest.raises(GradGraphError, match="longer than the model's context"):
-        to_tokens(smol_model, "word " * 3000)
+        to_tokens(smol_model, "word " * 9000)  # past SmolLM2's 8,192 tokens
     assert single_token_id(smol_model.tokenizer, " are") == smol_model.tokenizer.encode(" are", add_special_tokens=False)[0]
     with pytest.raises(GradGraphError, match="not one"):
         single_token_id(smol_model.tokenizer, " antidisestablishmentarianism")
