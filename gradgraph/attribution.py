@@ -31,11 +31,8 @@ from gradgraph.semirings import Real, Semiring
 
 def cuts(graph: GradGraph) -> list[str]:
     """The residual-stream nodes that every input → metric path passes through, bottom to top."""
-    out = []
-    for layer in range(graph.n_layers):
-        out += [names.name("resid_pre", layer), names.name("resid_mid", layer)]
-    out.append(names.name("resid_post", graph.n_layers - 1))
-    return [name for name in out if name in graph.shapes]  # no resid_mid in parallel and attention-only blocks
+    # no resid_mid in parallel and attention-only blocks
+    return [name for name in names.residual_cuts(graph.n_layers) if name in graph.shapes]
 
 
 def token_scores(graph: GradGraph, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:

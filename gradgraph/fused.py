@@ -22,7 +22,7 @@ import torch
 from gradgraph.arch import names
 from gradgraph.arch.inference import Backward, differentiable
 from gradgraph.arch.spec import check_supported
-from gradgraph.build.record import tokens_and_mask
+from gradgraph.build.record import check_embed, check_metric_value, tokens_and_mask
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import prepare
 from gradgraph.rules import (RuleSet, activation_derivative, identity_rule, linear_jacobian, norm_jacobian,
@@ -79,8 +79,7 @@ def input_values(model, tokens, metric, *, rules: RuleSet | str, attention_mask:
         made.check_device(tokens)
     metric = prepare(metric, model)
     token_ids, mask = tokens_and_mask(model, tokens, attention_mask)
-    if embed is not None and (not isinstance(embed, torch.Tensor) or tuple(embed.shape) != (*token_ids.shape, made.cfg.d_model)):
-        raise GradGraphError(f"embed must be a [batch, pos, d_model] = {[*token_ids.shape, made.cfg.d_model]} tensor")
+    embed = None if embed is None else check_embed(model, embed, token_ids)
     sums: dict[str, torch.Tensor] = {}
 
     def watch(name: str, tensor: torch.Tensor) -> None:
@@ -89,21 +88,13 @@ def input_values(model, tokens, metric, *, rules: RuleSet | str, attention_mask:
 
     with torch.enable_grad():
         logits, inputs = differentiable(made, token_ids, backward_of(rules), embed=embed, watch=watch)
-        value = metric(logits, mask)
-        if not isinstance(value, torch.Tensor) or value.shape != (token_ids.shape[0],):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise GradGraphError(f"metric must return one value per prompt, shape [{token_ids.shape[0]}]; got {shape}")
+        value = check_metric_value(metric(logits, mask), token_ids.shape[0])
         del logits
         grads = torch.autograd.grad(value.sum(), list(inputs.values()), allow_unused=True)
     grads = {n: torch.zeros_like(x) if g is None else g for (n, x), g in zip(inputs.items(), grads)}
-    for name in _cuts(made.n_layers) if cuts else ():  # no path from the metric: 0
+    for name in names.residual_cuts(made.n_layers) if cuts else ():  # no path from the metric: 0
         sums.setdefault(name, torch.zeros_like(value.detach()))
     return InputValues(token_ids, mask, grads, {n: x.detach() for n, x in inputs.items()}, value.detach(), sums)
-
-
-def _cuts(n_layers: int) -> list[str]:
-    return [names.name(kind, layer) for layer in range(n_layers) for kind in ("resid_pre", "resid_mid")] + \
-        [names.name("resid_post", n_layers - 1)]
 
 
 __all__ = ["InputValues", "backward_of", "covers", "input_values"]

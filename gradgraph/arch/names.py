@@ -109,6 +109,13 @@ def inputs(model) -> tuple[str, ...]:
     return (name("embed"),) + ((name("pos_embed"),) if cfg.positional_embedding_type == "standard" else ())
 
 
+def residual_cuts(n_layers: int) -> list[str]:
+    """The residual-stream nodes every input → metric path of a sequential decoder passes, bottom
+    to top: each layer's ``hook_resid_pre`` and ``hook_resid_mid``, then the last ``hook_resid_post``."""
+    return [name(kind, layer) for layer in range(n_layers) for kind in ("resid_pre", "resid_mid")] + \
+        [name("resid_post", n_layers - 1)]
+
+
 # hook points that fire once per q/k/v input under use_split_qkv_input, in firing order
 SPLIT_FIRINGS = ("q", "k", "v")
 
@@ -156,4 +163,5 @@ def renamed(n_layers: int) -> dict[str, str]:
     return {name(bridge, layer): name(own, layer) for layer in range(n_layers) for bridge, own in pairs}
 
 
-__all__ = ["METRIC", "RESIDUAL", "SPLIT_FIRINGS", "inputs", "is_encoder", "is_residual", "name", "parse", "renamed"]
+__all__ = ["METRIC", "RESIDUAL", "SPLIT_FIRINGS", "inputs", "is_encoder", "is_residual", "name", "parse", "renamed",
+           "residual_cuts"]

@@ -62,7 +62,7 @@ def tokens_and_mask(model, tokens, attention_mask) -> tuple[torch.Tensor, torch.
     return token_ids, mask
 
 
-def _check_embed(model, embed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+def check_embed(model, embed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     shape = (*token_ids.shape, model.cfg.d_model)
     if not isinstance(embed, torch.Tensor) or tuple(embed.shape) != shape:
         got = tuple(embed.shape) if isinstance(embed, torch.Tensor) else type(embed).__name__
@@ -70,6 +70,14 @@ def _check_embed(model, embed: torch.Tensor, token_ids: torch.Tensor) -> torch.T
     if not torch.isfinite(embed).all():
         raise GradGraphError("embed holds NaN or inf values")
     return embed.detach().to(spec(model).dtype)
+
+
+def check_metric_value(value, batch: int) -> torch.Tensor:
+    """``value`` if it is one number per prompt ``[batch]``, else a ``GradGraphError`` saying so."""
+    if not isinstance(value, torch.Tensor) or value.shape != (batch,):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise GradGraphError(f"metric must return one value per prompt, shape [{batch}]; got {shape}")
+    return value
 
 
 def _deduplicated(acts: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -142,7 +150,7 @@ def record(
     token_ids, mask = tokens_and_mask(model, tokens, attention_mask)
     if prefix is not None and not lens.caches_prefix(model):
         return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed)
-    replacements = {} if embed is None else {names.inputs(model)[0]: _check_embed(model, embed, token_ids)}
+    replacements = {} if embed is None else {names.inputs(model)[0]: check_embed(model, embed, token_ids)}
     p0 = 0 if prefix is None else len(prefix)
     memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, made.dtype, token_ids.device)
     cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
@@ -167,10 +175,7 @@ def record(
         )
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(True)
-        value = metric(logits, mask)
-        if not isinstance(value, torch.Tensor) or value.shape != (token_ids.shape[0],):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise GradGraphError(f"metric must return one value per prompt, shape [{token_ids.shape[0]}]; got {shape}")
+        value = check_metric_value(metric(logits, mask), token_ids.shape[0])
         (grad,) = torch.autograd.grad(value.sum(), logits, allow_unused=True)
     grad = torch.zeros_like(logits) if grad is None else grad
     logit_ids = grad.flatten(0, 1).any(0).nonzero()[:, 0]
@@ -190,7 +195,7 @@ def _whole_then_sliced(model, prefix, token_ids, mask, metric, embed) -> Recordi
     B, p = token_ids.shape[0], len(prefix)
     tokens = torch.cat([prefix.expand(B, -1), token_ids], 1)
     if embed is not None:
-        embed = _check_embed(model, embed, token_ids)
+        embed = check_embed(model, embed, token_ids)
         embed = torch.cat([model.W_E.detach()[prefix].expand(B, -1, -1).to(embed.dtype), embed], 1)
     whole = record(model, tokens, lambda logits, rows: metric(logits[:, p:], rows[:, p:]),
                    attention_mask=torch.cat([mask.new_ones(B, p), mask], 1), embed=embed)
@@ -228,4 +233,4 @@ def after_prefix(recording: Recording, length: int) -> Recording:
                      recording.grad_logits[:, length:], recording.logit_ids, prefix=tokens[0, :length])
 
 
-__all__ = ["Recording", "after_prefix", "record", "tokens_and_mask"]
+__all__ = ["Recording", "after_prefix", "check_embed", "check_metric_value", "record", "tokens_and_mask"]
