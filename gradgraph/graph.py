@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import einops
 import networkx as nx
@@ -44,7 +44,7 @@ import torch
 from gradgraph.arch import names
 from gradgraph.errors import GradGraphError
 from gradgraph.semirings import Semiring
-from gradgraph.weights import Weight
+from gradgraph.weights import Lazy, Weight, resolved
 
 NETWORKX_EDGE_LIMIT = 200_000
 LOGITS = names.name("logits")
@@ -628,6 +628,27 @@ def _numel(shape) -> int:
     return n
 
 
+class Activations(Mapping):
+    """Node → recorded tensor, read-only; a ``Lazy`` one (a long prompt's scores and pattern) is
+    formed on each read and not kept."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor | Lazy]):
+        self._tensors = dict(tensors._tensors if isinstance(tensors, Activations) else tensors)
+
+    def __getitem__(self, node: str) -> torch.Tensor:
+        return resolved(self._tensors[node])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def formed_on_read(self, node: str) -> bool:
+        """Whether ``node``'s tensor is recomputed on each read rather than kept."""
+        return isinstance(self._tensors[node], Lazy)
+
+
 @dataclass(frozen=True, eq=False)
 class GradGraph:
     """Nodes (name -> shape, topological order), edge blocks, and what the forward pass recorded.
@@ -638,7 +659,9 @@ class GradGraph:
     positions after it: the prefix enters as its keys and values in each layer (``cached``), nodes
     without incoming edges, so every input → metric path is a path of the tokens after the prefix. ``logit_ids`` are the vocabulary ids kept in the logits node ``unembed.hook_out``
     (its last dim): only logits the metric depends on are nodes, since no other logit lies on a
-    path to it. ``rules`` names the rule set the blocks were built with.
+    path to it. ``rules`` names the rule set the blocks were built with. A long prompt's graph
+    (``build_graph(..., patterns=)``) keeps no attention scores or patterns: ``activations`` forms
+    them from the queries and keys on each read, and so do the blocks that weigh by them.
     """
 
     shapes: Mapping[str, tuple[int, ...]]
@@ -669,7 +692,7 @@ class GradGraph:
             out.setdefault(edge.src, []).append(edge)
             into.setdefault(edge.tgt, []).append(edge)
         object.__setattr__(self, "shapes", MappingProxyType(dict(self.shapes)))
-        object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
+        object.__setattr__(self, "activations", Activations(self.activations))
         object.__setattr__(self, "_out", MappingProxyType({k: tuple(v) for k, v in out.items()}))
         object.__setattr__(self, "_in", MappingProxyType({k: tuple(v) for k, v in into.items()}))
 

@@ -36,7 +36,7 @@ import torch
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Contract, Diag, Identity, Matmul, Pending, Rank1, SignSplit, Spread
 from gradgraph.semirings import Real
-from gradgraph.weights import Weight, _compact
+from gradgraph.weights import Lazy, Weight, _compact, lazily
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,10 +59,10 @@ class SoftmaxOp:
 
     scores: str
     pattern: str
-    p: torch.Tensor  # [batch, head, query, key]
+    p: torch.Tensor | Lazy  # [batch, head, query, key] (a long prompt's formed when read)
     allowed: torch.Tensor  # [batch, 1, query, key] bool: causal and not padding
     layer: int
-    s: torch.Tensor | None = None  # the scores [batch, head, query, key]
+    s: torch.Tensor | Lazy | None = None  # the scores [batch, head, query, key]
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,8 +276,10 @@ def passthrough_norm(op: NormOp) -> list[Block]:
 
 def passthrough_softmax(op: SoftmaxOp) -> list[Block]:
     """Chefer et al.: relevance passes the softmax unchanged element-wise: ``g_s = (p / s) g_p``."""
-    s = torch.where(op.allowed, op.s, torch.zeros((), dtype=op.s.dtype, device=op.s.device))
-    return [Diag(op.scores, op.pattern, "softmax", op.layer, ((Weight(_ratio(op.p, s), op.allowed), None),))]
+    def ratio(p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return _ratio(p, torch.where(op.allowed, s, torch.zeros((), dtype=s.dtype, device=s.device)))
+
+    return [Diag(op.scores, op.pattern, "softmax", op.layer, ((Weight(lazily(ratio, op.p, op.s), op.allowed), None),))]
 
 
 def alpha1_beta0(block: Matmul, x: torch.Tensor, y: torch.Tensor) -> list[Block]:

@@ -15,6 +15,9 @@ dtype and α1β0's parts are formed as a block's pass reads them, one matrix at 
 op on one matrix is a fraction of the product it feeds, while keeping them for every matrix held 4–5
 copies of the model (the SVA study peaked at 11.9 GB).
 The cache is dropped when any parameter of the model changes (its ``_version`` or identity).
+
+A factor may be ``Lazy``: a tensor formed from others each time a pass reads it (a long prompt's
+attention pattern, recomputed from its queries and keys rather than kept: ``B·H·P²`` per layer).
 """
 
 from __future__ import annotations
@@ -25,11 +28,50 @@ from typing import Callable
 import torch
 
 
+class Lazy:
+    """A tensor of known ``shape``, ``dtype`` and ``device`` formed by ``make()`` when it is read
+    (``tensor()``) and not kept: while the last one formed is still held somewhere (the first
+    factor of a block's pass), a second read returns it instead of forming it again."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], shape, dtype: torch.dtype, device):
+        self.make, self.shape, self.dtype, self.device = make, torch.Size(shape), dtype, torch.device(device)
+        self._last: weakref.ref | None = None
+
+    def tensor(self) -> torch.Tensor:
+        held = None if self._last is None else self._last()
+        if held is None:
+            held = self.make()
+            self._last = weakref.ref(held)
+        return held
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def resolved(t: "torch.Tensor | Lazy") -> torch.Tensor:
+    """The tensor itself (a ``Lazy`` one formed now)."""
+    return t.tensor() if isinstance(t, Lazy) else t
+
+
+def lazily(fn: Callable[..., torch.Tensor], *args, shape=None):
+    """``fn(*args)``, formed at once when no argument is ``Lazy``; otherwise a ``Lazy`` that forms
+    it on each read (of ``shape``: the first lazy argument's unless given)."""
+    first = next((a for a in args if isinstance(a, Lazy)), None)
+    if first is None:
+        return fn(*args)
+    return Lazy(lambda: fn(*map(resolved, args)), first.shape if shape is None else shape, first.dtype, first.device)
+
+
+def _is_tensor(f) -> bool:
+    return isinstance(f, (torch.Tensor, Lazy))
+
+
 class Weight:
     """A real weight: the product of ``factors`` (tensors, and numbers), in any dtype on demand."""
 
-    def __init__(self, *factors: torch.Tensor | float, shared: bool = False):
-        if not any(isinstance(f, torch.Tensor) for f in factors):
+    def __init__(self, *factors: torch.Tensor | Lazy | float, shared: bool = False):
+        if not any(_is_tensor(f) for f in factors):
             raise ValueError("a Weight needs at least one tensor factor")
         self.factors = factors
         self.shared = shared
@@ -38,16 +80,16 @@ class Weight:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.broadcast_shapes(*(f.shape for f in self.factors if isinstance(f, torch.Tensor)))
+        return torch.broadcast_shapes(*(f.shape for f in self.factors if _is_tensor(f)))
 
     @property
     def device(self) -> torch.device:
-        return next(f.device for f in self.factors if isinstance(f, torch.Tensor))
+        return next(f.device for f in self.factors if _is_tensor(f))
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor factor (its own: no cast, no copy)."""
-        return next(f.dtype for f in self.factors if isinstance(f, torch.Tensor))
+        return next(f.dtype for f in self.factors if _is_tensor(f))
 
     def _get(self, kind: str, dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if not self.shared or dtype != self.dtype:  # kept in the matrix's own dtype only
@@ -63,8 +105,8 @@ class Weight:
         def make() -> torch.Tensor:
             out = None
             for f in self.factors:
-                if isinstance(f, torch.Tensor):
-                    f = _compact(f).to(dtype)
+                if _is_tensor(f):
+                    f = _compact(resolved(f)).to(dtype)
                 out = f if out is None else out * f
             return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype)
 
@@ -83,7 +125,7 @@ class Weight:
         """|w| in ``dtype``, uncached. One tensor's is taken in its own dtype and cast (both exact),
         with no cast copy of the tensor itself."""
         if len(self.factors) == 1:
-            return _compact(self.factors[0]).abs().to(dtype)
+            return _compact(resolved(self.factors[0])).abs().to(dtype)
         return self.real(dtype).abs()
 
     def abs(self, dtype: torch.dtype) -> torch.Tensor:

@@ -21,10 +21,10 @@ from gradgraph.errors import GradGraphError
 
 @contextmanager
 def recording(
-    model: Model, *, keep_grad: bool = False, names: set[str] | None = None
+    model: Model, *, keep_grad: bool = False, names: set[str] | None = None, skip: set[str] = frozenset()
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record every firing of every hook point (or of ``names``) inside the block:
-    ``{hook name: [tensor, ...]}``.
+    """Record every firing of every hook point (or of ``names``), except those in ``skip``, inside
+    the block: ``{hook name: [tensor, ...]}``.
 
     With ``keep_grad``, recorded tensors retain their gradients (for autograd references; with
     frozen weights, the embeddings become the leaves that gradients flow to). The
@@ -41,7 +41,10 @@ def recording(
             tensor.retain_grad()
         store[lens.hook_name(model, hook.name)].append(tensor if keep_grad else tensor.detach())
 
-    wanted = (lambda _: True) if names is None else (lambda hook_name: lens.hook_name(model, hook_name) in names)
+    def wanted(hook_name: str) -> bool:
+        node = lens.hook_name(model, hook_name)
+        return node not in skip and (names is None or node in names)
+
     with ExitStack() as hooked:
         with warnings.catch_warnings():  # a bridge names the hook points it gates off (hook_result): not news
             warnings.filterwarnings("ignore", message="hooks: skipped", category=UserWarning)

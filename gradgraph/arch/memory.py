@@ -3,7 +3,10 @@
 A graph keeps what the forward pass recorded (about what autograd saves for its backward) and a
 backward pass keeps one value per node element. Per layer and position that is a few residual-width
 vectors, the q/k/v/MLP activations and two attention rows of ``n_heads × positions`` (scores and
-pattern), which is why memory grows as ``batch × positions²`` for long prompts.
+pattern), which is why memory grows as ``batch × positions²`` for long prompts. Past
+``PATTERN_BUDGET`` the graph keeps the queries and keys instead and forms each layer's scores and
+pattern when a pass reads them (``recomputes_patterns``): what stays quadratic is then one layer's
+attention at a time, and each layer's mask of allowed (query, key) pairs.
 """
 
 from __future__ import annotations
@@ -17,10 +20,31 @@ from gradgraph.errors import GradGraphError
 # one pass's temporaries and the allocator's slack, on top of what the graph and its values hold
 # (measured on SmolLM2 at 512 tokens: a Real backprop keeping every node peaked at 0.95x the raw estimate)
 HEADROOM = 1.2
+# bytes of kept scores and patterns (every layer) above which a graph recomputes them per pass
+PATTERN_BUDGET = 2**30
+PATTERN_CHOICES = ("auto", "keep", "recompute")
 
 
-def graph_bytes(cfg, batch: int, positions: int, dtype: torch.dtype) -> int:
-    """Bytes to record ``batch × positions`` tokens and run one backward pass keeping every node."""
+def pattern_bytes(cfg, batch: int, positions: int, dtype: torch.dtype) -> int:
+    """What keeping every layer's scores and pattern takes: ``2 · n_layers · B · H · P²`` elements."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.n_layers * batch * cfg.n_heads * positions**2 * itemsize
+
+
+def recomputes_patterns(patterns: str, cfg, batch: int, positions: int, dtype: torch.dtype) -> bool:
+    """Whether a graph forms its scores and patterns per pass (``"recompute"``; ``"auto"``: when
+    keeping them would take more than ``PATTERN_BUDGET``) rather than keeping them (``"keep"``)."""
+    if patterns not in PATTERN_CHOICES:
+        raise GradGraphError(f"patterns must be one of {PATTERN_CHOICES}, got {patterns!r}")
+    if patterns == "auto":
+        return pattern_bytes(cfg, batch, positions, dtype) > PATTERN_BUDGET
+    return patterns == "recompute"
+
+
+def graph_bytes(cfg, batch: int, positions: int, dtype: torch.dtype, recompute: bool = False) -> int:
+    """Bytes to record ``batch × positions`` tokens and run one backward pass keeping every node;
+    with ``recompute`` (patterns formed per pass, a long prompt's), one keeping what it is asked for
+    (the inputs, say), which holds the values and attention of one layer at a time."""
     d, e, m, V = cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.d_vocab
     H = cfg.n_heads
     G = cfg.n_key_value_heads or H
@@ -28,10 +52,16 @@ def graph_bytes(cfg, batch: int, positions: int, dtype: torch.dtype) -> int:
     rotary = cfg.positional_embedding_type == "rotary"
     gated = bool(cfg.gated_mlp)
     qkv = (H + 2 * G) * e + (H + G) * e * rotary
-    recorded = 7 * d + 2 * d * layer_norm + qkv + 2 * H * positions + H * e + (2 + gated) * m
+    attention = 2 * H * positions  # scores and pattern
+    recorded = 7 * d + 2 * d * layer_norm + qkv + H * e + (2 + gated) * m
     values = recorded + (H + 2 * G) * d * (2 + layer_norm)  # per-head copies of the residual and ln1
-    per_position = cfg.n_layers * (recorded + values) + 3 * V  # logits, their gradient, a softmax
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if recompute:  # what is recorded; one layer's values and attention (a pattern formed up to three times,
+        # its scores, their values) at a time; the allowed (query, key) pairs, and a Real pass's 0/1 copies per layer
+        per_position = cfg.n_layers * recorded + values + 3 * V + 3 * attention
+        masks = positions * (1 + 2 * cfg.n_layers * itemsize)
+        return int(HEADROOM * batch * positions * (itemsize * per_position + masks))
+    per_position = cfg.n_layers * (recorded + attention + values + attention) + 3 * V  # logits, their gradient, a softmax
     return int(HEADROOM * itemsize * batch * positions * per_position)
 
 
@@ -51,9 +81,9 @@ def available_bytes(device: torch.device | str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(cfg, batch: int, positions: int, dtype: torch.dtype, device) -> None:
+def check_fits(cfg, batch: int, positions: int, dtype: torch.dtype, device, recompute: bool = False) -> None:
     """Raise ``GradGraphError`` with the estimate and what to do when the graph would not fit."""
-    need = graph_bytes(cfg, batch, positions, dtype)
+    need = graph_bytes(cfg, batch, positions, dtype, recompute)
     have = available_bytes(device)
     if need > have:
         hints = ["fewer tokens (memory grows with positions², through attention)"]

@@ -84,6 +84,7 @@ def build_graph(
     embed: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
     prefix: torch.Tensor | None = None,
+    patterns: str = "auto",
 ) -> GradGraph:
     """Run ``model`` on ``tokens`` with every hook point recorded and build its gradient graph.
 
@@ -92,11 +93,13 @@ def build_graph(
     (``gradgraph.prompts.to_tokens`` does this); padded positions carry nothing. ``rules`` chooses
     the local derivatives (``gradgraph.rules``, or a name such as ``"attn-lrp"``); ``embed``
     replaces the token embeddings; ``head_mask`` (Mask-LRP) see ``assemble``; ``prefix`` (token
-    ids every row follows, cached; ``tokens`` then come after it) see ``record``. Raises
+    ids every row follows, cached; ``tokens`` then come after it) and ``patterns`` (kept, or
+    recomputed per pass for long prompts) see ``record``. Raises
     ``GradGraphError`` before the forward pass when the graph would not fit in memory.
     """
     rules = rule_set(rules)
-    recording = record(model, tokens, metric, attention_mask=attention_mask, embed=embed, prefix=prefix)
+    recording = record(model, tokens, metric, attention_mask=attention_mask, embed=embed, prefix=prefix,
+                       patterns=patterns)
     return assemble(recording, rules, head_mask=head_mask)
 
 

@@ -15,7 +15,7 @@ from gradgraph.build.record import Recording
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Broadcast, Diag, Identity, Matmul, Place, Reshape
 from gradgraph.rules import NormOp, RuleSet, SoftmaxOp, SumOp
-from gradgraph.weights import Weight, model_weights, shared_weight
+from gradgraph.weights import Lazy, Weight, lazily, model_weights, shared_weight
 
 
 class Assembly:
@@ -33,6 +33,7 @@ class Assembly:
         self.weights = model_weights(self.model)
         self.prefix = 0 if recording.prefix is None else len(recording.prefix)
         self.encoder = self.spec.layout == "encoder"  # post-LN blocks around the residual sums, attention both ways
+        self.masks: dict[int | None, tuple] = {}  # attention masks by local window (None: global)
 
     def node(self, name: str, tensor: torch.Tensor | None = None) -> str:
         if tensor is None:
@@ -161,20 +162,20 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     axes = dict(g=G, r=R, b=B)
     # scores = q·k / attn_scale (then cap · tanh(· / cap)); causally masked, out-of-window and padded
     # scores are constants
-    query_at = torch.arange(p0, p0 + P, device=rq.device)[:, None]
-    key_at = torch.arange(p0 + P, device=rq.device)[None, :]
-    causal = (key_at <= query_at) | asm.encoder  # [q, k]
-    if getattr(attn, "attn_type", "global") == "local":
-        causal = causal & (key_at > query_at - cfg.window_size)
-    keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
-    allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
+    window = cfg.window_size if getattr(attn, "attn_type", "global") == "local" else None
+    causal, allowed, keys = _masks(asm, window, rq.device)
     scores = names.name("attn_scores", layer)
     cap = soft_cap(cfg.attn_scores_soft_cap)
+    pattern = names.name("pattern", layer)
+    # a long prompt's scores and pattern are not recorded: formed from q and k whenever a pass reads them
+    made = _attention_maps(rq, rk, attn.attn_scale, cap, causal[None, None] & keys[:, None, None, :]
+                           if p0 or asm.encoder else causal[None, None], R) \
+        if pattern not in asm.rec.activations else None
     if cap is None:
-        raw = asm.node(scores)
+        raw = asm.node(scores, None if made is None else made["scores"])
     else:
-        raw = asm.node(names.name("scores_raw", layer), torch.einsum("bqhe,bkhe->bhqk", rq, rk.repeat_interleave(R, 2))
-                       / attn.attn_scale)
+        raw = asm.node(names.name("scores_raw", layer), _raw_scores(rq, rk, attn.attn_scale, R)
+                       if made is None else made["raw"])
     f_q, f_k = asm.rules.bilinear("qk")
     k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
     q_canon = einops.rearrange(rq, "b q (g r) e -> (b g) (r q) e", g=G, r=R)
@@ -188,10 +189,10 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
                              "b q (g r) e -> (b g) (r q) e")),
     ]))
     if cap is not None:
-        asm.node(scores)
+        asm.node(scores, None if made is None else made["scores"])
         _soft_capped(asm, raw, scores, layer, cap, allowed)
     # pattern = softmax(scores)
-    pattern = asm.node(names.name("pattern", layer))
+    asm.node(pattern, None if made is None else made["pattern"])
     asm.add_derived("softmax", (scores, pattern), lambda: asm.rules.softmax(
         SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores])))
     # z = pattern · v; padded queries carry nothing, nor (Mask-LRP) the heads the mask leaves out
@@ -203,7 +204,8 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
         if not bool(asm.head_mask[layer].any()):  # no head passes anything: no block, and no pass does the work
             f_p = f_v = 0
     v_canon = einops.rearrange(v, "b k g e -> (b g) k e", g=G)
-    p_canon = einops.rearrange(asm.stored[pattern], "b (g r) q k -> (b g) (r q) k", g=G, r=R)
+    p_canon = lazily(lambda p: einops.rearrange(p, "b (g r) q k -> (b g) (r q) k", g=G, r=R), asm.stored[pattern],
+                     shape=(B * G, R * P, p0 + P))
     z_layout = "b q (g r) e -> (b g) (r q) e"
     asm.add(_nonzero([
         (f_p, lambda: Matmul(pattern, z, "bilinear", layer, Weight(v_canon, f_p), True, score_layout, z_layout, axes,
@@ -216,6 +218,51 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     return _written(asm, z, layer, W_O, ("b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d", dict(b=B, p=P, h=H)),
                     names.name("attn_out", layer), names.name("attn_raw", layer), after, after_prefix,
                     lambda: asm.stored[z].flatten(2) @ attn.W_O.detach().reshape(-1, cfg.d_model) + attn.b_O.detach())
+
+
+def _masks(asm: Assembly, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(causal [q, k], allowed [B, 1, q, k], keys [B, k])`` for layers with this local ``window``
+    (None: global), made once per graph: the (query, key) pairs that are not constants (causal, in
+    the window, neither padded) and the keys that are real tokens."""
+    if window not in asm.masks:
+        B, P = asm.valid.shape
+        p0 = asm.prefix
+        query_at = torch.arange(p0, p0 + P, device=device)[:, None]
+        key_at = torch.arange(p0 + P, device=device)[None, :]
+        causal = (key_at <= query_at) | asm.encoder  # [q, k]
+        if window is not None:
+            causal = causal & (key_at > query_at - window)
+        keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
+        allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
+        asm.masks[window] = causal, allowed, keys
+    return asm.masks[window]
+
+
+def _raw_scores(rq: torch.Tensor, rk: torch.Tensor, scale: float, R: int) -> torch.Tensor:
+    """q·k / attn_scale ``[B, H, q, k]`` from queries ``[B, q, H, e]`` and keys ``[B, k, G, e]``."""
+    B, Q, H, e = rq.shape
+    grouped = torch.einsum("bqgre,bkge->bgrqk", rq.reshape(B, Q, H // R, R, e), rk)
+    return grouped.reshape(B, H, Q, rk.shape[1]) / scale
+
+
+def _attention_maps(rq: torch.Tensor, rk: torch.Tensor, scale: float, cap: float | None, mask: torch.Tensor,
+                    R: int) -> dict[str, Lazy]:
+    """The raw scores, the scores (soft-capped; −inf where ``mask`` [B or 1, 1, q, k] is False, as
+    TransformerLens masks them) and the pattern of one layer, each formed when it is read."""
+    B, Q, H, _ = rq.shape
+    shape = (B, H, Q, rk.shape[1])
+
+    def masked(raw: torch.Tensor) -> torch.Tensor:
+        capped = raw if cap is None else cap * torch.tanh(raw / cap)
+        return capped.masked_fill(~mask, float("-inf"))
+
+    def softmax(s: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(s, -1)
+        return torch.where(torch.isnan(p), torch.zeros((), dtype=p.dtype, device=p.device), p)  # no key allowed
+
+    raw = Lazy(lambda: _raw_scores(rq, rk, scale, R), shape, rq.dtype, rq.device)
+    scores = lazily(masked, raw)
+    return dict(raw=raw, scores=scores, pattern=lazily(softmax, scores))
 
 
 def _norms_around(asm: Assembly, block, which: str) -> tuple:
@@ -259,7 +306,7 @@ def _soft_capped(asm: Assembly, raw: str, capped: str, layer: int | None, cap: f
                  mask: torch.Tensor | None = None) -> None:
     """``capped = cap · tanh(raw / cap)``, an element-wise function (Gemma 2's scores and logits)."""
     fn = lambda x: cap * torch.tanh(x / cap)  # noqa: E731
-    slope = asm.rules.activation(fn, asm.stored[raw])
+    slope = lazily(lambda x: asm.rules.activation(fn, x), asm.stored[raw])
     asm.add([Diag(raw, capped, "activation", layer, ((Weight(slope) if mask is None else Weight(slope, mask), None),))])
 
 

@@ -132,6 +132,7 @@ def record(
     attention_mask: torch.Tensor | None = None,
     embed: torch.Tensor | None = None,
     prefix: torch.Tensor | None = None,
+    patterns: str = "auto",
 ) -> Recording:
     """One forward pass of ``model`` with every hook point recorded (no autograd graph is kept).
 
@@ -139,7 +140,11 @@ def record(
     on an integrated-gradients path); ``tokens`` still give the positions and the padding.
     ``prefix`` ``[p]``: token ids every row follows (a few-shot prompt, say), run once and cached;
     ``tokens`` are then what comes after it, and the graph covers only those positions (see
-    ``GradGraph``): much less work when the prefix is long and only what follows is explained."""
+    ``GradGraph``): much less work when the prefix is long and only what follows is explained.
+    ``patterns``: ``"keep"`` the attention scores and patterns of every layer as the forward pass
+    made them, or ``"recompute"`` them from the queries and keys whenever a pass reads them (the
+    graph then holds ``B·P²`` bits per layer instead of ``2·B·H·P²`` numbers); ``"auto"`` keeps
+    them unless that takes more than ``gradgraph.arch.memory.PATTERN_BUDGET``."""
     made = check_supported(model)
     if isinstance(tokens, torch.Tensor):
         made.check_device(tokens)
@@ -149,15 +154,19 @@ def record(
         prefix = _check_prefix(model, prefix, tokens)
     token_ids, mask = tokens_and_mask(model, tokens, attention_mask)
     if prefix is not None and not lens.caches_prefix(model):
-        return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed)
+        return _whole_then_sliced(model, prefix, token_ids, mask, metric, embed, patterns)
     replacements = {} if embed is None else {names.inputs(model)[0]: check_embed(model, embed, token_ids)}
     p0 = 0 if prefix is None else len(prefix)
-    memory.check_fits(model.cfg, token_ids.shape[0], token_ids.shape[1] + p0, made.dtype, token_ids.device)
+    B, P = token_ids.shape[0], token_ids.shape[1] + p0
+    recompute = memory.recomputes_patterns(patterns, model.cfg, B, P, made.dtype)
+    memory.check_fits(model.cfg, B, P, made.dtype, token_ids.device, recompute)
+    skip = {names.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(model.cfg.n_layers)}
     cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
         run = dict(one_zero_attention_mask=mask)
-    with torch.no_grad(), hooks.replacing(model, replacements), hooks.recording(model) as store:
+    with torch.no_grad(), hooks.replacing(model, replacements), \
+            hooks.recording(model, skip=skip if recompute else frozenset()) as store:
         logits = model(token_ids, **run)
     acts = _deduplicated(hooks.node_firings(store), model.cfg.n_layers)
     del store
@@ -188,7 +197,7 @@ def record(
                      prefix=prefix)
 
 
-def _whole_then_sliced(model, prefix, token_ids, mask, metric, embed) -> Recording:
+def _whole_then_sliced(model, prefix, token_ids, mask, metric, embed, patterns: str) -> Recording:
     """``record(prefix=)`` for a model with no key/value cache to start from (a bridge): the whole
     sequence recorded, and what follows the prefix sliced from it (``after_prefix``): the same
     recording, without the saving."""
@@ -198,7 +207,7 @@ def _whole_then_sliced(model, prefix, token_ids, mask, metric, embed) -> Recordi
         embed = check_embed(model, embed, token_ids)
         embed = torch.cat([model.W_E.detach()[prefix].expand(B, -1, -1).to(embed.dtype), embed], 1)
     whole = record(model, tokens, lambda logits, rows: metric(logits[:, p:], rows[:, p:]),
-                   attention_mask=torch.cat([mask.new_ones(B, p), mask], 1), embed=embed)
+                   attention_mask=torch.cat([mask.new_ones(B, p), mask], 1), embed=embed, patterns=patterns)
     return after_prefix(whole, p)
 
 
@@ -222,7 +231,7 @@ def after_prefix(recording: Recording, length: int) -> Recording:
     for node, tensor in recording.activations.items():
         if node in whole:
             acts[node] = tensor
-        elif node in by_query:
+        elif node in by_query:  # (absent when the patterns are recomputed)
             acts[node] = tensor[:, :, length:]
         else:
             acts[node] = tensor[:, length:]
