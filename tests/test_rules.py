@@ -9,7 +9,7 @@ import torch
 
 from gradgraph import GRADIENT, GradGraphError, assemble, backprop, build_graph, forward, record, tiny_model
 from gradgraph.arch import hooks
-from gradgraph.arch import memory
+from gradgraph.arch import memory, recorded
 from gradgraph.graph import OPS, GradGraph, Matmul, Rank1
 from gradgraph.metrics import logit_diff, logprob_diff
 from gradgraph.rules import SoftmaxOp
@@ -198,6 +198,8 @@ def test_memory_is_checked_before_the_forward_pass(monkeypatch):
     calls = []
     original = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    from_weights = recorded.recorded  # the recording forward of the GPT-2 / Llama layout
+    monkeypatch.setattr(recorded, "recorded", lambda *a, **k: calls.append(1) or from_weights(*a, **k))
     tokens = torch.randint(0, 50, (4, 16))
     need = memory.graph_bytes(model.cfg, 4, 16, torch.float32)
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)

@@ -167,7 +167,7 @@ def explicit_matmul(sr, x, w):
     return out
 
 
-def random_case(sr, seed, N, Nw, I=3, J=5, K=4):
+def random_case(sr, seed, N, Nw, I=6, J=5, K=4):  # I = 6: the kernels take rows four at a time, then the rest
     gen = torch.Generator().manual_seed(seed)
     # x: values of 1 to 3 'paths' each, with whole semiring zeros
     x = sr.zero((N, I, J), dtype=F64, device="cpu")

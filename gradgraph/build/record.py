@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from gradgraph.arch import hooks, lens, memory, names
+from gradgraph.arch import hooks, lens, memory, names, recorded
 from gradgraph.arch.features import soft_cap
 from gradgraph.arch.lens import Model
 from gradgraph.arch.spec import ModelSpec, check_supported, spec
@@ -165,11 +165,15 @@ def record(
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
         run = dict(one_zero_attention_mask=mask)
-    with torch.no_grad(), hooks.replacing(model, replacements), \
-            hooks.recording(model, skip=skip if recompute else frozenset()) as store:
-        logits = model(token_ids, **run)
-    acts = _deduplicated(hooks.node_firings(store), model.cfg.n_layers)
-    del store
+    if cache is None and recorded.covers(model):  # the weights' own forward: no hooks, the norms run once
+        embedded = replacements.get(names.inputs(model)[0])
+        logits, acts = recorded.recorded(model, token_ids, embedded, keep_patterns=not recompute)
+    else:
+        with torch.no_grad(), hooks.replacing(model, replacements), \
+                hooks.recording(model, skip=skip if recompute else frozenset()) as store:
+            logits = model(token_ids, **run)
+        acts = _deduplicated(hooks.node_firings(store), model.cfg.n_layers)
+        del store
     if cache is not None:
         for layer, entry in enumerate(cache.entries):
             acts[names.name("cached_k", layer)] = entry.past_keys

@@ -1,0 +1,138 @@
+"""The recording forward from the weights: every hook point the gradient graph reads, computed
+as TransformerLens computes it, without its hooks (``recorded``).
+
+TransformerLens' forward with every hook recorded runs each layer's first norm once per q/k/v copy
+of the residual (``use_split_qkv_input``), repeats grouped keys and values per query head, and
+computes the attention pattern eagerly with NaN checks: at 512 tokens of SmolLM2-135M that takes
+about as long as a plain Hugging Face forward and backward together, and at 4,096 tokens four times
+it. Here the norm runs once (its copies are views), q, k and v come from one product, and a long
+prompt's attention runs in torch's fused kernel with no pattern kept (the graph forms the patterns
+when a pass reads them). The arithmetic is TransformerLens' op for op (a norm's scale is
+``sqrt(mean(x²) + ε)`` and divides), so every recorded tensor equals its hook point's to float
+rounding (tested to 1e-12 in float64 on every layout it covers).
+
+Covers what ``inference`` covers from the weights: the GPT-2 / Llama decoder layout of a
+TransformerLens 3.9 ``HookedTransformer`` (``ModelSpec.from_weights``); anything else is recorded
+through TransformerLens' hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradgraph.arch import lens, names
+from gradgraph.arch.inference import _Norm, _weights
+from gradgraph.arch.rotary import rotate
+from gradgraph.arch.spec import spec
+
+
+def covers(model) -> bool:
+    """Whether ``recorded`` records ``model``: the weights path's layout, on TransformerLens 3.9."""
+    made = spec(model)
+    return made.from_weights and made.layout == "decoder" and not lens.is_bridge(model)
+
+
+def _norm(acts: dict, kind: str, norm: _Norm, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """TransformerLens' LayerNorm / RMSNorm of ``x`` ``[n, s, d]``, recording ``{kind}_scale``
+    ``sqrt(mean(x̃²) + ε)`` and ``{kind}_normalized`` ``x̃ / scale``; returns the output (weighted)."""
+    if norm.kind in ("LN", "LNPre"):
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    normalized = x / scale
+    acts[names.name(f"{kind}_scale", layer)], acts[names.name(f"{kind}_normalized", layer)] = scale, normalized
+    out = normalized if norm.w is None else normalized * norm.w
+    return out if norm.b is None else out + norm.b
+
+
+def _attention(layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bool, rotary_adjacent: bool,
+               acts: dict, index: int) -> torch.Tensor:
+    """One attention sublayer on ``x`` ``[n, s, d]``: records ln1 (once, its q/k/v copies as views),
+    q, k, v, rotary, (scores and pattern when ``keep_patterns``) and z; returns attn_out."""
+    n, s, d = x.shape
+    R = H // G
+    ln1: dict[str, torch.Tensor] = {}
+    normed = _norm(ln1, "ln1", layer.ln1, x, index)
+    for firing, copies in (("q", H), ("k", G), ("v", G)):
+        acts[names.name(f"{firing}_input", index)] = x[:, :, None].expand(n, s, copies, d)
+        for kind in ("scale", "normalized"):
+            one = ln1[names.name(f"ln1_{kind}", index)]
+            acts[names.name(f"ln1_{kind}", index, firing)] = one[:, :, None].expand(n, s, copies, one.shape[-1])
+    qkv = torch.addmm(layer.b_qkv, normed.reshape(n * s, d), layer.W_qkv).view(n, s, H + 2 * G, e)
+    q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
+    acts[names.name("q", index)], acts[names.name("k", index)], acts[names.name("v", index)] = q, k, v
+    if layer.rotary is not None:
+        cos, sin = (t[:s].to(x.dtype) for t in layer.rotary)
+        q, k = rotate(q, cos, sin, rotary_adjacent), rotate(k, cos, sin, rotary_adjacent)
+        acts[names.name("rot_q", index)], acts[names.name("rot_k", index)] = q, k
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, s, e]
+    if keep_patterns:  # [n, G, R, s, s]: each key/value head read by its R query heads, never repeated
+        scores = (q.reshape(n, G, R, s, e) @ k[:, :, None].transpose(-1, -2)) / layer.attn_scale
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        pattern = torch.softmax(scores, -1)
+        acts[names.name("attn_scores", index)] = scores.view(n, H, s, s)
+        acts[names.name("pattern", index)] = pattern.view(n, H, s, s)
+        z = (pattern @ v[:, :, None]).view(n, H, s, e)
+    else:
+        if G != H:
+            k, v = (t[:, :, None].expand(n, G, R, s, e).reshape(n, H, s, e) for t in (k, v))
+        z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / layer.attn_scale)
+    z = z.transpose(1, 2)  # [n, s, H, e]
+    acts[names.name("z", index)] = z
+    return torch.addmm(layer.b_O, z.reshape(n * s, H * e), layer.W_O).view(n, s, d)
+
+
+def _mlp(layer, x: torch.Tensor, gated: bool, acts: dict, index: int) -> torch.Tensor:
+    """The MLP on ``x`` ``[n, s, d]`` (mlp_in, ln2, pre, pre_linear, post recorded); returns mlp_out."""
+    n, s, d = x.shape
+    acts[names.name("mlp_in", index)] = x
+    normed = _norm(acts, "ln2", layer.ln2, x, index)
+    pre = (normed.reshape(n * s, d) @ layer.W_in).view(n, s, -1)
+    if gated:
+        gate, linear = pre.chunk(2, -1)
+        acts[names.name("mlp_pre", index)], acts[names.name("mlp_pre_linear", index)] = gate, linear
+        post = layer.act_fn(gate) * linear + layer.b_in
+    else:
+        pre = pre + layer.b_in
+        acts[names.name("mlp_pre", index)] = pre
+        post = layer.act_fn(pre)
+    acts[names.name("mlp_post", index)] = post
+    return torch.addmm(layer.b_out, post.reshape(n * s, -1), layer.W_out).view(n, s, d)
+
+
+@torch.no_grad()
+def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patterns: bool
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(logits [n, s, d_vocab], {node: tensor})`` for ``tokens`` ``[n, s]`` (causal attention over
+    every position; ``embed`` ``[n, s, d]`` replaces the token embeddings), the nodes those
+    TransformerLens' recording gives (``unembed.hook_out`` included, every vocabulary column)."""
+    made = spec(model)
+    w, cfg = _weights(model), made.cfg
+    H, e = cfg.n_heads, cfg.d_head
+    G = cfg.n_key_value_heads or H
+    n, s = tokens.shape
+    acts: dict[str, torch.Tensor] = {}
+    x = w.W_E[tokens] if embed is None else embed.to(w.W_E.dtype)
+    acts[names.name("embed")] = x
+    if w.W_pos is not None:
+        pos = w.W_pos[:s][None].expand(n, s, -1)
+        acts[names.name("pos_embed")] = pos
+        x = x + pos
+    for index, layer in enumerate(w.layers):
+        acts[names.name("resid_pre", index)] = x
+        attn = _attention(layer, x, H, G, e, keep_patterns, cfg.rotary_adjacent_pairs, acts, index)
+        acts[names.name("attn_out", index)] = attn
+        mid = x + attn
+        acts[names.name("resid_mid", index)] = mid
+        out = _mlp(layer, mid, cfg.gated_mlp, acts, index)
+        acts[names.name("mlp_out", index)] = out
+        x = mid + out
+        acts[names.name("resid_post", index)] = x
+    unembed_in = _norm(acts, "ln_final", w.ln_final, x)
+    acts[names.name("unembed_in")] = unembed_in
+    logits = unembed_in @ model.W_U.detach() + model.b_U.detach()
+    acts[names.name("logits")] = logits
+    return logits, acts
+
+
+__all__ = ["covers", "recorded"]

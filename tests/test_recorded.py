@@ -1,0 +1,42 @@
+"""The recording forward from the weights gives every hook point TransformerLens' recording gives,
+with the same values, on every layout it covers; the others are recorded through the hooks."""
+
+import pytest
+import torch
+
+from gradgraph import tiny_model
+from gradgraph.arch import hooks, recorded
+from gradgraph.arch.models import FAMILIES
+
+COVERED = [f for f in FAMILIES if recorded.covers(tiny_model(f, n_layers=1))]
+
+
+def _hooked(model, tokens, embed=None):
+    replacements = {} if embed is None else {"hook_embed": embed}
+    with torch.no_grad(), hooks.replacing(model, replacements), hooks.recording(model) as store:
+        logits = model(tokens)
+    return logits, hooks.node_firings(store)
+
+
+def test_the_plain_layouts_are_covered_and_the_rest_are_not():
+    assert {"gpt2", "llama"} <= set(COVERED)
+    assert not {"pythia", "gptj", "phi", "gemma2", "qwen3", "olmo2", "solu", "bert", "attn-only"} & set(COVERED)
+
+
+@pytest.mark.parametrize("family", COVERED)
+def test_every_hook_point_as_transformer_lens_records_it(family):
+    model = tiny_model(family, n_layers=2, dtype=torch.float64, seed=3)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    embed = torch.randn(2, 7, model.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for given in (None, embed):
+        ref_logits, ref = _hooked(model, tokens, given)
+        for keep in (True, False):
+            logits, acts = recorded.recorded(model, tokens, given, keep_patterns=keep)
+            patterns = {n for n in ref if n.endswith(("hook_attn_scores", "hook_pattern"))}
+            assert set(acts) == (set(ref) if keep else set(ref) - patterns)
+            for node, tensor in acts.items():
+                assert tensor.shape == ref[node].shape, node
+                both_inf = torch.isinf(tensor) & (tensor == ref[node])
+                diff = torch.where(both_inf, 0, tensor - ref[node]).abs().max()
+                assert diff <= 1e-12 * max(1.0, float(ref[node].abs().nan_to_num(0, 0, 0).max())), (family, keep, node)
+            assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-12)
