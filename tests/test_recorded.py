@@ -40,3 +40,33 @@ def test_every_hook_point_as_transformer_lens_records_it(family):
                 diff = torch.where(both_inf, 0, tensor - ref[node]).abs().max()
                 assert diff <= 1e-12 * max(1.0, float(ref[node].abs().nan_to_num(0, 0, 0).max())), (family, keep, node)
             assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-12)
+
+
+def test_rotary_positions_past_the_models_tables():
+    """The embedded model keeps rotary tables for 2,048 positions and a context of 8,192: past the
+    tables, the rotation is the model's own formula."""
+    short, full = (tiny_model("llama", n_layers=2, dtype=torch.float64, n_ctx=64, seed=1) for _ in range(2))
+    for block in short.blocks:
+        block.attn.rotary_cos, block.attn.rotary_sin = block.attn.rotary_cos[:16].clone(), block.attn.rotary_sin[:16].clone()
+    tokens = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(0))
+    _, ref = _hooked(full, tokens)
+    _, acts = recorded.recorded(short, tokens, None, keep_patterns=False)
+    assert max(float((acts[n] - ref[n]).abs().max()) for n in acts) < 1e-12
+
+
+def test_a_graph_past_the_models_rotary_tables_equals_autograd():
+    from gradgraph import backprop, build_graph
+    from gradgraph.metrics import logit_diff
+
+    model = tiny_model("llama", n_layers=2, dtype=torch.float64, n_ctx=64, seed=1)
+    for block in model.blocks:
+        block.attn.rotary_cos, block.attn.rotary_sin = block.attn.rotary_cos[:16].clone(), block.attn.rotary_sin[:16].clone()
+    tokens = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(0))
+    graph = build_graph(model, tokens, logit_diff(1, 2))
+    grad = backprop(graph, keep=graph.sources)[graph.sources[0]][0]
+    embed = model.W_E.detach()[tokens].clone().requires_grad_(True)
+    full = tiny_model("llama", n_layers=2, dtype=torch.float64, n_ctx=64, seed=1)
+    with hooks.replacing(full, {"hook_embed": embed}):
+        logits = full(tokens)
+    (logits[:, -1, 1] - logits[:, -1, 2]).sum().backward()
+    assert torch.allclose(grad, embed.grad, rtol=0, atol=1e-10)

@@ -44,8 +44,8 @@ def _norm(acts: dict, kind: str, norm: _Norm, x: torch.Tensor, layer: int | None
     return out if norm.b is None else out + norm.b
 
 
-def _attention(layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bool, rotary_adjacent: bool,
-               acts: dict, index: int) -> torch.Tensor:
+def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bool, acts: dict,
+               index: int) -> torch.Tensor:
     """One attention sublayer on ``x`` ``[n, s, d]``: records ln1 (once, its q/k/v copies as views),
     q, k, v, rotary, (scores and pattern when ``keep_patterns``) and z; returns attn_out."""
     n, s, d = x.shape
@@ -60,9 +60,11 @@ def _attention(layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bo
     qkv = torch.addmm(layer.b_qkv, normed.reshape(n * s, d), layer.W_qkv).view(n, s, H + 2 * G, e)
     q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
     acts[names.name("q", index)], acts[names.name("k", index)], acts[names.name("v", index)] = q, k, v
-    if layer.rotary is not None:
-        cos, sin = (t[:s].to(x.dtype) for t in layer.rotary)
-        q, k = rotate(q, cos, sin, rotary_adjacent), rotate(k, cos, sin, rotary_adjacent)
+    if layer.rotary is not None:  # past the tables the model keeps, by its own formula
+        tables = layer.rotary if s <= len(layer.rotary[0]) else lens.rotary_tables(model, index, s)
+        cos, sin = (t[:s].to(x.dtype) for t in tables)
+        adjacent = model.cfg.rotary_adjacent_pairs
+        q, k = rotate(q, cos, sin, adjacent), rotate(k, cos, sin, adjacent)
         acts[names.name("rot_q", index)], acts[names.name("rot_k", index)] = q, k
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, s, e]
     if keep_patterns:  # [n, G, R, s, s]: each key/value head read by its R query heads, never repeated
@@ -120,7 +122,7 @@ def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patte
         x = x + pos
     for index, layer in enumerate(w.layers):
         acts[names.name("resid_pre", index)] = x
-        attn = _attention(layer, x, H, G, e, keep_patterns, cfg.rotary_adjacent_pairs, acts, index)
+        attn = _attention(model, layer, x, H, G, e, keep_patterns, acts, index)
         acts[names.name("attn_out", index)] = attn
         mid = x + attn
         acts[names.name("resid_mid", index)] = mid

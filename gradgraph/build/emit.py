@@ -328,8 +328,11 @@ def _rotary(asm: Assembly, attn, src: str, tgt: str, layer: int, start: int = 0)
     rd = asm.cfg.rotary_dim
     cos = torch.ones(P, e, dtype=x.dtype, device=x.device)
     sin = torch.zeros(P, e, dtype=x.dtype, device=x.device)
-    cos[:, :rd] = attn.rotary_cos[start:start + P].to(x.dtype)
-    sin[:, :rd] = attn.rotary_sin[start:start + P].to(x.dtype)
+    tables = (attn.rotary_cos, attn.rotary_sin)
+    if start + P > len(tables[0]):  # past the tables the model keeps, by its own formula
+        tables = lens.rotary_tables(asm.model, layer, start + P)
+    cos[:, :rd] = tables[0][start:start + P].to(x.dtype)
+    sin[:, :rd] = tables[1][start:start + P].to(x.dtype)
     perm = torch.arange(e, device=x.device)
     sign = torch.zeros(e, dtype=x.dtype, device=x.device)
     if asm.cfg.rotary_adjacent_pairs:  # rotate(x)[2i] = -x[2i+1], rotate(x)[2i+1] = x[2i]

@@ -134,7 +134,9 @@ def record(
     prefix: torch.Tensor | None = None,
     patterns: str = "auto",
 ) -> Recording:
-    """One forward pass of ``model`` with every hook point recorded (no autograd graph is kept).
+    """One forward pass of ``model`` with every hook point recorded (no autograd graph is kept):
+    from the weights where ``gradgraph.arch.recorded`` covers the model (no cached prefix), through
+    TransformerLens' hooks otherwise.
 
     ``embed`` ``[batch, pos, d_model]`` replaces the token embeddings (``hook_embed``; e.g. points
     on an integrated-gradients path); ``tokens`` still give the positions and the padding.
