@@ -14,12 +14,18 @@ Peers (Hugging Face's Llama classes, float32, weights frozen, loaded offline fro
 - ``captum LayerIG (32)``: captum's ``LayerIntegratedGradients`` at the input embeddings, 32
   Gauss–Legendre points from the pad-token baseline (BOS kept), 8 rows at a time;
 - ``TL fwd+bwd``: TransformerLens 3.9's forward and backward with the gradient at ``hook_embed``
-  (the second baseline, named as such).
+  (the second baseline, named as such);
+- ``TL4 attribution_patch``: TransformerLens 4.3's ``attribution_patch`` (node granularity: every
+  head's output, MLP output and embedding at every position) on a bridge of the same weights (run
+  in a process with ``.venv-tl4`` on its path; one prompt, the counterfactual the same prompt with
+  its second token replaced).
 
 gradgraph: ``Real→inputs`` (the gradient at the inputs, ``fused.input_values``), ``Real→inputs
 (graph)`` (build_graph + backprop keeping the inputs), ``Max`` and ``Entropy`` (keeping the inputs),
 ``AttnLRP`` and ``CP-LRP`` (``lrp``: token relevance and its deltas), ``IG (32)``
-(``attribute(method="ig")``).
+(``attribute(method="ig")``), ``attribution patching`` (``build_graph`` of the clean prompt, the
+gradient at every head's z, MLP output and embedding, ``interventions.attribution_patching`` with
+the counterfactual's run, and ``position_attribution`` per position).
 Each is divided by HF fwd+bwd and by its own peer (LRP by lxt's rule set, IG by captum).
 
     .venv/bin/python benchmarks/bench_peers.py [--lengths 8x12 12 128 512] [--repeats 3] [--jobs ...]
@@ -45,11 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_graph import PeakMemory, prompts  # noqa: E402
 
 HF_PEERS = ("HF fwd+bwd", "lxt AttnLRP", "lxt CP-LRP", "captum LayerIG (32)")  # on Hugging Face's classes
-PEERS = HF_PEERS + ("TL fwd+bwd",)
-OURS = ("Real→inputs", "Real→inputs (graph)", "Max", "Entropy", "AttnLRP", "CP-LRP", "IG (32)")
+PEERS = HF_PEERS + ("TL fwd+bwd", "TL4 attribution_patch")
+OURS = ("Real→inputs", "Real→inputs (graph)", "Max", "Entropy", "AttnLRP", "CP-LRP", "IG (32)", "attribution patching")
 RULES = {"AttnLRP": "attn-lrp", "CP-LRP": "cp-lrp"}
-PEER_OF = {"AttnLRP": "lxt AttnLRP", "CP-LRP": "lxt CP-LRP", "IG (32)": "captum LayerIG (32)"}
+PEER_OF = {"AttnLRP": "lxt AttnLRP", "CP-LRP": "lxt CP-LRP", "IG (32)": "captum LayerIG (32)",
+           "attribution patching": "TL4 attribution_patch"}
 IG_LENGTHS = ("12", "128")  # one prompt (IG's paths are per prompt); at 512 tokens 32 points take minutes
+PATCHING = ("TL4 attribution_patch", "attribution patching")  # one prompt and its counterfactual
+TL4 = Path(__file__).resolve().parents[1] / ".venv-tl4"
 STEPS = 32
 
 
@@ -128,6 +137,43 @@ def _our_job(job: str, model, tokens, mask, good, bad):
     return graph
 
 
+def _counterfactual(tokens: torch.Tensor) -> torch.Tensor:
+    """The prompt with its second token replaced (the same length, as attribution patching needs)."""
+    other = tokens.clone()
+    other[:, 1] = (tokens[:, 1] + 1) % 1000 + 100
+    return other
+
+
+def _patching_job(job: str, model, tokens, good, bad):
+    from gradgraph.metrics import logit_diff
+
+    corrupt = _counterfactual(tokens)
+    if job == "TL4 attribution_patch":
+        from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+        model.eval()
+        g, b = int(good), int(bad)
+        return lambda: attribution_patch(model, tokens, corrupt, lambda logits: logits[0, -1, g] - logits[0, -1, b])
+    from gradgraph.arch import names
+    from gradgraph.backprop import backprop
+    from gradgraph.build import build_graph
+    from gradgraph.interventions import SITES, attribution_patching, position_attribution, _cache
+
+    metric = logit_diff(int(good), int(bad))
+    L = model.cfg.n_layers
+    wanted = [names.name(kind, layer) for layer in range(L) for kind in ("z", "mlp_out")] + [names.name("embed")]
+    wanted += [names.name(site, layer) for layer in range(L) for site in SITES]
+
+    def run():
+        graph = build_graph(model, tokens, metric)
+        grads = {n: v[0] for n, v in backprop(graph, keep=sorted(set(wanted))).items()}
+        other = _cache(model, corrupt)
+        per_component = attribution_patching(model, tokens, corrupt, grads, clean=graph.activations, corrupt=other)
+        return per_component, position_attribution(graph.activations, other, grads, L)
+
+    return run
+
+
 def measure(job: str, length: str, repeats: int) -> dict:
     """Time and memory of one job in this (fresh) process."""
     from gradgraph.allocator import hand_back, keep_freed_memory
@@ -138,6 +184,9 @@ def measure(job: str, length: str, repeats: int) -> dict:
     if job in HF_PEERS:
         del model  # only its tokens were needed
         run = _hf_job(job, tokens, mask, good, bad, pad)
+    elif job in PATCHING:  # TransformerLens 4.3's needs the weights to require grad (its gradients start there)
+        model.requires_grad_(job == "TL4 attribution_patch")
+        run = _patching_job(job, model, tokens, good, bad)
     else:
         run = _our_job(job, model, tokens, mask, good, bad)
     if repeats == 0:  # --once: one run, timed and measured (a long prompt's), numba's kernels cached on disk
@@ -178,10 +227,16 @@ def main() -> None:
     for length in args.lengths:
         done: dict[str, dict] = {}
         for job in args.jobs:
-            if "IG" in job and length not in IG_LENGTHS:
+            if "IG" in job and length not in IG_LENGTHS or job in PATCHING and "x" in length:
                 continue
-            with pool.Pool(1) as worker:
-                done[job] = worker.apply(measure, (job, length, args.repeats))
+            path = os.environ.get("PYTHONPATH")
+            if job.startswith("TL4"):  # the worker starts with TransformerLens 4.3 first on its path
+                os.environ["PYTHONPATH"] = str(TL4) + (os.pathsep + path if path else "")
+            try:
+                with pool.Pool(1) as worker:
+                    done[job] = worker.apply(measure, (job, length, args.repeats))
+            finally:
+                os.environ.pop("PYTHONPATH", None) if path is None else os.environ.__setitem__("PYTHONPATH", path)
             seconds, memory = done[job]["seconds"], done[job]["memory"]
             hf, peer = done.get("HF fwd+bwd"), done.get(PEER_OF.get(job, ""))
             print(f"| {length} | {job} | {seconds:.3f} | {_ratio(seconds, hf, 'seconds')} | "
