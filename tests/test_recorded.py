@@ -70,3 +70,14 @@ def test_a_graph_past_the_models_rotary_tables_equals_autograd():
         logits = full(tokens)
     (logits[:, -1, 1] - logits[:, -1, 2]).sum().backward()
     assert torch.allclose(grad, embed.grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", COVERED)
+def test_float32_recording_rounds_as_transformer_lens_does(family):
+    """The same products in the same layouts (HF's, as TransformerLens 3.9 multiplies them): float32
+    values identical, so that a graph recorded either way is the same graph."""
+    model = tiny_model(family, n_layers=2, seed=3)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    _, ref = _hooked(model, tokens)
+    _, acts = recorded.recorded(model, tokens, None, keep_patterns=True)
+    assert [n for n in acts if not torch.equal(acts[n], ref[n])] == []

@@ -18,12 +18,37 @@ through TransformerLens' hooks.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 
 from gradgraph.arch import lens, names
 from gradgraph.arch.inference import _Norm, _weights
 from gradgraph.arch.rotary import rotate
 from gradgraph.arch.spec import spec
+
+
+_LINEAR: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _linear(model) -> list[dict[str, torch.Tensor]]:
+    """Per layer the MLP's and W_O's matrices as TransformerLens 3.9 multiplies them (``F.linear`` with
+    ``W.T`` contiguous for a gated MLP and W_O, HF's layout: the same float32 rounding), kept per model."""
+    made = spec(model)
+    cached = _LINEAR.get(model)
+    if cached is None or cached[0] != made.fingerprint:
+        layers = []
+        for block in made.blocks:
+            mlp, attn = block.mlp, block.attn
+            one = dict(W_O=attn.W_O.detach().reshape(-1, made.cfg.d_model).T.contiguous())
+            if made.cfg.gated_mlp:
+                one.update(W_gate=mlp.W_gate.detach().T.contiguous(), W_in=mlp.W_in.detach().T.contiguous(),
+                           W_out=mlp.W_out.detach().T.contiguous())
+            layers.append(one)
+        cached = (made.fingerprint, layers)
+        _LINEAR[model] = cached
+    return cached[1]
 
 
 def covers(model) -> bool:
@@ -45,7 +70,7 @@ def _norm(acts: dict, kind: str, norm: _Norm, x: torch.Tensor, layer: int | None
 
 
 def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bool, acts: dict,
-               index: int) -> torch.Tensor:
+               index: int, W_O: torch.Tensor) -> torch.Tensor:
     """One attention sublayer on ``x`` ``[n, s, d]``: records ln1 (once, its q/k/v copies as views),
     q, k, v, rotary, (scores and pattern when ``keep_patterns``) and z; returns attn_out."""
     n, s, d = x.shape
@@ -81,23 +106,24 @@ def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patte
         z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / layer.attn_scale)
     z = z.transpose(1, 2)  # [n, s, H, e]
     acts[names.name("z", index)] = z
-    return torch.addmm(layer.b_O, z.reshape(n * s, H * e), layer.W_O).view(n, s, d)
+    return F.linear(z.reshape(n, s, H * e), W_O, layer.b_O)
 
 
-def _mlp(layer, x: torch.Tensor, gated: bool, acts: dict, index: int) -> torch.Tensor:
-    """The MLP on ``x`` ``[n, s, d]`` (mlp_in, ln2, pre, pre_linear, post recorded); returns mlp_out."""
+def _mlp(layer, x: torch.Tensor, linear: dict | None, acts: dict, index: int) -> torch.Tensor:
+    """The MLP on ``x`` ``[n, s, d]`` (mlp_in, ln2, pre, pre_linear, post recorded); returns mlp_out.
+    ``linear``: a gated MLP's transposed matrices (``_linear``); None: TransformerLens' fused addmm."""
     n, s, d = x.shape
     acts[names.name("mlp_in", index)] = x
     normed = _norm(acts, "ln2", layer.ln2, x, index)
-    pre = (normed.reshape(n * s, d) @ layer.W_in).view(n, s, -1)
-    if gated:
-        gate, linear = pre.chunk(2, -1)
-        acts[names.name("mlp_pre", index)], acts[names.name("mlp_pre_linear", index)] = gate, linear
-        post = layer.act_fn(gate) * linear + layer.b_in
-    else:
-        pre = pre + layer.b_in
-        acts[names.name("mlp_pre", index)] = pre
-        post = layer.act_fn(pre)
+    if linear is not None:
+        gate, pre_linear = F.linear(normed, linear["W_gate"]), F.linear(normed, linear["W_in"])
+        acts[names.name("mlp_pre", index)], acts[names.name("mlp_pre_linear", index)] = gate, pre_linear
+        post = layer.act_fn(gate) * pre_linear + layer.b_in
+        acts[names.name("mlp_post", index)] = post
+        return F.linear(post, linear["W_out"], layer.b_out)
+    pre = torch.addmm(layer.b_in, normed.reshape(n * s, d), layer.W_in).view(n, s, -1)
+    acts[names.name("mlp_pre", index)] = pre
+    post = layer.act_fn(pre)
     acts[names.name("mlp_post", index)] = post
     return torch.addmm(layer.b_out, post.reshape(n * s, -1), layer.W_out).view(n, s, d)
 
@@ -120,13 +146,14 @@ def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patte
         pos = w.W_pos[:s][None].expand(n, s, -1)
         acts[names.name("pos_embed")] = pos
         x = x + pos
+    linear = _linear(model)
     for index, layer in enumerate(w.layers):
         acts[names.name("resid_pre", index)] = x
-        attn = _attention(model, layer, x, H, G, e, keep_patterns, acts, index)
+        attn = _attention(model, layer, x, H, G, e, keep_patterns, acts, index, linear[index]["W_O"])
         acts[names.name("attn_out", index)] = attn
         mid = x + attn
         acts[names.name("resid_mid", index)] = mid
-        out = _mlp(layer, mid, cfg.gated_mlp, acts, index)
+        out = _mlp(layer, mid, linear[index] if cfg.gated_mlp else None, acts, index)
         acts[names.name("mlp_out", index)] = out
         x = mid + out
         acts[names.name("resid_post", index)] = x
