@@ -69,6 +69,14 @@ def _norm(acts: dict, kind: str, norm: _Norm, x: torch.Tensor, layer: int | None
     return out if norm.b is None else out + norm.b
 
 
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """q·k / attn_scale ``[n, H, s, t]`` from queries ``[n, H, s, e]`` and keys ``[n, G, t, e]``:
+    each key/value head read by its ``H / G`` query heads, never repeated (TransformerLens' rounding)."""
+    n, H, s, e = q.shape
+    G, t = k.shape[1], k.shape[2]
+    return ((q.reshape(n, G, H // G, s, e) @ k[:, :, None].transpose(-1, -2)) / scale).view(n, H, s, t)
+
+
 def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bool, acts: dict,
                index: int, W_O: torch.Tensor) -> torch.Tensor:
     """One attention sublayer on ``x`` ``[n, s, d]``: records ln1 (once, its q/k/v copies as views),
@@ -92,14 +100,12 @@ def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patte
         q, k = rotate(q, cos, sin, adjacent), rotate(k, cos, sin, adjacent)
         acts[names.name("rot_q", index)], acts[names.name("rot_k", index)] = q, k
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, s, e]
-    if keep_patterns:  # [n, G, R, s, s]: each key/value head read by its R query heads, never repeated
-        scores = (q.reshape(n, G, R, s, e) @ k[:, :, None].transpose(-1, -2)) / layer.attn_scale
+    if keep_patterns:
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = attention_scores(q, k, layer.attn_scale).masked_fill(~causal, float("-inf"))
         pattern = torch.softmax(scores, -1)
-        acts[names.name("attn_scores", index)] = scores.view(n, H, s, s)
-        acts[names.name("pattern", index)] = pattern.view(n, H, s, s)
-        z = (pattern @ v[:, :, None]).view(n, H, s, e)
+        acts[names.name("attn_scores", index)], acts[names.name("pattern", index)] = scores, pattern
+        z = (pattern.view(n, G, R, s, s) @ v[:, :, None]).view(n, H, s, e)
     else:
         if G != H:
             k, v = (t[:, :, None].expand(n, G, R, s, e).reshape(n, H, s, e) for t in (k, v))
@@ -164,4 +170,4 @@ def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patte
     return logits, acts
 
 
-__all__ = ["covers", "recorded"]
+__all__ = ["attention_scores", "covers", "recorded"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import einops
 import torch
 
-from gradgraph.arch import lens, names
+from gradgraph.arch import lens, names, recorded
 from gradgraph.arch.features import POST_NORM, soft_cap
 from gradgraph.arch.spec import spec
 from gradgraph.build.record import Recording
@@ -167,14 +167,14 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     scores = names.name("attn_scores", layer)
     cap = soft_cap(cfg.attn_scores_soft_cap)
     pattern = names.name("pattern", layer)
-    # a long prompt's scores and pattern are not recorded: formed from q and k whenever a pass reads them
-    made = _attention_maps(rq, rk, attn.attn_scale, cap, causal[None, None] & keys[:, None, None, :]
-                           if p0 or asm.encoder else causal[None, None], R) \
-        if pattern not in asm.rec.activations else None
+    made = None  # a long prompt's scores and pattern are not recorded: formed from q and k whenever read
+    if pattern not in asm.rec.activations:  # masked as TransformerLens masks them (padded keys: with a prefix, encoders)
+        tl_mask = causal[None, None] & keys[:, None, None, :] if p0 or asm.encoder else causal[None, None]
+        made = _attention_maps(rq, rk, attn.attn_scale, cap, tl_mask)
     if cap is None:
         raw = asm.node(scores, None if made is None else made["scores"])
     else:
-        raw = asm.node(names.name("scores_raw", layer), _raw_scores(rq, rk, attn.attn_scale, R)
+        raw = asm.node(names.name("scores_raw", layer), _raw_scores(rq, rk, attn.attn_scale)
                        if made is None else made["raw"])
     f_q, f_k = asm.rules.bilinear("qk")
     k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
@@ -238,15 +238,13 @@ def _masks(asm: Assembly, window: int | None, device) -> tuple[torch.Tensor, tor
     return asm.masks[window]
 
 
-def _raw_scores(rq: torch.Tensor, rk: torch.Tensor, scale: float, R: int) -> torch.Tensor:
+def _raw_scores(rq: torch.Tensor, rk: torch.Tensor, scale: float) -> torch.Tensor:
     """q·k / attn_scale ``[B, H, q, k]`` from queries ``[B, q, H, e]`` and keys ``[B, k, G, e]``."""
-    B, Q, H, e = rq.shape
-    grouped = torch.einsum("bqgre,bkge->bgrqk", rq.reshape(B, Q, H // R, R, e), rk)
-    return grouped.reshape(B, H, Q, rk.shape[1]) / scale
+    return recorded.attention_scores(rq.transpose(1, 2), rk.transpose(1, 2), scale)
 
 
-def _attention_maps(rq: torch.Tensor, rk: torch.Tensor, scale: float, cap: float | None, mask: torch.Tensor,
-                    R: int) -> dict[str, Lazy]:
+def _attention_maps(rq: torch.Tensor, rk: torch.Tensor, scale: float, cap: float | None,
+                    mask: torch.Tensor) -> dict[str, Lazy]:
     """The raw scores, the scores (soft-capped; −inf where ``mask`` [B or 1, 1, q, k] is False, as
     TransformerLens masks them) and the pattern of one layer, each formed when it is read."""
     B, Q, H, _ = rq.shape
@@ -260,7 +258,7 @@ def _attention_maps(rq: torch.Tensor, rk: torch.Tensor, scale: float, cap: float
         p = torch.softmax(s, -1)
         return torch.where(torch.isnan(p), torch.zeros((), dtype=p.dtype, device=p.device), p)  # no key allowed
 
-    raw = Lazy(lambda: _raw_scores(rq, rk, scale, R), shape, rq.dtype, rq.device)
+    raw = Lazy(lambda: _raw_scores(rq, rk, scale), shape, rq.dtype, rq.device)
     scores = lazily(masked, raw)
     return dict(raw=raw, scores=scores, pattern=lazily(softmax, scores))
 

@@ -162,7 +162,6 @@ def record(
     B, P = token_ids.shape[0], token_ids.shape[1] + p0
     recompute = memory.recomputes_patterns(patterns, model.cfg, B, P, made.dtype)
     memory.check_fits(model.cfg, B, P, made.dtype, token_ids.device, recompute)
-    skip = {names.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(model.cfg.n_layers)}
     cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
@@ -171,6 +170,7 @@ def record(
         embedded = replacements.get(names.inputs(model)[0])
         logits, acts = recorded.recorded(model, token_ids, embedded, keep_patterns=not recompute)
     else:
+        skip = {names.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(model.cfg.n_layers)}
         with torch.no_grad(), hooks.replacing(model, replacements), \
                 hooks.recording(model, skip=skip if recompute else frozenset()) as store:
             logits = model(token_ids, **run)
