@@ -24,7 +24,7 @@ from gradgraph.arch.inference import Backward, differentiable
 from gradgraph.arch.spec import check_supported
 from gradgraph.build.record import check_embed, check_metric_value, tokens_and_mask
 from gradgraph.errors import GradGraphError
-from gradgraph.metrics import prepare
+from gradgraph.metrics import AtPosition, prepare
 from gradgraph.rules import (RuleSet, activation_derivative, identity_rule, linear_jacobian, norm_jacobian,
                              norm_scale_constant, residual_sum, rule_set, softmax_constant, softmax_jacobian)
 
@@ -87,8 +87,9 @@ def input_values(model, tokens, metric, *, rules: RuleSet | str, attention_mask:
             tensor.register_hook(lambda g, t=tensor.detach(): sums.__setitem__(name, (t * g).flatten(1).sum(1)))
 
     with torch.enable_grad():
-        logits, inputs = differentiable(made, token_ids, backward_of(rules), embed=embed, watch=watch)
-        value = check_metric_value(metric(logits, mask), token_ids.shape[0])
+        at = metric.positions(mask) if isinstance(metric, AtPosition) else None  # [batch]: read there only
+        logits, inputs = differentiable(made, token_ids, backward_of(rules), embed=embed, watch=watch, positions=at)
+        value = check_metric_value(metric(logits, mask) if at is None else metric.of(logits), token_ids.shape[0])
         del logits
         grads = torch.autograd.grad(value.sum(), list(inputs.values()), allow_unused=True)
     grads = {n: torch.zeros_like(x) if g is None else g for (n, x), g in zip(inputs.items(), grads)}

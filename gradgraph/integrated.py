@@ -19,10 +19,19 @@ from gradgraph.rules import GRADIENT
 from gradgraph.semirings import Abs, Real, Semiring
 
 
+TOKEN_ROWS = 2048  # rows × positions per fused pass: past it, smaller passes run faster on a CPU (caches)
+
+
 def fitting(model, positions: int, wanted: int) -> int:
     """Rows per batch: at most ``wanted``, and as many as take half the free memory (at least one)."""
     per_row = memory.graph_bytes(model.cfg, 1, positions, model.cfg.dtype)
     return max(1, min(wanted, memory.available_bytes(model.cfg.device) // (2 * per_row)))
+
+
+def even(rows: int, most: int) -> int:
+    """Rows per batch for ``rows`` in passes of at most ``most``, the passes as equal as they can be."""
+    passes = -(-rows // most)
+    return -(-rows // passes)
 
 
 def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_size: int = 64,
@@ -33,8 +42,10 @@ def gradients(model, tokens: torch.Tensor, metric, rows: torch.Tensor, *, batch_
     graph's values, tested equal); otherwise the graph."""
     grads, values = [], []
     embed = names.inputs(model)[0]
-    batch_size = fitting(model, len(tokens), batch_size)
     direct = fused.covers(model, GRADIENT)
+    if direct:
+        batch_size = min(batch_size, max(1, TOKEN_ROWS // len(tokens)))
+    batch_size = even(len(rows), fitting(model, len(tokens), batch_size))
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="path gradients", unit="batch", disable=not progress or len(starts) < 2):
         chunk = rows[start:start + batch_size]

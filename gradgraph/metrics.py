@@ -11,6 +11,7 @@ tokenizer by ``prepare``, which every entry point that takes a metric calls.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -131,6 +132,23 @@ def select_positions(
 Tokens = int | torch.Tensor | str | list[str]
 
 
+@dataclass(frozen=True, eq=False)
+class AtPosition:
+    """A metric that reads one position per row: ``of(logits[b, pos_b] [batch, vocab]) -> [batch]``.
+    A caller that knows it can compute the logits at those positions only (``positions``); called
+    on the whole ``[batch, pos, vocab]`` it is the same function."""
+
+    pos: int | torch.Tensor
+    of: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.of(select_positions(logits, self.pos, attention_mask))
+
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[batch]`` absolute positions read, for the prompts of ``attention_mask`` ``[batch, pos]``."""
+        return resolve_positions(self.pos, attention_mask.long().sum(-1), what="metric")
+
+
 def logit_diff(good: Tokens, bad: Tokens, pos: int | torch.Tensor = -1) -> Metric:
     """``logit[good] - logit[bad]`` at ``pos``: the SVA quantity for a causal LM.
 
@@ -139,12 +157,7 @@ def logit_diff(good: Tokens, bad: Tokens, pos: int | torch.Tensor = -1) -> Metri
     if _is_words(good) or _is_words(bad):
         return _with_words(logit_diff, good, bad, pos)
     good_ids, bad_ids = _ids(good, "good"), _ids(bad, "bad")
-
-    def metric(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        at = select_positions(logits, pos, attention_mask)  # [batch, vocab]
-        return _pick(at, good_ids) - _pick(at, bad_ids)
-
-    return metric
+    return AtPosition(pos, lambda at: _pick(at, good_ids) - _pick(at, bad_ids))  # at: [batch, vocab]
 
 
 def logprob_diff(good: Tokens, bad: Tokens, pos: int | torch.Tensor = -1) -> Metric:
@@ -153,11 +166,11 @@ def logprob_diff(good: Tokens, bad: Tokens, pos: int | torch.Tensor = -1) -> Met
         return _with_words(logprob_diff, good, bad, pos)
     good_ids, bad_ids = _ids(good, "good"), _ids(bad, "bad")
 
-    def metric(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        at = select_positions(logits, pos, attention_mask).log_softmax(-1)
+    def of(at: torch.Tensor) -> torch.Tensor:  # [batch, vocab]
+        at = at.log_softmax(-1)
         return _pick(at, good_ids) - _pick(at, bad_ids)
 
-    return metric
+    return AtPosition(pos, of)
 
 
 def _pick(at: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from gradgraph import fused, integrated
 from gradgraph.arch import names
 from gradgraph.arch.models import FAMILIES
 from gradgraph.attribution import cuts
-from gradgraph.metrics import logprob_diff
+from gradgraph.metrics import AtPosition, logit_diff, logprob_diff
 from gradgraph.rules import ATTN_LRP, CHEFER2021, CP_LRP, GRADIENT, attn_lrp
 from gradgraph.semirings import Real
 
@@ -43,6 +43,26 @@ def test_fused_equals_the_graph_at_the_inputs_and_every_cut(family, rules):
         expected = (grads[node][0] * graph.activations[node]).flatten(1).sum(1)
         assert torch.allclose(one.cut_sums[node], expected, atol=1e-10, rtol=0), (node, rules)
     assert one.grads[names.name("embed")].abs().sum() > 0
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("pos", [-1, 2, "per row"])
+def test_a_metric_of_one_position_per_row_unembeds_only_there(pos):
+    model = family_model("llama", n_layers=2, seed=3)
+    tokens, mask, _ = prompts("llama")
+    pos = torch.tensor([-1, 1] + [-2] * (len(tokens) - 2)) if pos == "per row" else pos
+    for at in (logit_diff(1, 4, pos=pos), logprob_diff(1, 4, pos=pos)):
+        assert isinstance(at, AtPosition)
+        whole = lambda logits, m, at=at: at(logits, m)  # noqa: E731  the same metric, read from every position
+        ours, reference = (fused.input_values(model, tokens, metric, rules=ATTN_LRP, attention_mask=mask, cuts=True)
+                           for metric in (at, whole))
+        assert torch.allclose(ours.metric_value, reference.metric_value, atol=1e-12, rtol=0)
+        for node in ours.grads:
+            assert torch.allclose(ours.grads[node], reference.grads[node], atol=1e-12, rtol=0)
+        for node in ours.cut_sums:
+            assert torch.allclose(ours.cut_sums[node], reference.cut_sums[node], atol=1e-12, rtol=0)
+    with pytest.raises(GradGraphError, match="outside prompt"):
+        fused.input_values(model, tokens, logit_diff(1, 4, pos=40), rules=GRADIENT, attention_mask=mask)
     assert no_hooks_left(model)
 
 

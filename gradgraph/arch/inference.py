@@ -381,7 +381,8 @@ def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor,
 
 
 def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Backward = Backward(), *,
-                   embed: torch.Tensor | None = None, watch=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   embed: torch.Tensor | None = None, watch=None, positions: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The forward from the weights with autograd on, for a model ``from_weights`` covers:
     ``(logits [n, s, d_vocab], inputs)``, ``inputs`` the input embeddings by node name (leaves that
     require grad: ``hook_embed``, ``hook_pos_embed``), so that the metric's backward leaves at each
@@ -389,7 +390,9 @@ def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Bac
     causal attention over every position (right padding is never read by a real position); rotary
     models run past ``n_ctx`` (the rotation by the model's own formula), learned positions do not;
     ``embed`` ``[n, s, d]`` replaces the token embeddings. ``watch(name, tensor)`` sees each residual
-    cut (``hook_resid_pre``, ``hook_resid_mid``, the last ``hook_resid_post``) as it is computed."""
+    cut (``hook_resid_pre``, ``hook_resid_mid``, the last ``hook_resid_post``) as it is computed.
+    ``positions`` ``[n]``: the logits of row i at ``positions[i]`` only, ``[n, d_vocab]`` (a metric of
+    one position per row: the unembedding of the other positions is neither computed nor differentiated)."""
     made = as_spec(model)
     if not made.from_weights or made.layout != "decoder":
         raise GradGraphError("the differentiable forward from the weights covers the GPT-2 / Llama layout; this "
@@ -411,8 +414,11 @@ def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Bac
         see(names.name("resid_mid", index), mid)
         x = mid + _mlp(cfg, layer, _apply_norm(layer.ln2, mid, backward.scale_held), backward)
     see(names.name("resid_post", len(w.layers) - 1), x)
+    if positions is not None:
+        x = x[torch.arange(len(x), device=x.device), positions]  # [n, d]
     model = made.model
-    return _apply_norm(w.ln_final, x, backward.scale_held) @ model.W_U.detach() + model.b_U.detach(), inputs
+    return torch.addmm(model.b_U.detach(), _apply_norm(w.ln_final, x, backward.scale_held).flatten(0, -2),
+                       model.W_U.detach()).unflatten(0, x.shape[:-1]), inputs
 
 
 TRACED = ("resid_pre", "attn_out", "resid_mid", "mlp_out")
