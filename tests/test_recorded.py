@@ -81,3 +81,25 @@ def test_float32_recording_rounds_as_transformer_lens_does(family):
     _, ref = _hooked(model, tokens)
     _, acts = recorded.recorded(model, tokens, None, keep_patterns=True)
     assert [n for n in acts if not torch.equal(acts[n], ref[n])] == []
+
+
+@pytest.mark.parametrize("family", COVERED)
+def test_a_metric_of_one_position_per_row_is_recorded_as_the_whole_logits_give_it(family):
+    """``logit_diff`` reads one position per row: the recording makes the logits only there (and the
+    kept columns everywhere), with the same value, gradient and kept logits as the whole logits give."""
+    from gradgraph.build import record
+    from gradgraph.metrics import logit_diff, logprob_diff
+
+    model = tiny_model(family, n_layers=2, dtype=torch.float64, seed=3)
+    tokens = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens)
+    mask[1, 5:] = 0
+    for at in (logit_diff(3, 4, pos=torch.tensor([-1, -1, 2])), logprob_diff(3, 4)):
+        ours = record(model, tokens, at, attention_mask=mask)
+        whole = record(model, tokens, lambda logits, m, at=at: at(logits, m), attention_mask=mask)
+        assert ours.grad_logits.shape == whole.grad_logits.shape and torch.equal(ours.logit_ids, whole.logit_ids)
+        assert torch.allclose(ours.metric_value, whole.metric_value, rtol=0, atol=1e-12)
+        assert torch.allclose(ours.grad_logits, whole.grad_logits, rtol=0, atol=1e-12)
+        assert torch.allclose(ours.activations["unembed.hook_out"], whole.activations["unembed.hook_out"],
+                              rtol=0, atol=1e-12)
+        assert set(ours.activations) == set(whole.activations)

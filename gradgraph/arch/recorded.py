@@ -74,7 +74,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     each key/value head read by its ``H / G`` query heads, never repeated (TransformerLens' rounding)."""
     n, H, s, e = q.shape
     G, t = k.shape[1], k.shape[2]
-    return ((q.reshape(n, G, H // G, s, e) @ k[:, :, None].transpose(-1, -2)) / scale).view(n, H, s, t)
+    return (q.reshape(n, G, H // G, s, e) @ k[:, :, None].transpose(-1, -2)).div_(scale).view(n, H, s, t)
 
 
 def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patterns: bool, acts: dict,
@@ -102,7 +102,7 @@ def _attention(model, layer, x: torch.Tensor, H: int, G: int, e: int, keep_patte
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, s, e]
     if keep_patterns:
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        scores = attention_scores(q, k, layer.attn_scale).masked_fill(~causal, float("-inf"))
+        scores = attention_scores(q, k, layer.attn_scale).masked_fill_(~causal, float("-inf"))
         pattern = torch.softmax(scores, -1)
         acts[names.name("attn_scores", index)], acts[names.name("pattern", index)] = scores, pattern
         z = (pattern.view(n, G, R, s, s) @ v[:, :, None]).view(n, H, s, e)
@@ -135,11 +135,13 @@ def _mlp(layer, x: torch.Tensor, linear: dict | None, acts: dict, index: int) ->
 
 
 @torch.no_grad()
-def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patterns: bool
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patterns: bool,
+             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(logits [n, s, d_vocab], {node: tensor})`` for ``tokens`` ``[n, s]`` (causal attention over
     every position; ``embed`` ``[n, s, d]`` replaces the token embeddings), the nodes those
-    TransformerLens' recording gives (``unembed.hook_out`` included, every vocabulary column)."""
+    TransformerLens' recording gives (``unembed.hook_out`` included, every vocabulary column).
+    ``positions`` ``[n]``: the logits of row i at ``positions[i]`` only, ``[n, d_vocab]``, and no
+    ``unembed.hook_out`` (the caller forms the columns it needs from ``unembed.hook_in``)."""
     made = spec(model)
     w, cfg = _weights(model), made.cfg
     H, e = cfg.n_heads, cfg.d_head
@@ -165,6 +167,8 @@ def recorded(model, tokens: torch.Tensor, embed: torch.Tensor | None, keep_patte
         acts[names.name("resid_post", index)] = x
     unembed_in = _norm(acts, "ln_final", w.ln_final, x)
     acts[names.name("unembed_in")] = unembed_in
+    if positions is not None:
+        return unembed_in[torch.arange(n, device=x.device), positions] @ model.W_U.detach() + model.b_U.detach(), acts
     logits = unembed_in @ model.W_U.detach() + model.b_U.detach()
     acts[names.name("logits")] = logits
     return logits, acts

@@ -13,7 +13,7 @@ from gradgraph.arch.features import soft_cap
 from gradgraph.arch.lens import Model
 from gradgraph.arch.spec import ModelSpec, check_supported, spec
 from gradgraph.errors import GradGraphError
-from gradgraph.metrics import prepare
+from gradgraph.metrics import AtPosition, prepare
 from gradgraph.prompts import to_tokens
 
 
@@ -166,9 +166,12 @@ def record(
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
         run = dict(one_zero_attention_mask=mask)
+    at = None  # [batch]: where a metric of one position per row reads (its logits are made only there)
     if cache is None and recorded.covers(model):  # the weights' own forward: no hooks, the norms run once
         embedded = replacements.get(names.inputs(model)[0])
-        logits, acts = recorded.recorded(model, token_ids, embedded, keep_patterns=not recompute)
+        if isinstance(metric, AtPosition) and soft_cap(model.cfg.output_logits_soft_cap) is None:
+            at = metric.positions(mask)
+        logits, acts = recorded.recorded(model, token_ids, embedded, keep_patterns=not recompute, positions=at)
     else:
         skip = {names.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(model.cfg.n_layers)}
         with torch.no_grad(), hooks.replacing(model, replacements), \
@@ -180,9 +183,12 @@ def record(
         for layer, entry in enumerate(cache.entries):
             acts[names.name("cached_k", layer)] = entry.past_keys
             acts[names.name("cached_v", layer)] = entry.past_values
-    # NaN and inf propagate into the residual stream; masked attention scores are -inf by design
+    # NaN and inf propagate into the residual stream, up to its last cut (where one is, every cut
+    # after it has one: the list is made only then); masked attention scores are -inf by design
+    last = names.name("resid_post", model.cfg.n_layers - 1)
     checked = [n for n in acts if names.is_residual(n) or n == names.inputs(model)[0]]
-    bad = [n for n in checked if not torch.isfinite(acts[n]).all()]
+    bad = [] if last in acts and torch.isfinite(acts[last]).all() else [n for n in checked
+                                                                        if not torch.isfinite(acts[n]).all()]
     if bad:
         raise GradGraphError(
             f"non-finite activations at {bad[:3]} (of {len(checked)} residual-stream hook points); the graph "
@@ -190,10 +196,16 @@ def record(
         )
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(True)
-        value = check_metric_value(metric(logits, mask), token_ids.shape[0])
+        value = check_metric_value(metric(logits, mask) if at is None else metric.of(logits), token_ids.shape[0])
         (grad,) = torch.autograd.grad(value.sum(), logits, allow_unused=True)
     grad = torch.zeros_like(logits) if grad is None else grad
-    logit_ids = grad.flatten(0, 1).any(0).nonzero()[:, 0]
+    logit_ids = grad.flatten(0, -2).any(0).nonzero()[:, 0]
+    if at is not None:  # the kept columns at every position; the gradient is the metric's positions'
+        W_U, b_U = model.W_U.detach()[:, logit_ids], model.b_U.detach()[logit_ids]
+        acts[names.name("logits")] = acts[names.name("unembed_in")] @ W_U + b_U
+        rows = torch.zeros((*token_ids.shape, len(logit_ids)), dtype=grad.dtype, device=grad.device)
+        rows[torch.arange(len(at), device=at.device), at] = grad[:, logit_ids]
+        return Recording(model, token_ids, mask, acts, value.detach(), rows, logit_ids, prefix=prefix)
     if soft_cap(model.cfg.output_logits_soft_cap) is None:
         acts[names.name("logits")] = logits.detach()[..., logit_ids]
     else:  # the hook holds the logits before the cap, the metric reads them after it
