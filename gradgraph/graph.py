@@ -576,9 +576,9 @@ class Pending(Block):
 
 
 class _Transposed(Weight):
-    """``W`` with its last two dims swapped: views of ``W``'s own (cached) ``|W|`` and ``|W| log |W|``,
-    so that a shared matrix keeps one copy of each per dtype (BLAS reads a transposed operand as it
-    is; the max–times kernels make the rows they read contiguous, one matrix at a time)."""
+    """``W`` with its last two dims swapped: views of ``W``'s own (cached) values and ``|W| log |W|``;
+    a shared matrix's ``|Wᵀ|`` is kept laid out as read (the max–times kernels read its rows, and a
+    transposed copy per product cost as much as the product; BLAS reads either layout)."""
 
     def __init__(self, base: Weight):
         self.base = base
@@ -595,7 +595,9 @@ class _Transposed(Weight):
         return self.base.indicator(dtype).transpose(-1, -2)
 
     def abs(self, dtype):
-        return self.base.abs(dtype).transpose(-1, -2)
+        if not self.base.shared:
+            return self.base.abs(dtype).transpose(-1, -2)
+        return self.base._get("abs_t", dtype, lambda: self.base.magnitude(dtype).transpose(-1, -2).contiguous())
 
     def xlogx(self, dtype, magnitude=None):
         return self.base.xlogx(dtype, None if magnitude is None else magnitude.transpose(-1, -2)).transpose(-1, -2)

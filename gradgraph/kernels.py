@@ -37,7 +37,8 @@ if HAVE_NUMBA:
     @njit(parallel=True, fastmath=_FLAGS, cache=True)
     def _max_times(x, w, out):  # pragma: no cover - compiled
         # four output rows per task, so that each row w[j] is read once for four (a shared matrix
-        # streams from cache once per four rows, not per row: about twice as fast)
+        # streams from cache once per four rows, not per row: about twice as fast), and four w rows
+        # per sweep of the output rows (a quarter of the loads and stores: 1.3-1.5x more)
         N, I, J = x.shape
         K = w.shape[2]
         shared = w.shape[0] == 1
@@ -53,11 +54,28 @@ if HAVE_NUMBA:
                     r1[k] = 0.0
                     r2[k] = 0.0
                     r3[k] = 0.0
-                for j in range(J):
+                j = 0
+                while j + 4 <= J:
                     a0, a1, a2, a3 = x[n, i0, j], x[n, i0 + 1, j], x[n, i0 + 2, j], x[n, i0 + 3, j]
-                    if a0 == 0.0 and a1 == 0.0 and a2 == 0.0 and a3 == 0.0:
+                    b0, b1, b2, b3 = x[n, i0, j + 1], x[n, i0 + 1, j + 1], x[n, i0 + 2, j + 1], x[n, i0 + 3, j + 1]
+                    c0, c1, c2, c3 = x[n, i0, j + 2], x[n, i0 + 1, j + 2], x[n, i0 + 2, j + 2], x[n, i0 + 3, j + 2]
+                    d0, d1, d2, d3 = x[n, i0, j + 3], x[n, i0 + 1, j + 3], x[n, i0 + 2, j + 3], x[n, i0 + 3, j + 3]
+                    j += 4
+                    if (a0 == 0.0 and a1 == 0.0 and a2 == 0.0 and a3 == 0.0 and b0 == 0.0 and b1 == 0.0
+                            and b2 == 0.0 and b3 == 0.0 and c0 == 0.0 and c1 == 0.0 and c2 == 0.0 and c3 == 0.0
+                            and d0 == 0.0 and d1 == 0.0 and d2 == 0.0 and d3 == 0.0):
                         continue
+                    wa, wb, wc, wd = wn[j - 4], wn[j - 3], wn[j - 2], wn[j - 1]
+                    for k in range(K):
+                        p, q, u, v = wa[k], wb[k], wc[k], wd[k]
+                        r0[k] = max(r0[k], max(max(a0 * p, b0 * q), max(c0 * u, d0 * v)))
+                        r1[k] = max(r1[k], max(max(a1 * p, b1 * q), max(c1 * u, d1 * v)))
+                        r2[k] = max(r2[k], max(max(a2 * p, b2 * q), max(c2 * u, d2 * v)))
+                        r3[k] = max(r3[k], max(max(a3 * p, b3 * q), max(c3 * u, d3 * v)))
+                while j < J:  # the last w rows, one by one
+                    a0, a1, a2, a3 = x[n, i0, j], x[n, i0 + 1, j], x[n, i0 + 2, j], x[n, i0 + 3, j]
                     wj = wn[j]
+                    j += 1
                     for k in range(K):
                         c = wj[k]
                         r0[k] = max(r0[k], a0 * c)

@@ -167,7 +167,7 @@ def explicit_matmul(sr, x, w):
     return out
 
 
-def random_case(sr, seed, N, Nw, I=6, J=5, K=4):  # I = 6: the kernels take rows four at a time, then the rest
+def random_case(sr, seed, N, Nw, I=6, J=9, K=4):  # I = 6, J = 9: the kernels take rows and w rows four at a time, then the rest
     gen = torch.Generator().manual_seed(seed)
     # x: values of 1 to 3 'paths' each, with whole semiring zeros
     x = sr.zero((N, I, J), dtype=F64, device="cpu")
@@ -177,6 +177,7 @@ def random_case(sr, seed, N, Nw, I=6, J=5, K=4):  # I = 6: the kernels take rows
         x = sr.plus(x, sr.convert(raw))
     x[:, 0, 0, :] = sr.zero((J,), dtype=F64, device="cpu")  # a whole row without paths
     x[:, -1, -1, 1] = sr.zero((), dtype=F64, device="cpu")
+    x[:, :, :4, 4:8] = sr.zero((N, 4, 4), dtype=F64, device="cpu")  # four rows with no path through four columns
     w = torch.randn((Nw, J, K), generator=gen, dtype=F64)
     w[torch.rand((Nw, J, K), generator=gen) < 0.3] = 0.0
     w[:, :, 0] = 0.0  # a column no path reaches
