@@ -34,11 +34,23 @@ def available(*tensors: torch.Tensor) -> bool:
 
 if HAVE_NUMBA:
 
+    @njit(parallel=True, cache=True)
+    def _row_ends(w, ends):  # pragma: no cover - compiled
+        # ends[n, j]: one past the last nonzero of w[n, j] (a causal pattern's rows end at their diagonal)
+        N, J, K = w.shape
+        for t in prange(N * J):
+            n, j = t // J, t % J
+            k = K
+            while k > 0 and w[n, j, k - 1] == 0.0:
+                k -= 1
+            ends[n, j] = k
+
     @njit(parallel=True, fastmath=_FLAGS, cache=True)
-    def _max_times(x, w, out):  # pragma: no cover - compiled
+    def _max_times(x, w, ends, out):  # pragma: no cover - compiled
         # four output rows per task, so that each row w[j] is read once for four (a shared matrix
         # streams from cache once per four rows, not per row: about twice as fast), and four w rows
-        # per sweep of the output rows (a quarter of the loads and stores: 1.3-1.5x more)
+        # per sweep of the output rows (a quarter of the loads and stores: 1.3-1.5x more); w's rows
+        # are read up to their last nonzero (``ends``)
         N, I, J = x.shape
         K = w.shape[2]
         shared = w.shape[0] == 1
@@ -47,6 +59,7 @@ if HAVE_NUMBA:
             n = t // blocks
             i0 = (t % blocks) * 4
             wn = w[0] if shared else w[n]
+            en = ends[0] if shared else ends[n]
             if i0 + 4 <= I:
                 r0, r1, r2, r3 = out[n, i0], out[n, i0 + 1], out[n, i0 + 2], out[n, i0 + 3]
                 for k in range(K):
@@ -66,7 +79,7 @@ if HAVE_NUMBA:
                             and d0 == 0.0 and d1 == 0.0 and d2 == 0.0 and d3 == 0.0):
                         continue
                     wa, wb, wc, wd = wn[j - 4], wn[j - 3], wn[j - 2], wn[j - 1]
-                    for k in range(K):
+                    for k in range(max(max(en[j - 4], en[j - 3]), max(en[j - 2], en[j - 1]))):
                         p, q, u, v = wa[k], wb[k], wc[k], wd[k]
                         r0[k] = max(r0[k], max(max(a0 * p, b0 * q), max(c0 * u, d0 * v)))
                         r1[k] = max(r1[k], max(max(a1 * p, b1 * q), max(c1 * u, d1 * v)))
@@ -76,7 +89,7 @@ if HAVE_NUMBA:
                     a0, a1, a2, a3 = x[n, i0, j], x[n, i0 + 1, j], x[n, i0 + 2, j], x[n, i0 + 3, j]
                     wj = wn[j]
                     j += 1
-                    for k in range(K):
+                    for k in range(en[j - 1]):
                         c = wj[k]
                         r0[k] = max(r0[k], a0 * c)
                         r1[k] = max(r1[k], a1 * c)
@@ -92,7 +105,7 @@ if HAVE_NUMBA:
                     if a == 0.0:
                         continue
                     wj = wn[j]
-                    for k in range(K):
+                    for k in range(en[j]):
                         row[k] = max(row[k], a * wj[k])
 
     @njit(parallel=True, fastmath=_FLAGS, cache=True)
@@ -293,8 +306,16 @@ def _batch(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def max_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``out[n, i, k] = max_j x[n, i, j] · w[n, j, k]`` for non-negative x and w."""
     x, w, n = _batch(x, w.to(x.dtype))
+    if not x.is_contiguous() and x.transpose(-1, -2).is_contiguous() and w.numel() < x.numel():
+        # x is a transposed view (q·k's gradient towards k): outᵀ = wᵀ ⊗ xᵀ reads it as it lies, and
+        # copies the smaller w (a transposed copy of x cost four times the product)
+        return max_times(w.transpose(-1, -2).expand(n, -1, -1), x.transpose(-1, -2)).transpose(-1, -2)
     out = np.empty((n, x.shape[-2], w.shape[-1]), dtype=_np(x[..., :0, :0]).dtype)
-    _max_times(_np(x), _np(w), out)
+    wn = _np(w)
+    ends = np.full(wn.shape[:2], wn.shape[2], dtype=np.int64)
+    if len(wn) > 1:  # a matrix of each row's own (a pattern, a gradient): where its rows end; a shared one is dense
+        _row_ends(wn, ends)
+    _max_times(_np(x), wn, ends, out)
     return torch.from_numpy(out)
 
 

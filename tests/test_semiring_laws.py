@@ -202,6 +202,17 @@ def test_matmul_equals_explicit(name, shapes, seed):
 
 @pytest.mark.parametrize("shapes", MATMUL_SHAPES, ids=lambda s: f"N{s[0]}-W{s[1]}")
 @pytest.mark.parametrize("name", NAMES)
+def test_matmul_of_a_transposed_view(name, shapes):
+    """x laid out transposed (a view, as q·k's gradient towards k is): the same values."""
+    sr = SEMIRINGS[name]
+    x, w = random_case(sr, 3, *shapes)
+    viewed = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not viewed.is_contiguous()
+    check(sr.matmul(viewed, w), explicit_matmul(sr, x, w), f"{name}.matmul of a transposed view")
+
+
+@pytest.mark.parametrize("shapes", MATMUL_SHAPES, ids=lambda s: f"N{s[0]}-W{s[1]}")
+@pytest.mark.parametrize("name", NAMES)
 def test_matmul_in_chunks(name, shapes, monkeypatch):
     """The chunked max-times kernels give the same result when every chunk is tiny."""
     sr = SEMIRINGS[name]
