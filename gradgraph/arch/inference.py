@@ -288,7 +288,7 @@ def _qkv(layer: _Layer, normed: torch.Tensor, heads: int, e: int) -> torch.Tenso
 def _mlp(cfg, layer: _Layer, x: torch.Tensor, backward: "Backward | None" = None) -> torch.Tensor:
     n, s, _ = x.shape
     pre = (x.reshape(n * s, -1) @ layer.W_in)
-    act = layer.act_fn if backward is None or not backward.identity else lambda x: _identity_rule(layer.act_fn, x)
+    act = layer.act_fn if backward is None or not backward.identity else lambda x: _IdentityRule.apply(x, layer.act_fn)
     if cfg.gated_mlp:
         gate, linear = pre.chunk(2, -1)
         factors = (1.0, 1.0) if backward is None else backward.gate
@@ -333,26 +333,20 @@ def _scaled(x: torch.Tensor, f: float) -> torch.Tensor:
     return x if f == 1 else x.detach() if f == 0 else _Scaled.apply(x, f)
 
 
-class _LocalWeight(torch.autograd.Function):
-    """``y`` forward (computed from ``x`` elsewhere), ``w ⊙ g`` back to ``x``."""
+class _IdentityRule(torch.autograd.Function):
+    """``fn(x)`` forward, ``fn(x) / x`` ⊙ g back to x (0 where x = 0; AttnLRP's identity rule); the
+    ratio is formed again in the backward from x, so that the pass keeps no tensor of its own."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(w)
-        return y.view_as(y)
+    def forward(ctx, x: torch.Tensor, fn) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.fn = fn
+        return fn(x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (w,) = ctx.saved_tensors
-        return g * w, None, None
-
-
-def _identity_rule(fn, x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)``, passing ``fn(x) / x`` ⊙ g back (0 where x = 0; AttnLRP's identity rule)."""
-    with torch.no_grad():
-        y = fn(x)
-        w = torch.where(x == 0, 0.0, y / x)
-    return _LocalWeight.apply(x, y, w)
+        (x,) = ctx.saved_tensors
+        return g * torch.where(x == 0, 0.0, ctx.fn(x) / x), None
 
 
 def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor, backward: Backward) -> torch.Tensor:
