@@ -63,6 +63,7 @@ class SoftmaxOp:
     allowed: torch.Tensor  # [batch, 1, query, key] bool: causal and not padding
     layer: int
     s: torch.Tensor | Lazy | None = None  # the scores [batch, head, query, key]
+    exact: bool = False  # p is exactly 0 wherever allowed is False (a batch without padding: masked to −inf)
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,9 +130,11 @@ def activation_derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
 
 
 def softmax_jacobian(op: SoftmaxOp) -> list[Block]:
-    """∂p_k/∂s_j = p_k (δ_jk − p_j): ``J = diag(p) − p pᵀ`` per row, stored as its factors."""
-    a = Weight(op.p, op.allowed)
-    return [Rank1(op.scores, op.pattern, "softmax", op.layer, a, Weight(op.p, op.allowed, -1.0), a)]
+    """∂p_k/∂s_j = p_k (δ_jk − p_j): ``J = diag(p) − p pᵀ`` per row, stored as its factors (p itself
+    where it is already 0 outside the allowed pairs: no masked copy formed on every pass)."""
+    mask = () if op.exact else (op.allowed,)
+    a = Weight(op.p, *mask)
+    return [Rank1(op.scores, op.pattern, "softmax", op.layer, a, Weight(op.p, *mask, -1.0), a)]
 
 
 def linear_jacobian(block: Matmul, x: torch.Tensor, y: torch.Tensor) -> list[Block]:

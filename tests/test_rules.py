@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gradgraph import GRADIENT, GradGraphError, assemble, backprop, build_graph, forward, record, tiny_model
-from gradgraph.arch import hooks
+from gradgraph.arch import hooks, names
+from gradgraph.arch.models import FAMILIES
 from gradgraph.arch import memory, recorded
 from gradgraph.graph import OPS, GradGraph, Matmul, Rank1
 from gradgraph.metrics import logit_diff, logprob_diff
@@ -18,6 +19,7 @@ from gradgraph.weights import Weight
 
 from conftest import no_hooks_left
 from test_graph import autograd_gradients, compare_with_autograd
+from test_families import family_model
 
 F64 = torch.float64
 SEMIRINGS = [Real, Abs, Log, Max, SignedMax, KMax(3), Entropy]
@@ -257,3 +259,20 @@ def test_cached_weights_follow_the_model():
     graph = build_graph(model, tokens, metric)
     assert graph.edge("blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out").weight is not w_first
     assert compare_with_autograd(graph, backprop(graph, Real), autograd_gradients(model, tokens, metric), 1e-10) > 20
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_unpadded_patterns_masked_pairs_are_exact_zeros(family):
+    """The softmax's Jacobian of a batch without padding is formed from p itself (``SoftmaxOp.exact``):
+    that holds only if p is exactly 0 at every pair ``allowed`` leaves out, on every family."""
+    model = family_model(family, n_layers=2, seed=2)
+    tokens = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    graph = build_graph(model, tokens, lambda logits: logits[:, -1, 1] - logits[:, -1, 2])
+    blocks = [b for b in graph.edges if isinstance(b, Rank1) and b.tgt.endswith("hook_pattern")]
+    assert blocks and all(len(b.a.factors) == 1 for b in blocks)
+    for block in blocks:
+        p = block.a.real(torch.float64)
+        allowed = next(m for m in graph.edges if isinstance(m, Matmul) and m.layer == block.layer
+                       and m.op == "bilinear" and m.tgt_mask is not None).tgt_mask
+        assert (p.masked_select(~allowed.expand_as(p)) == 0).all(), (family, block.layer)
+        assert not allowed.all() or names.is_encoder(model.cfg)

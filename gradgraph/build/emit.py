@@ -26,6 +26,7 @@ class Assembly:
         self.model, self.spec = recording.model, spec(recording.model)
         self.cfg = self.spec.cfg
         self.valid = recording.attention_mask.bool()  # [B, P]
+        self.unpadded = bool(self.valid.all())  # the masks then only repeat what −inf made 0 in the patterns
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.order: list[str] = []
         self.blocks: list[Block] = []
@@ -194,7 +195,7 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     # pattern = softmax(scores)
     asm.node(pattern, None if made is None else made["pattern"])
     asm.add_derived("softmax", (scores, pattern), lambda: asm.rules.softmax(
-        SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores])))
+        SoftmaxOp(scores, pattern, asm.stored[pattern], allowed, layer, asm.stored[scores], exact=asm.unpadded)))
     # z = pattern · v; padded queries carry nothing, nor (Mask-LRP) the heads the mask leaves out
     z = asm.node(names.name("z", layer))
     f_p, f_v = asm.rules.bilinear("pv")
