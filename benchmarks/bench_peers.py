@@ -29,6 +29,7 @@ the counterfactual's run, and ``position_attribution`` per position).
 Each is divided by HF fwd+bwd and by its own peer (LRP by lxt's rule set, IG by captum).
 
     .venv/bin/python benchmarks/bench_peers.py [--lengths 8x12 12 128 512] [--repeats 3] [--jobs ...]
+    .venv/bin/python benchmarks/bench_peers.py --alternate --repeats 7 --jobs Max   # one process, HF and Max in turn
 """
 
 from __future__ import annotations
@@ -209,6 +210,30 @@ def measure(job: str, length: str, repeats: int) -> dict:
     return dict(seconds=statistics.median(times), memory=memory.peak - base)
 
 
+def alternated(job: str, length: str, repeats: int) -> dict:
+    """HF fwd+bwd and ``job`` in this one (fresh) process, timed in turn ``repeats`` times after a
+    warm-up of each: the median of the per-pair ratios, so that a drift of the machine's speed
+    during the run moves both sides (the fresh-process medians move by about ±0.15 between runs)."""
+    from gradgraph.allocator import keep_freed_memory
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    keep_freed_memory()
+    model, tokens, mask, good, bad, pad = _inputs(length)
+    runs = {"HF fwd+bwd": _hf_job("HF fwd+bwd", tokens, mask, good, bad, pad),
+            job: _our_job(job, model, tokens, mask, good, bad)}
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    ratios = [ours / hf for ours, hf in zip(times[job], times["HF fwd+bwd"])]
+    return dict(hf=statistics.median(times["HF fwd+bwd"]), seconds=statistics.median(times[job]),
+                ratio=statistics.median(ratios), low=min(ratios), high=max(ratios))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", nargs="+", default=["8x12", "12", "128", "512"])
@@ -216,7 +241,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--once", action="store_true",
                         help="one run per job, timed and measured, no warm-up (for 4,096 tokens and more)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="each of gradgraph's jobs alternated with HF fwd+bwd in one process: the median ratio of the pairs")
     args = parser.parse_args()
+    if args.alternate:
+        return _alternate(args)
     if args.once:
         args.repeats = 0
     runs = "one run, no warm-up" if args.once else f"median of {args.repeats} runs after a warm-up"
@@ -242,6 +271,19 @@ def main() -> None:
             print(f"| {length} | {job} | {seconds:.3f} | {_ratio(seconds, hf, 'seconds')} | "
                   f"{_ratio(seconds, peer, 'seconds')} | {memory / 2**20:.0f} | {_ratio(memory, hf, 'memory')} |",
                   flush=True)
+
+
+def _alternate(args) -> None:
+    print(f"CPU, torch threads {min(2, os.cpu_count() or 1)}; HF fwd+bwd and each job alternated {args.repeats} "
+          f"times in one fresh process after a warm-up of each")
+    print("| tokens | job | HF fwd+bwd (s) | job (s) | median ratio of the pairs | lowest, highest |\n|---|---|---|---|---|---|")
+    pool = multiprocessing.get_context("spawn")
+    for length in args.lengths:
+        for job in (j for j in args.jobs if j in OURS and j not in PATCHING and "IG" not in j):
+            with pool.Pool(1) as worker:
+                got = worker.apply(alternated, (job, length, args.repeats))
+            print(f"| {length} | {job} | {got['hf']:.3f} | {got['seconds']:.3f} | {got['ratio']:.2f} | "
+                  f"{got['low']:.2f}, {got['high']:.2f} |", flush=True)
 
 
 def _ratio(value: float, of: dict | None, key: str) -> str:
