@@ -175,13 +175,21 @@ def _patching_job(job: str, model, tokens, good, bad):
     return run
 
 
-def measure(job: str, length: str, repeats: int) -> dict:
-    """Time and memory of one job in this (fresh) process."""
-    from gradgraph.allocator import hand_back, keep_freed_memory
+def _worker_inputs(length: str):
+    """A fresh worker's set-up: two threads, the allocator the gradgraph command runs with (the
+    peers get the same), and the benchmark's inputs."""
+    from gradgraph.allocator import keep_freed_memory
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    keep_freed_memory()  # as the gradgraph command runs; the peers get the same allocator
-    model, tokens, mask, good, bad, pad = _inputs(length)
+    keep_freed_memory()
+    return _inputs(length)
+
+
+def measure(job: str, length: str, repeats: int) -> dict:
+    """Time and memory of one job in this (fresh) process."""
+    from gradgraph.allocator import hand_back
+
+    model, tokens, mask, good, bad, pad = _worker_inputs(length)
     if job in HF_PEERS:
         del model  # only its tokens were needed
         run = _hf_job(job, tokens, mask, good, bad, pad)
@@ -214,11 +222,7 @@ def alternated(job: str, length: str, repeats: int) -> dict:
     """HF fwd+bwd and ``job`` in this one (fresh) process, timed in turn ``repeats`` times after a
     warm-up of each: the median of the per-pair ratios, so that a drift of the machine's speed
     during the run moves both sides (the fresh-process medians move by about ±0.15 between runs)."""
-    from gradgraph.allocator import keep_freed_memory
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    keep_freed_memory()
-    model, tokens, mask, good, bad, pad = _inputs(length)
+    model, tokens, mask, good, bad, pad = _worker_inputs(length)
     runs = {"HF fwd+bwd": _hf_job("HF fwd+bwd", tokens, mask, good, bad, pad),
             job: _our_job(job, model, tokens, mask, good, bad)}
     for run in runs.values():

@@ -313,7 +313,7 @@ def max_times(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = np.empty((n, x.shape[-2], w.shape[-1]), dtype=_np(x[..., :0, :0]).dtype)
     wn = _np(w)
     ends = np.full(wn.shape[:2], wn.shape[2], dtype=np.int64)
-    if len(wn) > 1:  # a matrix of each row's own (a pattern, a gradient): where its rows end; a shared one is dense
+    if len(wn) > 1:  # a matrix per batch entry (patterns, gradients) may end early; one for all (a model's) is read whole
         _row_ends(wn, ends)
     _max_times(_np(x), wn, ends, out)
     return torch.from_numpy(out)
