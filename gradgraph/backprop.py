@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from gradgraph import chunked
 from gradgraph.arch import names
 from gradgraph.arch.names import METRIC
 from gradgraph.errors import GradGraphError
@@ -77,19 +78,24 @@ def backprop(
     values: dict[str, torch.Tensor | None] = {METRIC: semiring.one(graph.shapes[METRIC], dtype=dtype, device=device)}
     readers = {node: len(graph.edges_into(node)) for node in graph.order}  # sources still to read it
     checkpoints = _checkpoints(graph)
+    regions = _chunked(graph, kept, visit)  # by target: contributions to their sources made there
+    skipped, waiting = chunked.skipped(tuple(regions.values())), {}
     for node in reversed(graph.order):
         if node == METRIC:
             continue
         needed = readers[node] > 0 or node in kept or visit is not None  # no block reads a node without incoming edges
-        total = None
+        total = waiting.pop(node, None)
         for edge in graph.edges_from(node):
-            if needed and values[edge.tgt] is not None:
+            if needed and values[edge.tgt] is not None and id(edge) not in skipped:
                 contribution = edge.backward(inner, values[edge.tgt])
                 total = contribution if total is None else semiring.plus(total, contribution)
             readers[edge.tgt] -= 1
             if readers[edge.tgt] == 0 and edge.tgt not in kept:
                 del values[edge.tgt]
         values[node] = total  # None: no path to the metric (the semiring's zero, formed only if returned)
+        if node in regions and total is not None:
+            for src, contribution in regions[node].backward(semiring, inner, total).items():
+                waiting[src] = contribution if src not in waiting else semiring.plus(waiting[src], contribution)
         if total is not None and node in checkpoints:
             _check_range(semiring, total, node, dtype)
         if total is not None and visit is not None:
@@ -122,6 +128,11 @@ def forward(
     values: dict[str, torch.Tensor | None] = {}
     readers = {node: len(graph.edges_from(node)) for node in graph.order}
     checkpoints = _checkpoints(graph)
+    regions = _chunked(graph, kept, None)
+    skipped = chunked.skipped(tuple(regions.values()))
+    for region in regions.values():  # a region reads its sources at its target
+        for src in region.sources:
+            readers[src] += 1
     for node in graph.order:
         if node in graph.sources:
             shape = graph.shapes[node]
@@ -132,8 +143,15 @@ def forward(
         else:
             needed = readers[node] > 0 or node in kept
             total = None
+            if node in regions:
+                region = regions[node]
+                total = region.forward(semiring, inner, {src: values[src] for src in region.sources})
+                for src in region.sources:
+                    readers[src] -= 1
+                    if readers[src] == 0 and src not in kept:
+                        del values[src]
             for edge in graph.edges_into(node):
-                if needed and values[edge.src] is not None:
+                if needed and values[edge.src] is not None and id(edge) not in skipped:
                     contribution = edge.forward(inner, values[edge.src])
                     total = contribution if total is None else semiring.plus(total, contribution)
                 readers[edge.src] -= 1
@@ -145,6 +163,14 @@ def forward(
         if readers[node] == 0 and node not in kept:
             del values[node]
     return _formed(graph, semiring, values, dtype, device)
+
+
+def _chunked(graph: GradGraph, kept: set[str], visit) -> dict[str, chunked.Region]:
+    """The graph's chunked regions by target, unless a pass keeps or visits what they hold inside
+    (the scores and patterns are then formed whole, one layer at a time)."""
+    if visit is not None or any(set(region.inner) & kept for region in graph.regions):
+        return {}
+    return {region.target: region for region in graph.regions}
 
 
 def _checkpoints(graph: GradGraph) -> set[str]:

@@ -663,7 +663,8 @@ class GradGraph:
     (its last dim): only logits the metric depends on are nodes, since no other logit lies on a
     path to it. ``rules`` names the rule set the blocks were built with. A long prompt's graph
     (``build_graph(..., patterns=)``) keeps no attention scores or patterns: ``activations`` forms
-    them from the queries and keys on each read, and so do the blocks that weigh by them.
+    them from the queries and keys on each read, and so do the blocks that weigh by them; its
+    ``regions`` let a pass go through each layer's attention a chunk of query rows at a time.
     """
 
     shapes: Mapping[str, tuple[int, ...]]
@@ -684,6 +685,7 @@ class GradGraph:
     settled: Mapping[str, torch.Tensor] | None = None  # Real backprop at sources and patterns, from fixing Pending blocks
     prefix: int = 0  # positions of a cached prefix before the graph's own (keys and values only)
     cached: tuple[str, ...] = ()  # the cached prefix's key and value nodes: inputs that are not tokens
+    regions: tuple = ()  # gradgraph.chunked.Region per layer of a long prompt: attention run a chunk of rows at a time
     _out: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
     _in: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
 

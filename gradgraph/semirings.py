@@ -644,7 +644,7 @@ def _shifted_scans(x: torch.Tensor, scan):
 
     def pad(sr, part: torch.Tensor, at_start: bool) -> torch.Tensor:
         if sr is None:
-            edge = torch.zeros_like(part[..., :1])
+            edge = part.new_zeros(part.shape[:-1] + (1,))  # (part[..., :1] is empty for one element)
         else:
             edge = sr.zero(part.shape[1:-1] + (1,), dtype=part.dtype, device=part.device)
         return torch.cat([edge, part], -1) if at_start else torch.cat([part, edge], -1)

@@ -1,12 +1,13 @@
 """Long prompts: a graph that recomputes each layer's scores and pattern from its queries and keys
 whenever a pass reads them (``patterns="recompute"``, what ``"auto"`` picks past the memory budget)
-holds the same values as one that keeps them, under every semiring and rule set, on every family;
-it keeps no pattern, and the memory estimate counts what it holds."""
+holds the same values as one that keeps them, under every semiring and rule set, on every family,
+whether a pass forms a layer's patterns whole or goes through its attention a chunk of query rows
+at a time (``gradgraph.chunked``); it keeps no pattern, and the memory estimate counts what it holds."""
 
 import pytest
 import torch
 
-from gradgraph import GradGraphError, backprop, tiny_model
+from gradgraph import GradGraphError, backprop, chunked, tiny_model
 from gradgraph.arch import memory, names
 from gradgraph.arch.models import FAMILIES
 from gradgraph.backprop import through
@@ -55,6 +56,68 @@ def test_recomputed_patterns_give_the_same_graph_on_every_family(family):
     assert no_hooks_left(model)
 
 
+def _chunks_counted(monkeypatch, rows_of: int) -> list:
+    """Chunks of ``rows_of`` query rows (for 3 prompts × 4 heads × 7 keys), each one counted."""
+    monkeypatch.setattr(memory, "CHUNK_ELEMENTS", rows_of * 3 * 4 * 7)
+    counted, chunks = [], chunked.Region._chunks
+
+    def counting(region):
+        for chunk in chunks(region):
+            counted.append(chunk[0])
+            yield chunk
+
+    monkeypatch.setattr(chunked.Region, "_chunks", counting)
+    return counted
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_passes_a_chunk_of_query_rows_at_a_time_equal_the_whole_attention(family, monkeypatch):
+    counted = _chunks_counted(monkeypatch, 2)
+    model, kept, formed = _pair(family)
+    for rules, semirings in (("gradient", (Real, Abs, Max, Entropy, KMax(2))), ("attn-lrp", (Real, Max)),
+                             ("cp-lrp", (Real,)), ("chefer2021", (Real,))):
+        one, two = assemble(kept, rules), assemble(formed, rules)
+        assert not one.regions and [r.layer for r in two.regions] == [0, 1] and all(r.rows == 2 for r in two.regions)
+        inside = {n for region in two.regions for n in region.inner}
+        outside = [n for n in two.order if n not in inside]
+        for sr in semirings:
+            counted.clear()
+            a, b = backprop(one, sr, keep=outside), backprop(two, sr, keep=outside)
+            assert len(counted) == 2 * 4, (family, rules)  # 7 rows in chunks of 2, in each of 2 layers
+            scale = max(float(v.abs().nan_to_num(0).max()) for v in a.values() if v.numel())
+            for node in outside:
+                diff = (a[node] - b[node]).nan_to_num(0).abs().max() if a[node].numel() else 0
+                assert diff <= 1e-10 * max(scale, 1.0), (family, rules, sr.name, node, float(diff))
+    # forward and through go chunk by chunk too; op granularity sums within each block across chunks
+    one, two = assemble(kept), assemble(formed)
+    for sr, granularity in ((Log, "neuron"), (Max, "op"), (KMax(3), "neuron")):
+        counted.clear()
+        a = through(one, sr, granularity=granularity, keep=one.sources)
+        b = through(two, sr, granularity=granularity, keep=two.sources)
+        assert len(counted) == 2 * 2 * 4 and all(_close(a[n], b[n], 1e-12) for n in a), (family, sr.name)
+    assert no_hooks_left(model)
+
+
+def test_a_pass_that_keeps_a_pattern_forms_it_whole(monkeypatch):
+    counted = _chunks_counted(monkeypatch, 2)
+    _, kept, formed = _pair("gpt2")
+    one, two = assemble(kept), assemble(formed)
+    node = names.name("pattern", 1)
+    a, b = backprop(one, Max, keep=[node, *one.sources]), backprop(two, Max, keep=[node, *two.sources])
+    assert not counted and all(_close(a[n], b[n], 1e-12) for n in a)
+
+
+def test_a_causal_chunk_reads_the_keys_up_to_its_last_row(monkeypatch):
+    _chunks_counted(monkeypatch, 3)
+    model = tiny_model("llama", dtype=torch.float64, n_layers=1, n_heads=4, seed=2)
+    tokens = torch.randint(1, 50, (3, 7))
+    from gradgraph.metrics import logit_diff
+
+    region = build_graph(model, tokens, logit_diff(1, 2), patterns="recompute").regions[0]
+    spans = [(rows.start, rows.stop, keys) for rows, keys, _ in region._chunks()]
+    assert spans == [(0, 3, 3), (3, 6, 6), (6, 7, 7)]
+
+
 @pytest.mark.parametrize("sr", [Log, KMax(3)], ids=lambda s: s.name)
 def test_forward_through_and_top_paths_agree(sr):
     _, kept, formed = _pair("llama")
@@ -67,7 +130,8 @@ def test_forward_through_and_top_paths_agree(sr):
     assert all(abs(x - y) <= 1e-12 * abs(x) for (x, _), (y, _) in zip(*paths))
 
 
-def test_a_prefix_graph_recomputes_its_patterns_with_the_cached_keys():
+def test_a_prefix_graph_recomputes_its_patterns_with_the_cached_keys(monkeypatch):
+    counted = _chunks_counted(monkeypatch, 0)  # a row per chunk
     model = tiny_model("llama", dtype=torch.float64, n_layers=2, seed=4)
     prefix = torch.tensor([3, 9, 4, 7])
     tokens = torch.tensor([[5, 6, 8], [2, 11, 12]])
@@ -75,7 +139,7 @@ def test_a_prefix_graph_recomputes_its_patterns_with_the_cached_keys():
 
     graphs = [build_graph(model, tokens, logit_diff(1, 2), prefix=prefix, patterns=p) for p in ("keep", "recompute")]
     a, b = (backprop(g, Max, keep=g.sources + g.cached) for g in graphs)
-    assert all(_close(a[n], b[n], 1e-12) for n in a)
+    assert all(_close(a[n], b[n], 1e-12) for n in a) and len(counted) == 2 * 3  # a chunk per row and layer
     node = names.name("pattern", 1)
     assert graphs[0].shapes[node] == graphs[1].shapes[node] == (2, model.cfg.n_heads, 3, 7)
     assert _close(graphs[0].activations[node], graphs[1].activations[node], 1e-12)

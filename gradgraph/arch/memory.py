@@ -5,8 +5,10 @@ backward pass keeps one value per node element. Per layer and position that is a
 vectors, the q/k/v/MLP activations and two attention rows of ``n_heads × positions`` (scores and
 pattern), which is why memory grows as ``batch × positions²`` for long prompts. Past
 ``PATTERN_BUDGET`` the graph keeps the queries and keys instead and forms each layer's scores and
-pattern when a pass reads them (``recomputes_patterns``): what stays quadratic is then one layer's
-attention at a time, and each layer's mask of allowed (query, key) pairs.
+pattern when a pass reads them (``recomputes_patterns``); a pass then goes through each layer's
+attention a chunk of query rows at a time (``gradgraph.chunked``, ``CHUNK_ELEMENTS`` scores per
+chunk), so that memory grows linearly with positions per head: what stays quadratic is the mask of
+allowed (query, key) pairs, a byte per pair, shared by every layer and head.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ HEADROOM = 1.2
 # bytes of kept scores and patterns (every layer) above which a graph recomputes them per pass
 PATTERN_BUDGET = 2**30
 PATTERN_CHOICES = ("auto", "keep", "recompute")
+# elements of one chunk's scores (B · H · rows · keys) when a recomputing graph's pass goes through a
+# layer's attention a chunk of query rows at a time (gradgraph.chunked): 32 MiB in float32
+CHUNK_ELEMENTS = 2**23
 
 
 def pattern_bytes(cfg, batch: int, positions: int, dtype: torch.dtype) -> int:
@@ -41,6 +46,11 @@ def recomputes_patterns(patterns: str, cfg, batch: int, positions: int, dtype: t
     return patterns == "recompute"
 
 
+def chunk_rows(batch: int, heads: int, keys: int) -> int:
+    """Query rows per chunk: ``CHUNK_ELEMENTS`` scores of ``batch × heads × keys`` each (one at least)."""
+    return max(1, CHUNK_ELEMENTS // (batch * heads * keys))
+
+
 def graph_bytes(cfg, batch: int, positions: int, dtype: torch.dtype, recompute: bool = False) -> int:
     """Bytes to record ``batch × positions`` tokens and run one backward pass keeping every node;
     with ``recompute`` (patterns formed per pass, a long prompt's), one keeping what it is asked for
@@ -56,11 +66,12 @@ def graph_bytes(cfg, batch: int, positions: int, dtype: torch.dtype, recompute: 
     recorded = 7 * d + 2 * d * layer_norm + qkv + H * e + (2 + gated) * m
     values = recorded + (H + 2 * G) * d * (2 + layer_norm)  # per-head copies of the residual and ln1
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if recompute:  # what is recorded; one layer's values and attention (a pattern formed up to three times,
-        # its scores, their values) at a time; the allowed (query, key) pairs, and a Real pass's 0/1 copies per layer
-        per_position = cfg.n_layers * recorded + values + 3 * V + 3 * attention
-        masks = positions * (1 + 2 * cfg.n_layers * itemsize)
-        return int(HEADROOM * batch * positions * (itemsize * per_position + masks))
+    if recompute:  # what is recorded; one layer's values at a time, and one chunk of its attention (the raw
+        # scores, scores and pattern, their values and a product's temporaries); the allowed (query, key) pairs
+        per_position = cfg.n_layers * recorded + values + 3 * V
+        chunk = 8 * CHUNK_ELEMENTS * itemsize
+        masks = 2 * positions  # the causal pairs and the allowed ones per prompt (bools)
+        return int(HEADROOM * (batch * positions * (itemsize * per_position + masks) + chunk))
     per_position = cfg.n_layers * (recorded + attention + values + attention) + 3 * V  # logits, their gradient, a softmax
     return int(HEADROOM * itemsize * batch * positions * per_position)
 

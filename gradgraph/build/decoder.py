@@ -4,7 +4,8 @@ attention and MLP (``gradgraph.build.emit``) around the residual sums, the final
 from __future__ import annotations
 
 from gradgraph.arch import names
-from gradgraph.build.emit import Assembly, attention, final_norm, mlp, residual_sum
+from gradgraph.build.attention import attention
+from gradgraph.build.emit import Assembly, final_norm, mlp, residual_sum
 from gradgraph.graph import Identity
 
 

@@ -20,7 +20,8 @@ attention, MLP and the rule sets' blocks are the decoder's own emitters.
 from __future__ import annotations
 
 from gradgraph.arch import names
-from gradgraph.build.emit import Assembly, attention, linear, mlp, norm_out, residual_sum
+from gradgraph.build.attention import attention
+from gradgraph.build.emit import Assembly, linear, mlp, norm_out, residual_sum
 from gradgraph.graph import Diag, Identity
 from gradgraph.weights import Weight
 
