@@ -97,11 +97,9 @@ def prompts(model, length: str):
         tokens, mask = to_tokens(model, [i.prefix for i in chosen])
         return tokens, mask, torch.tensor([i.good_id for i in chosen]), torch.tensor([i.bad_id for i in chosen])
     n = int(length)
-    text = ". ".join(i.prefix + i.good for i in items[:: 7 if n <= 1024 else 1])  # every item: about 9,000 tokens
+    text = ". ".join(i.prefix + i.good for i in items[:: 7 if n <= 1024 else 1])  # every item: 7,441 tokens
     tokens, _ = to_tokens(model, text)
-    if tokens.shape[1] < n:
-        raise SystemExit(f"the benchmark text has {tokens.shape[1]} tokens, fewer than {n}")
-    tokens = tokens[:, :n]
+    tokens = tokens.repeat(1, -(-n // tokens.shape[1]))[:, :n]  # past its 7,441 tokens, the text again
     good, bad = (torch.tensor([single_token_id(model.tokenizer, w)]) for w in (" are", " is"))
     return tokens, torch.ones_like(tokens), good, bad
 

@@ -203,7 +203,8 @@ def test_memory_is_checked_before_the_forward_pass(monkeypatch):
     from_weights = recorded.recorded  # the recording forward of the GPT-2 / Llama layout
     monkeypatch.setattr(recorded, "recorded", lambda *a, **k: calls.append(1) or from_weights(*a, **k))
     tokens = torch.randint(0, 50, (4, 16))
-    need = memory.graph_bytes(model.cfg, 4, 16, torch.float32)
+    need = memory.graph_bytes(model.cfg, 4, 16, torch.float32, logit_rows=4)  # logit_diff reads one position a row
+    assert need < memory.graph_bytes(model.cfg, 4, 16, torch.float32)  # whose logits alone are made
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
     with pytest.raises(GradGraphError, match=r"needs about .* GiB .* available .* fewer tokens .* smaller batch"):
         build_graph(model, tokens, logit_diff(1, 2))

@@ -16,7 +16,7 @@ from gradgraph.build.emit import Assembly, linear, nonzero, norm, norm_out, norm
 from gradgraph.chunked import Region
 from gradgraph.graph import Block, Broadcast, Diag, Matmul, Place, Reshape
 from gradgraph.rules import RuleSet, SoftmaxOp
-from gradgraph.weights import Lazy, Weight, lazily, resolved
+from gradgraph.weights import Lazy, Weight, lazily
 
 
 def _kv_weight(attn, which: str) -> torch.Tensor:
@@ -64,14 +64,13 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     # scores = q·k / attn_scale (then cap · tanh(· / cap)); causally masked, out-of-window and padded
     # scores are constants
     window = cfg.window_size if getattr(attn, "attn_type", "global") == "local" else None
-    causal, allowed, keys = _masks(asm, window, rq.device)
+    allowed, hidden, keyed_rows = _masks(asm, window, rq.device)
     cap = soft_cap(cfg.attn_scores_soft_cap)
     scores, pattern = names.name("attn_scores", layer), names.name("pattern", layer)
     raw = scores if cap is None else names.name("scores_raw", layer)
     made = None  # a long prompt's scores and pattern are not recorded: formed from q and k whenever read
-    tl_mask = causal[None, None] & keys[:, None, None, :] if p0 or asm.encoder else causal[None, None]
-    if pattern not in asm.rec.activations:  # masked as TransformerLens masks them (padded keys: with a prefix, encoders)
-        made = _attention_maps(rq, rk, attn.attn_scale, cap, tl_mask)
+    if pattern not in asm.rec.activations:
+        made = _attention_maps(rq, rk, attn.attn_scale, cap, hidden, keyed_rows)
     if cap is not None:
         asm.node(raw, _raw_scores(rq, rk, attn.attn_scale) if made is None else made["raw"])
     asm.node(scores, None if made is None else made["scores"])
@@ -95,17 +94,14 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     if made is not None and blocks:
         def chunk(rows: slice, n_keys: int) -> list[Block]:
             q, k = rq[:, rows], rk[:, :n_keys]
-            maps = {name: resolved(t) for name, t in _attention_maps(
-                q, k, attn.attn_scale, cap, tl_mask[:, :, rows, :n_keys]).items()}
-            tensors = dict(raw=maps["raw" if cap is not None else "scores"], scores=maps["scores"],
-                           pattern=maps["pattern"])
-            return inside.blocks(q, k, v[:, :n_keys], {getattr(inside, n): t for n, t in tensors.items()},
+            maps = _maps(q, k, attn.attn_scale, cap, hidden[:, :, rows, :n_keys], keyed_rows)
+            return inside.blocks(q, k, v[:, :n_keys], {getattr(inside, n): t for n, t in maps.items()},
                                  allowed[:, :, rows, :n_keys], z_mask[:, rows])
 
         K = rk.shape[1]
         reads = (lambda end: K) if asm.encoder else (lambda end: p0 + end)  # a causal row reads the keys up to its own
         asm.regions.append(Region(layer, q_name, (k_name, v_name), tuple(dict.fromkeys((raw, scores, pattern))), z,
-                                  tuple(blocks), chunk, P, memory.chunk_rows(B, H, K), reads))
+                                  tuple(blocks), chunk, P, memory.chunk_rows(B, H, P, K), reads))
     # attn_out = Σ_h z_h W_O[h] (+ b_O)
     W_O = asm.shared(("W_O", layer), lambda: attn.W_O.detach().reshape(1, -1, cfg.d_model))
     return written(asm, z, layer, W_O, ("b p h e -> 1 (b p) (h e)", "b p d -> 1 (b p) d", dict(b=B, p=P, h=H)),
@@ -174,9 +170,11 @@ class _Inside:
 
 
 def _masks(asm: Assembly, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(causal [q, k], allowed [B, 1, q, k], keys [B, k])`` for layers with this local ``window``
-    (None: global), made once per graph: the (query, key) pairs that are not constants (causal, in
-    the window, neither padded) and the keys that are real tokens."""
+    """``(allowed [B, 1, q, k], hidden [B or 1, 1, q, k], keyed)`` for layers with this local
+    ``window`` (None: global), made once per graph: the (query, key) pairs that are not constants
+    (causal, in the window, neither padded), those TransformerLens masks to −inf (not causal, out
+    of the window; padded keys too with a prefix and in encoders), and whether every query has a
+    key it does not mask."""
     if window not in asm.masks:
         B, P = asm.valid.shape
         p0 = asm.prefix
@@ -187,7 +185,8 @@ def _masks(asm: Assembly, window: int | None, device) -> tuple[torch.Tensor, tor
             causal = causal & (key_at > query_at - window)
         keys = torch.cat([asm.valid.new_ones(B, p0), asm.valid], 1)
         allowed = causal[None, None] & asm.valid[:, None, :, None] & keys[:, None, None, :]  # [B, 1, q, k]
-        asm.masks[window] = causal, allowed, keys
+        seen = causal[None, None] & keys[:, None, None, :] if p0 or asm.encoder else causal[None, None]
+        asm.masks[window] = allowed, ~seen, bool(seen.any(-1).all())
     return asm.masks[window]
 
 
@@ -197,23 +196,34 @@ def _raw_scores(rq: torch.Tensor, rk: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def _attention_maps(rq: torch.Tensor, rk: torch.Tensor, scale: float, cap: float | None,
-                    mask: torch.Tensor) -> dict[str, Lazy]:
-    """The raw scores, the scores (soft-capped; −inf where ``mask`` [B or 1, 1, q, k] is False, as
-    TransformerLens masks them) and the pattern of one layer, each formed when it is read."""
+                    hidden: torch.Tensor, keyed: bool) -> dict[str, Lazy]:
+    """The raw scores, the scores and the pattern of one layer (``_maps``), each formed when it is read."""
     B, Q, H, _ = rq.shape
-    shape = (B, H, Q, rk.shape[1])
+    raw = Lazy(lambda: _raw_scores(rq, rk, scale), (B, H, Q, rk.shape[1]), rq.dtype, rq.device)
+    scores = lazily(lambda t: _masked(t.clone() if cap is None else t, cap, hidden), raw)
+    return dict(raw=raw, scores=scores, pattern=lazily(lambda t: _softmax(t, keyed), scores))
 
-    def masked(raw: torch.Tensor) -> torch.Tensor:
-        capped = raw if cap is None else cap * torch.tanh(raw / cap)
-        return capped.masked_fill(~mask, float("-inf"))
 
-    def softmax(s: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(s, -1)
-        return torch.where(torch.isnan(p), torch.zeros((), dtype=p.dtype, device=p.device), p)  # no key allowed
+def _maps(rq: torch.Tensor, rk: torch.Tensor, scale: float, cap: float | None, hidden: torch.Tensor,
+          keyed: bool) -> dict[str, torch.Tensor]:
+    """The raw scores q·k / scale, the scores (soft-capped; −inf where ``hidden`` [B or 1, 1, q, k],
+    as TransformerLens masks them) and the pattern ``[B, H, q, k]``, formed now (without a cap the
+    raw scores are the scores, masked in place)."""
+    raw = _raw_scores(rq, rk, scale)
+    scores = _masked(raw, cap, hidden)
+    return dict(raw=raw, scores=scores, pattern=_softmax(scores, keyed))
 
-    raw = Lazy(lambda: _raw_scores(rq, rk, scale), shape, rq.dtype, rq.device)
-    scores = lazily(masked, raw)
-    return dict(raw=raw, scores=scores, pattern=lazily(softmax, scores))
+
+def _masked(raw: torch.Tensor, cap: float | None, hidden: torch.Tensor) -> torch.Tensor:
+    """Soft-capped (a new tensor) or ``raw`` itself, −inf where ``hidden``."""
+    capped = raw if cap is None else cap * torch.tanh(raw / cap)
+    return capped.masked_fill_(hidden, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor, keyed: bool) -> torch.Tensor:
+    """softmax over the keys; unless every row has a key (``keyed``), a row without one is zeros."""
+    p = torch.softmax(scores, -1)
+    return p if keyed else p.nan_to_num_(nan=0.0)
 
 
 def _qk_norm(asm: Assembly, layer: int, which: str, src: str, module) -> str:

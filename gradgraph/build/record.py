@@ -161,16 +161,17 @@ def record(
     p0 = 0 if prefix is None else len(prefix)
     B, P = token_ids.shape[0], token_ids.shape[1] + p0
     recompute = memory.recomputes_patterns(patterns, model.cfg, B, P, made.dtype)
-    memory.check_fits(model.cfg, B, P, made.dtype, token_ids.device, recompute)
+    own = prefix is None and recorded.covers(model)  # the weights' own forward: no hooks, the norms run once
+    # a metric of one position per row: the logits are made there only
+    at_position = own and isinstance(metric, AtPosition) and soft_cap(model.cfg.output_logits_soft_cap) is None
+    memory.check_fits(model.cfg, B, P, made.dtype, token_ids.device, recompute, B if at_position else None)
     cache = None if prefix is None else lens.prefix_cache(model, prefix, token_ids.shape[0])
     run = {} if cache is None else dict(past_kv_cache=cache, attention_mask=mask)
     if names.is_encoder(model.cfg):  # padded keys are masked out of every position's attention
         run = dict(one_zero_attention_mask=mask)
-    at = None  # [batch]: where a metric of one position per row reads (its logits are made only there)
-    if cache is None and recorded.covers(model):  # the weights' own forward: no hooks, the norms run once
+    at = metric.positions(mask) if at_position else None  # [batch]: where that metric reads
+    if own:
         embedded = replacements.get(names.inputs(model)[0])
-        if isinstance(metric, AtPosition) and soft_cap(model.cfg.output_logits_soft_cap) is None:
-            at = metric.positions(mask)
         logits, acts = recorded.recorded(model, token_ids, embedded, keep_patterns=not recompute, positions=at)
     else:
         skip = {names.name(kind, layer) for kind in ("attn_scores", "pattern") for layer in range(model.cfg.n_layers)}
