@@ -111,6 +111,28 @@ def test_real_equals_autograd_on_smollm2(smol_model):
     assert no_hooks_left(smol_model)
 
 
+@pytest.mark.real
+def test_a_long_prompts_chunked_passes_equal_autograd_on_smollm2(smol_model):
+    """300 tokens and a shorter padded row: the graph recomputes its patterns and a pass that keeps
+    what lies outside attention goes through it in chunks; every hook point there equals autograd."""
+    from gradgraph.data import sva_items
+
+    text = ". ".join(i.prefix + i.good for i in sva_items(smol_model.tokenizer)[:60])
+    ids = gradgraph.prompts.to_tokens(smol_model, text)[0][0, :300]
+    tokens = torch.stack([ids, ids.roll(7)])
+    mask = torch.ones_like(tokens)
+    mask[1, 260:] = 0
+    metric = logit_diff(359, 314)
+    graph = build_graph(smol_model, tokens * mask, metric, attention_mask=mask)
+    assert len(graph.regions) == smol_model.cfg.n_layers and graph.regions[0].rows < 300
+    inside = {n for region in graph.regions for n in region.inner}
+    outside = [n for n in graph.order if n not in inside]
+    values = backprop(graph, Real, keep=outside)
+    reference = {n: g for n, g in autograd_gradients(smol_model, tokens * mask, metric, mask).items() if n not in inside}
+    assert compare_with_autograd(graph, values, reference, 1e-4) > 500
+    assert no_hooks_left(smol_model)
+
+
 def _tiny_graph(arch="gpt2", batch=2):
     d_head = 1 if arch == "gpt2" else 2
     model = tiny_model(arch, n_layers=1, d_model=2, n_heads=1, d_head=d_head, d_mlp=2, d_vocab=8,
