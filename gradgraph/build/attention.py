@@ -86,10 +86,7 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     inside = _Inside(layer, q_name, k_name, v_name, raw, scores, pattern, z, asm.rules, attn.attn_scale, cap, G,
                      asm.unpadded, (*asm.rules.bilinear("qk"), f_p, f_v))
     tensors = {n: asm.stored[n] for n in (raw, scores, pattern)}
-    key = (asm.rules, "softmax", scores, pattern)  # the softmax's blocks, made once per recording and rule set
-    blocks = inside.blocks(rq, rk, v, tensors, allowed, z_mask,
-                           lambda make: asm.rec.derived[key] if key in asm.rec.derived
-                           else asm.rec.derived.setdefault(key, make()))
+    blocks = inside.blocks(rq, rk, v, tensors, allowed, z_mask, lambda make: asm.derived("softmax", (scores, pattern), make))
     asm.add(blocks)
     if made is not None and blocks:
         def chunk(rows: slice, n_keys: int) -> list[Block]:

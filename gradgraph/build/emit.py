@@ -1,7 +1,8 @@
 """The op emitters every layout shares: the ``Assembly`` being built, norms, linear maps, residual
-sums, soft caps, and the sublayers made of them (attention, the MLP, the final norm, the logits and
-the metric). Each emitter adds its ops' blocks, as the ``RuleSet`` gives them, and returns the node
-its output lands on, a named site (``gradgraph.arch.names``) where later nodes attach."""
+sums, soft caps, and the sublayers made of them (the MLP, the final norm, the logits and the
+metric; attention has its own module, ``gradgraph.build.attention``). Each emitter adds its ops'
+blocks, as the ``RuleSet`` gives them, and returns the node its output lands on, a named site
+(``gradgraph.arch.names``) where later nodes attach."""
 
 from __future__ import annotations
 
@@ -49,12 +50,15 @@ class Assembly:
     def add(self, blocks: list[Block]) -> None:
         self.blocks += blocks
 
-    def add_derived(self, op: str, key: tuple, make) -> None:
+    def derived(self, op: str, key: tuple, make) -> list[Block]:
         """``make()``'s blocks, made once per recording, rule set and op (no head mask enters them)."""
         key = (self.rules, op) + key
         if key not in self.rec.derived:
             self.rec.derived[key] = make()
-        self.add(self.rec.derived[key])
+        return self.rec.derived[key]
+
+    def add_derived(self, op: str, key: tuple, make) -> None:
+        self.add(self.derived(op, key, make))
 
     def shared(self, key: tuple, make) -> Weight:
         """A model matrix (with a norm's weight folded in), shared by every graph of the model."""

@@ -144,9 +144,10 @@ def record(
     ``tokens`` are then what comes after it, and the graph covers only those positions (see
     ``GradGraph``): much less work when the prefix is long and only what follows is explained.
     ``patterns``: ``"keep"`` the attention scores and patterns of every layer as the forward pass
-    made them, or ``"recompute"`` them from the queries and keys whenever a pass reads them (the
-    graph then holds ``B·P²`` bits per layer instead of ``2·B·H·P²`` numbers); ``"auto"`` keeps
-    them unless that takes more than ``gradgraph.arch.memory.PATTERN_BUDGET``."""
+    made them, or ``"recompute"`` them from the queries and keys whenever a pass reads them (a pass
+    then goes through each layer's attention a chunk of query rows at a time, ``gradgraph.chunked``;
+    the graph holds a byte per (query, key) pair for all its layers instead of ``2·B·H·P²`` numbers
+    per layer); ``"auto"`` keeps them unless that takes more than ``gradgraph.arch.memory.PATTERN_BUDGET``."""
     made = check_supported(model)
     if isinstance(tokens, torch.Tensor):
         made.check_device(tokens)
