@@ -70,11 +70,12 @@ def _is_tensor(f) -> bool:
 class Weight:
     """A real weight: the product of ``factors`` (tensors, and numbers), in any dtype on demand."""
 
-    def __init__(self, *factors: torch.Tensor | Lazy | float, shared: bool = False):
+    def __init__(self, *factors: torch.Tensor | Lazy | float, shared: bool = False, nonnegative: bool = False):
         if not any(_is_tensor(f) for f in factors):
             raise ValueError("a Weight needs at least one tensor factor")
         self.factors = factors
         self.shared = shared
+        self.nonnegative = nonnegative  # every factor is (an attention pattern, a factor >= 0): |w| is w
         self._cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._parts: dict[tuple, "Weight"] = {}
 
@@ -107,6 +108,8 @@ class Weight:
             for f in self.factors:
                 if _is_tensor(f):
                     f = _compact(resolved(f)).to(dtype)
+                elif f == 1 and out is not None:  # a rule's factor one: no pass over the tensor
+                    continue
                 out = f if out is None else out * f
             return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, dtype=dtype)
 
@@ -123,7 +126,9 @@ class Weight:
 
     def magnitude(self, dtype: torch.dtype) -> torch.Tensor:
         """|w| in ``dtype``, uncached. One tensor's is taken in its own dtype and cast (both exact),
-        with no cast copy of the tensor itself."""
+        with no cast copy of the tensor itself; a weight known to be non-negative is its own."""
+        if self.nonnegative:
+            return self.real(dtype)
         if len(self.factors) == 1:
             return _compact(resolved(self.factors[0])).abs().to(dtype)
         return self.real(dtype).abs()
@@ -153,7 +158,7 @@ class _Part(Weight):
     def __init__(self, base: Weight, sign: int):
         self.base, self.sign = base, sign
         self.factors = base.factors
-        self.shared = False
+        self.shared = self.nonnegative = False
         self._cache, self._parts = {}, {}
 
     def real(self, dtype: torch.dtype) -> torch.Tensor:

@@ -277,3 +277,12 @@ def test_an_unpadded_patterns_masked_pairs_are_exact_zeros(family):
                        and m.op == "bilinear" and m.tgt_mask is not None).tgt_mask
         assert (p.masked_select(~allowed.expand_as(p)) == 0).all(), (family, block.layer)
         assert not allowed.all() or names.is_encoder(model.cfg)
+
+
+def test_a_nonnegative_weight_is_its_own_magnitude_and_a_factor_one_changes_nothing():
+    p = torch.softmax(torch.randn(2, 5, 5, dtype=torch.float64), -1)
+    half, one = Weight(p, 0.5, nonnegative=True), Weight(p, 1.0, nonnegative=True)
+    assert torch.equal(one.real(torch.float64), p) and torch.equal(half.abs(torch.float32), (p * 0.5).float())
+    assert torch.equal(Weight(p, 1.0).abs(torch.float64), p.abs())
+    signed = Weight(p - 0.2, -1.0)  # not marked: its magnitude is taken
+    assert torch.equal(signed.abs(torch.float64), (0.2 - p).abs())

@@ -161,7 +161,7 @@ class _Inside:
         return blocks + nonzero([
             (f_p, lambda: Matmul(self.pattern, self.z, "bilinear", layer, Weight(v_canon, f_p), True, score_layout,
                                  z_layout, axes, z_mask, self.v, "b k g e -> (b g) k e")),
-            (f_v, lambda: Matmul(self.v, self.z, "bilinear", layer, Weight(p_canon, f_v), False,
+            (f_v, lambda: Matmul(self.v, self.z, "bilinear", layer, Weight(p_canon, f_v, nonnegative=True), False,
                                  "b k g e -> (b g) k e", z_layout, axes, z_mask, self.pattern, score_layout)),
         ])
 
