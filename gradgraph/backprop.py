@@ -79,6 +79,7 @@ def backprop(
     readers = {node: len(graph.edges_into(node)) for node in graph.order}  # sources still to read it
     checkpoints = _checkpoints(graph)
     regions = _chunked(graph, kept, visit)  # by target: contributions to their sources made there
+    once = _once(graph, semiring, inner, kept, visit)  # norms on per-head copies: their output's copies ⊕-summed first
     skipped, waiting = chunked.skipped(tuple(regions.values())), {}
     for node in reversed(graph.order):
         if node == METRIC:
@@ -92,6 +93,8 @@ def backprop(
             readers[edge.tgt] -= 1
             if readers[edge.tgt] == 0 and edge.tgt not in kept:
                 del values[edge.tgt]
+        if node in once and total is not None:  # ⊕ over the copies, kept as one: the norm then runs once
+            total = inner.sum(total, once[node]).unsqueeze(once[node] + 1)
         values[node] = total  # None: no path to the metric (the semiring's zero, formed only if returned)
         if node in regions and total is not None:
             for src, contribution in regions[node].backward(semiring, inner, total).items():
@@ -171,6 +174,16 @@ def _chunked(graph: GradGraph, kept: set[str], visit) -> dict[str, chunked.Regio
     if visit is not None or any(set(region.inner) & kept for region in graph.regions):
         return {}
     return {region.target: region for region in graph.regions}
+
+
+def _once(graph: GradGraph, semiring: Semiring, inner: Semiring, kept: set[str], visit) -> dict[str, int]:
+    """The first nodes of norms on per-head copies (``GradGraph.copies``) by copy dim, where a pass
+    may ⊕ the copies there before the norm: ⊕_h f(v_h) = f(⊕_h v_h) for the norm's semiring-linear
+    map f, the same for every copy (not at op granularity, where the copies' sum and the node's ⊕
+    differ, nor where a node of the norm is kept or visited)."""
+    if visit is not None or inner is not semiring:
+        return {}
+    return {node: dim for node, dim, nodes in graph.copies if not set(nodes) & kept}
 
 
 def _checkpoints(graph: GradGraph) -> set[str]:

@@ -686,6 +686,8 @@ class GradGraph:
     prefix: int = 0  # positions of a cached prefix before the graph's own (keys and values only)
     cached: tuple[str, ...] = ()  # the cached prefix's key and value nodes: inputs that are not tokens
     regions: tuple = ()  # gradgraph.chunked.Region per layer of a long prompt: attention run a chunk of rows at a time
+    # (node, dim, nodes): a norm on per-head copies along dim, the same for every copy, whose output node is the first
+    copies: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
     _out: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
     _in: Mapping[str, tuple[Block, ...]] = field(init=False, repr=False)
 

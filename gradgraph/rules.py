@@ -36,7 +36,7 @@ import torch
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Contract, Diag, Identity, Matmul, Pending, Rank1, SignSplit, Spread
 from gradgraph.semirings import Real
-from gradgraph.weights import Lazy, Weight, _compact, lazily
+from gradgraph.weights import Lazy, Weight, compact, lazily
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,7 +292,7 @@ def alpha1_beta0(block: Matmul, x: torch.Tensor, y: torch.Tensor) -> list[Block]
     inputs, W⁻ for negative ones (a ``SignSplit`` of two shared-weight maps), scaled per output."""
     positive = dataclasses.replace(block, weight=block.weight.part(+1))
     negative = dataclasses.replace(block, weight=block.weight.part(-1))
-    x_c = _compact(x)  # per-head copies of one vector: signs once, broadcast
+    x_c = compact(x)  # per-head copies of one vector: signs once, broadcast
     is_pos, is_neg = (x_c > 0).expand_as(x), (x_c < 0).expand_as(x)
     z = positive.forward(Real, x.clamp(min=0)[None])[0] + negative.forward(Real, x.clamp(max=0)[None])[0]  # [*y]
     scale = Weight(_ratio(y, z))

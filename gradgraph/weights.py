@@ -107,7 +107,7 @@ class Weight:
             out = None
             for f in self.factors:
                 if _is_tensor(f):
-                    f = _compact(resolved(f)).to(dtype)
+                    f = compact(resolved(f)).to(dtype)
                 elif f == 1 and out is not None:  # a rule's factor one: no pass over the tensor
                     continue
                 out = f if out is None else out * f
@@ -130,7 +130,7 @@ class Weight:
         if self.nonnegative:
             return self.real(dtype)
         if len(self.factors) == 1:
-            return _compact(resolved(self.factors[0])).abs().to(dtype)
+            return compact(resolved(self.factors[0])).abs().to(dtype)
         return self.real(dtype).abs()
 
     def abs(self, dtype: torch.dtype) -> torch.Tensor:
@@ -169,7 +169,7 @@ class _Part(Weight):
         return self.real(dtype).abs()
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def compact(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every expanded (stride-0) dim cut to size 1: a product of per-head copies is
     computed once and broadcast, not once per copy."""
     if all(stride or size == 1 for stride, size in zip(t.stride(), t.shape)):

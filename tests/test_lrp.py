@@ -161,8 +161,8 @@ def test_chefer2021_equals_relevance_space_reference(arch):
     reference = chefer_relevance(model, tokens, METRIC)
     assert torch.allclose(ours, reference, atol=1e-10, rtol=0), (ours - reference).abs().max()
     settled = backprop(graph, Real, keep=["hook_embed", "blocks.0.attn.hook_pattern"])  # kept from fixing the graph
-    for node, value in settled.items():
-        assert torch.equal(value, values[node])
+    for node, value in settled.items():  # that pass went through each norm on per-head copies once: the order of sums
+        assert torch.allclose(value, values[node], rtol=1e-12, atol=1e-14)
     assert no_hooks_left(model)
 
 

@@ -240,7 +240,8 @@ def test_keep_returns_only_those_nodes_with_the_same_values():
         full = direction(graph, Entropy)
         kept = direction(graph, Entropy, keep=["hook_embed", "blocks.1.attn.hook_z"])
         assert set(kept) == {"hook_embed", "blocks.1.attn.hook_z"}
-        assert all(torch.equal(kept[n], full[n]) for n in kept)
+        # (keeping fewer nodes, a pass goes through each norm on per-head copies once: sums in another order)
+        assert all(torch.allclose(kept[n], full[n], rtol=1e-12, atol=1e-14) for n in kept)
     with pytest.raises(GradGraphError, match="keep names nodes"):
         backprop(graph, Real, keep=["no.such.node"])
 

@@ -56,7 +56,7 @@ def assemble(recording: Recording, rules: RuleSet | str = GRADIENT, *, head_mask
         activations=asm.stored, metric_value=recording.metric_value, logit_ids=recording.logit_ids,
         tokens=recording.tokens, attention_mask=recording.attention_mask, n_layers=cfg.n_layers,
         n_heads=cfg.n_heads, n_key_value_heads=cfg.n_key_value_heads or cfg.n_heads, rules=name,
-        head_mask=asm.head_mask, prefix=asm.prefix, cached=cached, regions=tuple(asm.regions),
+        head_mask=asm.head_mask, prefix=asm.prefix, cached=cached, regions=tuple(asm.regions), copies=tuple(asm.copies),
     )
     return _frozen(graph)
 

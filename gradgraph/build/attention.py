@@ -14,7 +14,7 @@ from gradgraph.arch import lens, memory, names, recorded
 from gradgraph.arch.features import soft_cap
 from gradgraph.build.emit import Assembly, linear, nonzero, norm, norm_out, norm_weight, norms_around, soft_capped, written
 from gradgraph.chunked import Region
-from gradgraph.graph import Block, Broadcast, Diag, Matmul, Place, Reshape
+from gradgraph.graph import Block, Broadcast, Contract, Diag, Matmul, Place, Rank1, Reshape, Spread
 from gradgraph.rules import RuleSet, SoftmaxOp
 from gradgraph.weights import Lazy, Weight, lazily
 
@@ -40,7 +40,10 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
     for firing, copies in (("q", H), ("k", G), ("v", G)):
         inp = asm.node(names.name(f"{firing}_input", layer))
         asm.add([Broadcast(resid, inp, "copy", layer, 2, copies)])
+        start, first = len(asm.blocks), len(asm.order)
         y = inp if before is None else norm(asm, "ln1", inp, layer, before, firing)
+        if y != inp and _one_per_copy(asm.blocks[start:], 2, len(asm.shapes[inp])):
+            asm.copies.append((y, 2, (inp, *asm.order[first:])))
 
         def folded(firing=firing):
             W = matrices[firing]().detach()
@@ -164,6 +167,23 @@ class _Inside:
             (f_v, lambda: Matmul(self.v, self.z, "bilinear", layer, Weight(p_canon, f_v, nonnegative=True), False,
                                  "b k g e -> (b g) k e", z_layout, axes, z_mask, self.pattern, score_layout)),
         ])
+
+
+def _one_per_copy(blocks: list[Block], dim: int, ndim: int) -> bool:
+    """Whether every weight of a norm's ``blocks`` has size one along node dim ``dim`` (of
+    ``ndim``): the norm is then the same for every copy there."""
+    for block in blocks:
+        if not isinstance(block, (Diag, Contract, Spread, Rank1)):
+            return False
+        weights = [w for w, _ in block.parts] if isinstance(block, Diag) else \
+            [block.a, block.b, block.c] if isinstance(block, Rank1) else [block.weight]
+        for factor in (f for w in weights for f in w.factors):
+            if isinstance(factor, Lazy):
+                return False
+            at = dim - (ndim - factor.ndim) if isinstance(factor, torch.Tensor) else -1
+            if at >= 0 and factor.shape[at] != 1:
+                return False
+    return True
 
 
 def _masks(asm: Assembly, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

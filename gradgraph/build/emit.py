@@ -15,7 +15,7 @@ from gradgraph.build.record import Recording
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import Block, Diag, Identity, Matmul
 from gradgraph.rules import NormOp, RuleSet, SoftmaxOp, SumOp
-from gradgraph.weights import Lazy, Weight, lazily, model_weights, shared_weight
+from gradgraph.weights import Lazy, Weight, compact, lazily, model_weights, shared_weight
 
 
 class Assembly:
@@ -36,6 +36,7 @@ class Assembly:
         self.encoder = self.spec.layout == "encoder"  # post-LN blocks around the residual sums, attention both ways
         self.masks: dict[int | None, tuple] = {}  # attention masks by local window (None: global)
         self.regions: list = []  # a long prompt's attention, run a chunk of query rows at a time (gradgraph.chunked)
+        self.copies: list[tuple[str, int, tuple[str, ...]]] = []  # norms on per-head copies (GradGraph.copies)
 
     def node(self, name: str, tensor: torch.Tensor | None = None) -> str:
         if tensor is None:
@@ -83,13 +84,15 @@ def norm(asm: Assembly, prefix: str, x: str, layer: int | None, module, firing: 
     centered = None
     x_tilde = asm.stored[x]
     if kind in ("LN", "LNPre"):
-        compact = x_tilde[:, :, :1] if x_tilde.ndim == 4 and x_tilde.stride(2) == 0 else x_tilde  # per-head copies
-        x_tilde = (compact - compact.mean(-1, keepdim=True)).expand_as(x_tilde)
+        one = compact(x_tilde)  # per-head copies: centred once
+        x_tilde = (one - one.mean(-1, keepdim=True)).expand_as(x_tilde)
         centered = asm.node(names.name(f"{prefix}_centered", layer, firing), x_tilde)
     scale = asm.node(names.name(f"{prefix}_scale", layer, firing))
     y = asm.node(names.name(f"{prefix}_normalized", layer, firing))
+    # per-head copies of one vector are handed over as that vector: every weight made of them is one
+    # per copy too, and a pass can go through the norm once for all copies (``GradGraph.copies``)
     asm.add_derived("norm", (x, y), lambda: asm.rules.norm(
-        NormOp(x, centered, scale, y, asm.stored[x], x_tilde, asm.stored[scale], layer)))
+        NormOp(x, centered, scale, y, compact(asm.stored[x]), compact(x_tilde), compact(asm.stored[scale]), layer)))
     return y
 
 
