@@ -88,13 +88,11 @@ def backprop(
         total = waiting.pop(node, None)
         for edge in graph.edges_from(node):
             if needed and values[edge.tgt] is not None and id(edge) not in skipped:
-                contribution = edge.backward(inner, values[edge.tgt])
+                contribution = _contribution(edge, inner, values[edge.tgt], once.get(node))
                 total = contribution if total is None else semiring.plus(total, contribution)
             readers[edge.tgt] -= 1
             if readers[edge.tgt] == 0 and edge.tgt not in kept:
                 del values[edge.tgt]
-        if node in once and total is not None:  # ⊕ over the copies, kept as one: the norm then runs once
-            total = inner.sum(total, once[node]).unsqueeze(once[node] + 1)
         values[node] = total  # None: no path to the metric (the semiring's zero, formed only if returned)
         if node in regions and total is not None:
             for src, contribution in regions[node].backward(semiring, inner, total).items():
@@ -174,6 +172,16 @@ def _chunked(graph: GradGraph, kept: set[str], visit) -> dict[str, chunked.Regio
     if visit is not None or any(set(region.inner) & kept for region in graph.regions):
         return {}
     return {region.target: region for region in graph.regions}
+
+
+def _contribution(edge, inner: Semiring, value: torch.Tensor, copies: int | None) -> torch.Tensor:
+    """``edge.backward``; at the output of a norm on per-head copies (along node dim ``copies``),
+    ⊕-summed over them and kept as one copy: the norm then runs once (a shared linear map into the
+    copies sums them in its product, ``Matmul.summed``)."""
+    if copies is None:
+        return edge.backward(inner, value)
+    summed = edge.summed(inner, value) if copies == 2 and hasattr(edge, "summed") else None
+    return summed if summed is not None else inner.sum(edge.backward(inner, value), copies).unsqueeze(copies + 1)
 
 
 def _once(graph: GradGraph, semiring: Semiring, inner: Semiring, kept: set[str], visit) -> dict[str, int]:

@@ -403,6 +403,19 @@ class Matmul(Block):
             out = sr.matmul(v.transpose(-1, -2), self.weight).transpose(-1, -2)
         return self._from(self.src_pattern, out)
 
+    def summed(self, sr: Semiring, value: torch.Tensor) -> torch.Tensor | None:
+        """``backward``'s contribution ⊕-summed over the source's per-head copies (its canonical ``n``,
+        node dim 2 of ``b p h d``), kept as one copy: one product over (head, k) for a shared weight
+        (q, k, v from ln1's copies); None where the block is not of that form."""
+        if not (self.node_left and self.weight.shared and self.src_pattern == "b p h d -> h (b p) d"
+                and len(self.weight.shape) == 3):
+            return None
+        v = self._to(self.tgt_pattern, self._scaled(sr, self._masked(sr, value)))  # [S, N, I, K]
+        S, N, I, K = v.shape
+        out = sr.matmul(v.permute(0, 2, 1, 3).reshape(S, 1, I, N * K), _Stacked(self.weight))  # [S, 1, I, J]
+        b, p = self.axes["b"], self.axes["p"]
+        return out.reshape(S, b, p, 1, out.shape[-1])
+
     def forward(self, sr, value):
         x = self._to(self.src_pattern, value)
         if self.node_left:
@@ -601,6 +614,34 @@ class _Transposed(Weight):
 
     def xlogx(self, dtype, magnitude=None):
         return self.base.xlogx(dtype, None if magnitude is None else magnitude.transpose(-1, -2)).transpose(-1, -2)
+
+
+class _Stacked(Weight):
+    """A shared ``W`` ``[N, J, K]`` read as ``Wᵀ`` with its N matrices stacked, ``[1, N·K, J]``: the
+    product ⊕_n ⊕_k x[n, i, k] ⊗ W[n, j, k] in one (views of the transposed copies kept laid out
+    as read, ``|Wᵀ|`` and ``|Wᵀ| log |Wᵀ|``)."""
+
+    def __init__(self, base: Weight):
+        self.base = base
+        N, J, K = base.shape
+        self._stacked = (1, N * K, J)
+
+    @property
+    def shape(self):
+        return torch.Size(self._stacked)
+
+    def real(self, dtype):
+        return self.base.real(dtype).transpose(-1, -2).reshape(self._stacked)
+
+    def indicator(self, dtype):
+        return self.base.indicator(dtype).transpose(-1, -2).reshape(self._stacked)
+
+    def abs(self, dtype):
+        return _Transposed(self.base).abs(dtype).reshape(self._stacked)
+
+    def xlogx(self, dtype, magnitude=None):
+        return self.base._get("xlogx_t", dtype, lambda: self.base.xlogx(dtype).transpose(-1, -2).contiguous()) \
+            .reshape(self._stacked)
 
 
 def _no_edges() -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,3 +35,22 @@ def test_a_norm_on_copies_runs_once_with_the_same_values(family):
                 both = torch.isinf(once[node]) & torch.isinf(every[node]) & (once[node] == every[node])
                 diff = (once[node] - every[node]).masked_fill(both, 0).nan_to_num(0).abs().max()
                 assert diff <= 1e-10 * max(scale, 1.0), (family, rules, sr.name, node, float(diff))
+
+
+def test_the_maps_into_the_copies_sum_them_in_their_product(monkeypatch):
+    """q, k and v read ln1's copies through shared matrices: their product over (head, dim) gives the
+    ⊕ over copies at once, in every semiring."""
+    from gradgraph.graph import Matmul
+    from gradgraph.semirings import Count, SignedMax
+
+    summed, original = [], Matmul.summed
+    monkeypatch.setattr(Matmul, "summed", lambda self, sr, value: summed.append(1) or original(self, sr, value))
+    model = family_model("llama", n_layers=2, seed=5)
+    tokens, mask, metric = prompts("llama")
+    graph = assemble(record(model, tokens, metric, attention_mask=mask))
+    for sr in (Real, Max, Entropy, KMax(2), Log, Abs, SignedMax, Count):
+        summed.clear()
+        once, every = backprop(graph, sr, keep=graph.sources), backprop(graph, sr, keep=graph.order)
+        assert len(summed) == 6, sr.name  # q, k, v in each of two layers
+        a, b = once["hook_embed"], every["hook_embed"]
+        assert torch.allclose(a.nan_to_num(0), b.nan_to_num(0), rtol=1e-10, atol=1e-12), sr.name
