@@ -21,7 +21,7 @@ from gradgraph import chunked
 from gradgraph.arch import names
 from gradgraph.arch.names import METRIC
 from gradgraph.errors import GradGraphError
-from gradgraph.graph import GradGraph
+from gradgraph.graph import GradGraph, Matmul
 from gradgraph.semirings import Real, Semiring
 
 GRANULARITIES = ("neuron", "op")
@@ -180,7 +180,7 @@ def _contribution(edge, inner: Semiring, value: torch.Tensor, copies: int | None
     copies sums them in its product, ``Matmul.summed``)."""
     if copies is None:
         return edge.backward(inner, value)
-    summed = edge.summed(inner, value) if copies == 2 and hasattr(edge, "summed") else None
+    summed = edge.summed(inner, value) if isinstance(edge, Matmul) else None
     return summed if summed is not None else inner.sum(edge.backward(inner, value), copies).unsqueeze(copies + 1)
 
 

@@ -71,15 +71,13 @@ class Region:
                 if block.src == self.queries:  # its rows
                     parts.setdefault(index, []).append(part)
                     continue
-                if keys < n_keys and index not in parts:  # [S, B, K, G, e]: the keys no chunk read yet are zeros
-                    parts[index] = _zeros(inner, part, (part.shape[1], n_keys, *part.shape[3:]))
-                if index not in parts:
-                    parts[index] = part
-                elif keys == n_keys:
-                    parts[index] = inner.plus(parts[index], part)
-                else:  # ⊕ into the keys this chunk read (the total is the region's own tensor)
-                    total = parts[index]
-                    total[:, :, :keys] = inner.plus(total[:, :, :keys], part)
+                total = parts.get(index)  # [S, B, K, G, e]
+                if keys == n_keys:
+                    parts[index] = part if total is None else inner.plus(total, part)
+                    continue
+                if total is None:  # the region's own tensor: the keys no chunk read yet are zeros
+                    total = parts[index] = _zeros(inner, part, (part.shape[1], n_keys, *part.shape[3:]))
+                total[:, :, :keys] = inner.plus(total[:, :, :keys], part)  # ⊕ into the keys this chunk read
         out: dict[str, torch.Tensor] = {}
         for index, part in parts.items():
             src = blocks[index].src
