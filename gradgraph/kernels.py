@@ -198,56 +198,60 @@ if HAVE_NUMBA:
                     best = term
 
     @njit(parallel=True, cache=True)
-    def _rank1_entropy(lz, r, a, b, c, e, g, out_lz, out_r):  # pragma: no cover - compiled
+    def _rank1_entropy(lz, r, w, e, g, shift, a, b, c, out_lz, out_r):  # pragma: no cover - compiled
+        # w = lz + log|c| (the off-diagonal terms Z_k |c_k| = exp(w_k)), e = exp(w - shift) and
+        # g = log|c| come from vectorised torch ops; here the prefix and suffix sums, and two logs
+        # per element (in the common case: the diagonal's term is e_j |d_j| / |c_j|, no exp)
         rows, n = lz.shape
         floor = np.log(np.finfo(lz.dtype).tiny) + 2.0  # below this a shifted term underflows
+        exact = np.finfo(lz.dtype).tiny / np.finfo(lz.dtype).eps  # a shifted term above this is a normal number
         for t in prange(rows):
-            # the off-diagonal terms k: Z_k |c_k| = exp(w_k), w_k = lz_k + log|c_k|, shifted by their max
+            sh = shift[t]
             top, second, arg = -np.inf, -np.inf, -1
             for k in range(n):
-                if c[t, k] != 0.0:
-                    g[t, k] = np.log(abs(c[t, k]))
-                    w = lz[t, k] + g[t, k]  # -inf where Z_k = 0
-                else:
-                    w, g[t, k] = -np.inf, 0.0
-                e[t, k] = w
-                if w > top:
-                    top, second, arg = w, top, k
-                elif w > second:
-                    second = w
-            shift = top if top > -np.inf else 0.0
+                x = w[t, k]
+                if x > top:
+                    top, second, arg = x, top, k
+                elif x > second:
+                    second = x
             s1, s2 = 0.0, 0.0  # prefix sums of Z|c| and Z|c|(r + log|c|), into the outputs
             for k in range(n):
                 out_lz[t, k], out_r[t, k] = s1, s2
-                z = np.exp(e[t, k] - shift)
-                e[t, k] = z
-                s1 += z
-                s2 += z * (r[t, k] + g[t, k])
+                if e[t, k] != 0.0:
+                    s1 += e[t, k]
+                    s2 += e[t, k] * (r[t, k] + g[t, k])
             q1, q2 = 0.0, 0.0  # suffix sums; then each element's output
             for j in range(n - 1, -1, -1):
-                o1, o2, osh = out_lz[t, j] + q1, out_r[t, j] + q2, shift
-                if j == arg and second > -np.inf and second - shift < floor:  # the others underflowed
+                o1, o2, osh = out_lz[t, j] + q1, out_r[t, j] + q2, sh
+                if j == arg and second > -np.inf and second - sh < floor:  # the others underflowed
                     o1, o2, osh = 0.0, 0.0, second
                     for k in range(n):
-                        if k != arg and c[t, k] != 0.0 and lz[t, k] > -np.inf:
-                            lc = np.log(abs(c[t, k]))
-                            z = np.exp(lz[t, k] + lc - second)
+                        if k != arg and w[t, k] > -np.inf:
+                            z = np.exp(w[t, k] - second)
                             o1 += z
-                            o2 += z * (r[t, k] + lc)
-                q1 += e[t, j]
-                q2 += e[t, j] * (r[t, j] + g[t, j])
+                            o2 += z * (r[t, k] + g[t, k])
+                ej = e[t, j]
+                if ej != 0.0:
+                    q1 += ej
+                    q2 += ej * (r[t, j] + g[t, j])
                 # |b_j| (o1, o2) off the diagonal, |d_j| Z_j on it, in units of e^osh (log b = log c
                 # for a softmax: reuse it)
-                bj, d = abs(b[t, j]), abs(a[t, j] + b[t, j] * c[t, j])
+                bj, cj, d = abs(b[t, j]), abs(c[t, j]), abs(a[t, j] + b[t, j] * c[t, j])
                 lb = 0.0
                 if bj != 0.0 and o1 > 0.0:
-                    lb = g[t, j] if bj == abs(c[t, j]) else np.log(bj)
+                    lb = g[t, j] if bj == cj else np.log(bj)
                 else:
                     bj = 0.0
                 if d != 0.0 and lz[t, j] > -np.inf:
                     ld = np.log(d)
                     if bj == 0.0:  # the diagonal alone
                         out_lz[t, j], out_r[t, j] = lz[t, j] + ld, r[t, j] + ld
+                        continue
+                    zd = ej * (d / cj) if ej > exact and osh == sh else 0.0  # Z_j |d_j| = e_j e^sh |d_j| / |c_j|
+                    if exact < zd <= 1.0:  # a normal number in units of e^osh
+                        z = zd + bj * o1
+                        out_lz[t, j] = np.log(z) + osh
+                        out_r[t, j] = (zd * (r[t, j] + ld) + bj * (o2 + lb * o1)) / z
                         continue
                     u = lz[t, j] + ld - osh  # the diagonal's log size against the others'
                     if u > 0.0:  # scale by the diagonal: every exponent is <= 0
@@ -281,13 +285,21 @@ def rank1_max(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
 
 
 def rank1_entropy(lz: torch.Tensor, r: torch.Tensor, a, b, c) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy's diagonal-plus-rank-one product on ``(log Z, R/Z)`` values along the last dim."""
+    """Entropy's diagonal-plus-rank-one product on ``(log Z, R/Z)`` values along the last dim.
+
+    The off-diagonal terms' logs ``w = log Z + log|c|``, their row maxima and ``exp(w - max)``
+    are vectorised torch ops (a compiled loop calls exp and log one element at a time, several
+    times slower); the loop makes the prefix and suffix sums and combines them."""
     shape = lz.shape
-    rows = int(np.prod(shape[:-1]))
+    rows, n = int(np.prod(shape[:-1])), shape[-1]
+    g = torch.log(c.to(lz.dtype).abs())  # -inf where c = 0 (those terms are skipped)
+    w = lz + g
+    shift = w.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+    e = torch.exp(w - shift)
     dtype = _np(lz[..., :0]).dtype
-    out_lz, out_r, e, g = (np.empty((rows, shape[-1]), dtype=dtype) for _ in range(4))
-    _rank1_entropy(_np(lz.reshape(-1, shape[-1])), _np(r.reshape(-1, shape[-1])), _rows(a, shape, lz.dtype),
-                   _rows(b, shape, lz.dtype), _rows(c, shape, lz.dtype), e, g, out_lz, out_r)
+    out_lz, out_r = (np.empty((rows, n), dtype=dtype) for _ in range(2))
+    _rank1_entropy(*(_np(t.reshape(-1, n)) for t in (lz, r, w, e)), _rows(g, shape, lz.dtype), _np(shift.reshape(-1)),
+                   *(_rows(f, shape, lz.dtype) for f in (a, b, c)), out_lz, out_r)
     return torch.from_numpy(out_lz).reshape(shape), torch.from_numpy(out_r).reshape(shape)
 
 

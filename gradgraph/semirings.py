@@ -528,16 +528,16 @@ class EntropySemiring(Semiring):
         return not (bool((a[0] < math.inf).all()) and bool(torch.isfinite(a[1]).all()))
 
     def plus(self, a, b):
-        out = _pair(torch.broadcast_shapes(a.shape[1:], b.shape[1:]), a)
-        shift = _finite_or_zero(torch.maximum(a[0], b[0]))
-        za, zb = torch.exp(a[0] - shift), torch.exp(b[0] - shift)  # 0 where no path
-        z = za + zb
-        torch.add(torch.log(z), shift, out=out[0])
-        torch.div(za.mul_(a[1]).add_(zb.mul_(b[1])), _nonzero(z), out=out[1])
+        # log Z = logaddexp; R/Z = the Z-weighted mean b₁ + σ(log Z_a − log Z_b)(a₁ − b₁) (σ = 0 or 1
+        # where one side has no path; where neither has, the difference is NaN: σ(0) mixes two zeros)
+        out = _pair(_broadcast(a.shape[1:], b.shape[1:]), a)
+        share = torch.sub(a[0], b[0]).nan_to_num_(nan=0.0).sigmoid_()
+        torch.logaddexp(a[0], b[0], out=out[0])
+        torch.lerp(b[1], a[1], share, out=out[1])
         return out
 
     def times(self, a, b):
-        out = _pair(torch.broadcast_shapes(a.shape[1:], b.shape[1:]), a)
+        out = _pair(_broadcast(a.shape[1:], b.shape[1:]), a)
         torch.add(a[0], b[0], out=out[0])
         torch.add(a[1], b[1], out=out[1])
         out[1].masked_fill_(out[0] == -math.inf, 0.0)  # no path: R/Z = 0
@@ -628,6 +628,17 @@ class _WithinOp(Semiring):
 
     def matmul(self, x, w):
         return self.base.op_matmul(x, w)
+
+
+def _broadcast(a: torch.Size, b: torch.Size) -> tuple[int, ...]:
+    """The broadcast shape of two node shapes (``torch.broadcast_shapes`` costs ~50 µs a call)."""
+    if a == b:
+        return a
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        return torch.broadcast_shapes(a, b)  # raises, saying which shapes
+    return tuple(max(x, y) if 0 not in (x, y) else 0 for x, y in zip(a, b))
 
 
 def _pair(shape, like: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def test_passes_a_chunk_of_query_rows_at_a_time_equal_the_whole_attention(family
     counted = _chunks_counted(monkeypatch, 2)
     model, kept, formed = _pair(family)
     for rules, semirings in (("gradient", (Real, Abs, Max, Entropy, KMax(2))), ("attn-lrp", (Real, Max)),
-                             ("cp-lrp", (Real,)), ("chefer2021", (Real,))):
+                             ("cp-lrp", (Real,)), ("chefer2021", (Real,)), ("relp", (Real, Entropy))):
         one, two = assemble(kept, rules), assemble(formed, rules)
         assert not one.regions and [r.layer for r in two.regions] == [0, 1] and all(r.rows == 2 for r in two.regions)
         inside = {n for region in two.regions for n in region.inner}

@@ -238,3 +238,40 @@ def test_max_op_kernels_are_ordinary_sums():
     check(op, (x[0] @ w.abs())[None], "op_matmul = x @ |w|")
     assert (op >= exact * (1 - 1e-12)).all() and (op > exact * (1 + 1e-6)).any()
     check(Max.op_sum(x, 2), x.sum(3), "op_sum")
+
+
+def rank1_case(sr, seed, spread=0.0, rows=5, n=7):
+    """Values ``[S, rows, n]`` with whole zeros, and softmax-like, generic and centring factors."""
+    gen = torch.Generator().manual_seed(seed)
+    x = sr.zero((rows, n), dtype=F64, device="cpu")
+    for _ in range(2):
+        raw = torch.randn((rows, n), generator=gen, dtype=F64) * 2
+        raw[torch.rand((rows, n), generator=gen) < 0.25] = 0.0
+        x = sr.plus(x, sr.convert(raw))
+    if spread:  # ⊗ a path of weight e^(spread · N(0, 1)) (a log held as it is: e^±800 is past float64)
+        log_w = torch.randn((rows, n), generator=gen, dtype=F64) * spread
+        x = sr.times(x, log_w.expand(sr.size, rows, n))
+    x[:, 0] = sr.zero((n,), dtype=F64, device="cpu")  # a row without paths
+    p = torch.softmax(torch.randn((rows, n), generator=gen, dtype=F64), -1)
+    p[:, -2:] = 0.0  # masked keys
+    p[1, 1:] = 0.0  # a row of one key (its output is the diagonal alone)
+    generic = [torch.randn((rows, n), generator=gen, dtype=F64) for _ in range(3)]
+    generic[1][:, ::3] = 0.0
+    one = torch.ones(n, dtype=F64)
+    return x, {"softmax": (p, -p, p), "generic": tuple(generic), "centring": (one, one, -one / n)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("spread", [0.0, 400.0], ids=["moderate", "wide"])
+def test_rank1_equals_the_dense_jacobian(name, spread):
+    """``rank1(v, a, b, c)`` (the compiled kernels for Max and Entropy) = the product with the dense
+    ``J = diag(a) + b cᵀ``; a wide spread of path weights (e^±800 apart) takes Entropy's kernel
+    through the element whose others underflow against it."""
+    sr = SEMIRINGS[name]
+    if spread > 100 and name not in ("Log", "Entropy"):
+        pytest.skip("plain values cannot hold path weights e^±800 apart")
+    x, factors = rank1_case(sr, 7, spread)
+    for kind, (a, b, c) in factors.items():
+        jac = torch.diag_embed(a.expand(x.shape[1:])) + b.expand(x.shape[1:])[..., :, None] * c.expand(x.shape[1:])[..., None, :]
+        expected = explicit_matmul(sr, x[:, :, None, :], jac.transpose(-1, -2))[:, :, 0]  # out_j = ⊕_k J[j, k] ⊗ x_k
+        check(sr.rank1(x, a, b, c), expected, f"{name}.rank1 ({kind})")

@@ -96,7 +96,7 @@ def attention(asm: Assembly, layer: int, resid: str) -> str:
             q, k = rq[:, rows], rk[:, :n_keys]
             maps = _maps(q, k, attn.attn_scale, cap, hidden[:, :, rows, :n_keys], keyed_rows)
             return inside.blocks(q, k, v[:, :n_keys], {getattr(inside, n): t for n, t in maps.items()},
-                                 allowed[:, :, rows, :n_keys], z_mask[:, rows])
+                                 allowed[:, :, rows, :n_keys], z_mask[:, rows], chunked=True)
 
         K = rk.shape[1]
         reads = (lambda end: K) if asm.encoder else (lambda end: p0 + end)  # a causal row reads the keys up to its own
@@ -131,11 +131,14 @@ class _Inside:
     factors: tuple[float, float, float, float]
 
     def blocks(self, rq: torch.Tensor, rk: torch.Tensor, v: torch.Tensor, tensors: dict, allowed: torch.Tensor,
-               z_mask: torch.Tensor, softmax=lambda make: make()) -> list[Block]:
+               z_mask: torch.Tensor, softmax=lambda make: make(), chunked: bool = False) -> list[Block]:
         """The blocks for queries ``rq`` ``[B, Q, H, e]``, keys ``rk`` and values ``v`` ``[B, K, G, e]``;
         ``tensors``: the raw scores, scores and pattern ``[B, H, Q, K]`` by node (tensors or lazy),
         ``allowed`` ``[B, 1, Q, K]``, ``z_mask`` ``[B, Q, 1 or H, 1]``; ``softmax(make)`` gives the
-        softmax's blocks (the full graph's are made once per recording)."""
+        softmax's blocks (the full graph's are made once per recording). ``chunked``: a region's
+        (``gradgraph.chunked``), whose scores no pass keeps or visits: q·k's blocks then need no mask
+        of the allowed pairs, since every softmax rule's (and a soft cap's) weights vanish outside
+        them, so nothing reaches or leaves a masked score (one select per block and pass fewer)."""
         G, layer = self.groups, self.layer
         B, Q, H, _ = rq.shape
         R = H // G
@@ -144,12 +147,13 @@ class _Inside:
         k_canon = einops.rearrange(rk, "b k g e -> (b g) e k", g=G)
         q_canon = einops.rearrange(rq, "b q (g r) e -> (b g) (r q) e", g=G, r=R)
         score_layout = "b (g r) q k -> (b g) (r q) k"
+        scores_mask = None if chunked else allowed
         blocks = nonzero([
             (f_q, lambda: Matmul(self.q, self.raw, "bilinear", layer, Weight(k_canon, f_q / self.scale), True,
-                                 "b q (g r) e -> (b g) (r q) e", score_layout, axes, allowed, self.k,
+                                 "b q (g r) e -> (b g) (r q) e", score_layout, axes, scores_mask, self.k,
                                  "b k g e -> (b g) e k")),
             (f_k, lambda: Matmul(self.k, self.raw, "bilinear", layer, Weight(q_canon, f_k / self.scale), False,
-                                 "b k g e -> (b g) e k", score_layout, axes, allowed, self.q,
+                                 "b k g e -> (b g) e k", score_layout, axes, scores_mask, self.q,
                                  "b q (g r) e -> (b g) (r q) e")),
         ])
         if self.cap is not None:
