@@ -200,40 +200,51 @@ if HAVE_NUMBA:
     @njit(parallel=True, cache=True)
     def _rank1_entropy(lz, r, w, e, g, shift, a, b, c, out_lz, out_r):  # pragma: no cover - compiled
         # w = lz + log|c| (the off-diagonal terms Z_k |c_k| = exp(w_k)), e = exp(w - shift) and
-        # g = log|c| come from vectorised torch ops; here the prefix and suffix sums, and two logs
-        # per element (in the common case: the diagonal's term is e_j |d_j| / |c_j|, no exp)
+        # g = log|c| come from vectorised torch ops. One sweep sums the terms (Z|c| and
+        # Z|c|(r + log|c|)) and, apart, all but the largest; an element's exclusive sums are then the
+        # totals less its own term (at most half the total, so no digits cancel), the largest's the
+        # sums without it. Two logs per element (in the common case the diagonal's term is
+        # e_j |d_j| / |c_j|: no exp)
         rows, n = lz.shape
         floor = np.log(np.finfo(lz.dtype).tiny) + 2.0  # below this a shifted term underflows
         exact = np.finfo(lz.dtype).tiny / np.finfo(lz.dtype).eps  # a shifted term above this is a normal number
         for t in prange(rows):
             sh = shift[t]
             top, second, arg = -np.inf, -np.inf, -1
+            rest1, rest2 = 0.0, 0.0  # the sums without the largest term so far
             for k in range(n):
                 x = w[t, k]
                 if x > top:
+                    if arg >= 0:
+                        rest1 += e[t, arg]
+                        rest2 += e[t, arg] * (r[t, arg] + g[t, arg])
                     top, second, arg = x, top, k
-                elif x > second:
-                    second = x
-            s1, s2 = 0.0, 0.0  # prefix sums of Z|c| and Z|c|(r + log|c|), into the outputs
-            for k in range(n):
-                out_lz[t, k], out_r[t, k] = s1, s2
-                if e[t, k] != 0.0:
-                    s1 += e[t, k]
-                    s2 += e[t, k] * (r[t, k] + g[t, k])
-            q1, q2 = 0.0, 0.0  # suffix sums; then each element's output
-            for j in range(n - 1, -1, -1):
-                o1, o2, osh = out_lz[t, j] + q1, out_r[t, j] + q2, sh
-                if j == arg and second > -np.inf and second - sh < floor:  # the others underflowed
-                    o1, o2, osh = 0.0, 0.0, second
-                    for k in range(n):
-                        if k != arg and w[t, k] > -np.inf:
-                            z = np.exp(w[t, k] - second)
-                            o1 += z
-                            o2 += z * (r[t, k] + g[t, k])
+                else:
+                    if x > second:
+                        second = x
+                    if e[t, k] != 0.0:
+                        rest1 += e[t, k]
+                        rest2 += e[t, k] * (r[t, k] + g[t, k])
+            s1, s2 = rest1, rest2
+            if arg >= 0 and e[t, arg] != 0.0:
+                s1 += e[t, arg]
+                s2 += e[t, arg] * (r[t, arg] + g[t, arg])
+            for j in range(n):
                 ej = e[t, j]
-                if ej != 0.0:
-                    q1 += ej
-                    q2 += ej * (r[t, j] + g[t, j])
+                osh = sh
+                if j == arg:
+                    o1, o2 = rest1, rest2
+                    if second > -np.inf and second - sh < floor:  # the others underflowed: shift by the second
+                        o1, o2, osh = 0.0, 0.0, second
+                        for k in range(n):
+                            if k != arg and w[t, k] > -np.inf:
+                                z = np.exp(w[t, k] - second)
+                                o1 += z
+                                o2 += z * (r[t, k] + g[t, k])
+                elif ej != 0.0:
+                    o1, o2 = s1 - ej, s2 - ej * (r[t, j] + g[t, j])
+                else:
+                    o1, o2 = s1, s2
                 # |b_j| (o1, o2) off the diagonal, |d_j| Z_j on it, in units of e^osh (log b = log c
                 # for a softmax: reuse it)
                 bj, cj, d = abs(b[t, j]), abs(c[t, j]), abs(a[t, j] + b[t, j] * c[t, j])
