@@ -8,7 +8,8 @@ import torch
 from gradgraph import GradGraphError, tiny_model
 from gradgraph.arch import names
 from gradgraph.arch.models import FAMILIES
-from gradgraph.edges import LOGITS, eap, edge_graph
+from gradgraph.edge_methods import METHODS, _outputs, _recorded, eap, edge_scores
+from gradgraph.edges import LOGITS, edge_graph
 from gradgraph.metrics import prepare
 
 from conftest import no_hooks_left
@@ -57,7 +58,6 @@ def _patched_derivatives(model, tokens, mask, metric, delta, graph_of):
 
 @pytest.mark.parametrize("family", ADDITIVE)
 def test_eap_is_the_first_order_effect_of_patching_each_edge(family):
-    from gradgraph.edges import _corrupt_activations, _outputs
     from gradgraph.build import build_graph
 
     model = family_model(family, n_layers=2, seed=4)
@@ -67,7 +67,7 @@ def test_eap_is_the_first_order_effect_of_patching_each_edge(family):
     graph_of = scores.graph
     graph = build_graph(model, tokens, metric, attention_mask=mask)
     reg = graph_of.registry
-    delta = _outputs(model, _corrupt_activations(model, other, reg), reg) - _outputs(model, graph.activations, reg)
+    delta = _outputs(model, _recorded(model, other, reg), reg) - _outputs(model, graph.activations, reg)
     expected = _patched_derivatives(model, tokens, mask, metric, delta, graph_of)
     assert expected.abs().max() > 1e-3 and (expected[:, ~graph_of.adjacency] == 0).all()
     torch.testing.assert_close(scores.scores, expected, rtol=1e-9, atol=1e-12)
@@ -97,17 +97,17 @@ def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean():
     tokens, mask, metric = prompts("llama")
     other = _counterfactual(tokens, mask)
     one = eap(model, tokens, other, metric, attention_mask=mask)
-    assert one.method == "EAP"
+    assert one.method == "eap"
     torch.testing.assert_close(eap(model, tokens, other, metric, attention_mask=mask, steps=1).scores, one.scores)
     three = eap(model, tokens, other, metric, attention_mask=mask, steps=3)
-    assert three.method == "EAP-IG (3)" and not torch.allclose(three.scores, one.scores)
+    assert three.method == "eap-ig (3)" and not torch.allclose(three.scores, one.scores)
     # the mean over the points of EAP with the gradient taken at each point (a model fed those embeddings)
     from gradgraph.build import build_graph
-    from gradgraph.edges import _gradients, _outputs, _corrupt_activations
+    from gradgraph.edge_methods import _gradients
 
     graph = build_graph(model, tokens, metric, attention_mask=mask)
     reg = one.graph.registry
-    cf = _corrupt_activations(model, other, reg)
+    cf = _recorded(model, other, reg)
     e, e_cf = graph.activations[names.name("embed")], cf[names.name("embed")]
     delta = _outputs(model, cf, reg) - _outputs(model, graph.activations, reg)
     per_point = []
@@ -125,6 +125,10 @@ def test_bad_inputs_are_named():
         eap(model, tokens, tokens[:, :5], metric)
     with pytest.raises(GradGraphError, match="steps"):
         eap(model, tokens, tokens, metric, steps=0)
+    with pytest.raises(GradGraphError, match="counterfactual"):
+        edge_scores(model, tokens, metric, method="relp")
+    with pytest.raises(GradGraphError, match="method must be one of"):
+        edge_scores(model, tokens, metric, tokens, method="acdc")
     graph = edge_graph(model)
     with pytest.raises(GradGraphError, match="not an edge label"):
         graph.index("L0H9->logits")
@@ -136,3 +140,76 @@ def test_bad_inputs_are_named():
         with pytest.raises(GradGraphError, match="norms after"):
             edge_graph(family_model(family, n_layers=1))
     assert no_hooks_left(model)
+
+
+def _residuals(model, tokens, graph_of):
+    """The residual at every downstream input ``[batch, pos, downstream, d_model]`` on TransformerLens'
+    own forward, and per downstream node the attention output biases written before it."""
+    from gradgraph.arch import hooks
+
+    reg = graph_of.registry
+    wanted = {names.name("resid_post", reg.n_layers - 1)}
+    for layer in range(reg.n_layers):
+        wanted |= {names.name(f"{k}_input", layer) for k in "qkv"} | ({names.name("mlp_in", layer)} if reg.mlps else set())
+    with hooks.recording(model, names=wanted) as store:
+        model(tokens)
+    rows, biases = [], []
+    for layer in range(reg.n_layers):
+        before = sum((model.blocks[l].attn.b_O.detach() for l in range(layer)), torch.zeros(model.cfg.d_model, dtype=torch.float64))
+        for kind in "qkv":
+            x = store[names.name(f"{kind}_input", layer)][0]
+            rows += [x[:, :, h] for h in range(x.shape[2])]
+            biases += [before] * x.shape[2]
+        if reg.mlps:
+            rows.append(store[names.name("mlp_in", layer)][0])
+            biases.append(before + (model.blocks[layer].attn.b_O.detach() if reg.sequential else 0))
+    rows.append(store[names.name("resid_post", reg.n_layers - 1)][0])
+    biases.append(sum((model.blocks[l].attn.b_O.detach() for l in range(reg.n_layers)), torch.zeros(model.cfg.d_model, dtype=torch.float64)))
+    return torch.stack(rows, 2), torch.stack(biases)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia"])
+def test_relevance_and_relp_split_each_input_over_its_edges(family):
+    """Summed over the edges into a downstream node: AttnLRP's scores are the relevance of its input
+    (``r_d · ∂̃m/∂r_d``, less the attention biases, which no edge carries), RelP's the first-order
+    effect of its input's counterfactual change (``(r_d(x′) − r_d(x)) · ∂̃m/∂r_d``)."""
+    from gradgraph.build import build_graph
+    from gradgraph.edge_methods import _gradients
+
+    kw = dict(n_key_value_heads=2) if family == "llama" else {}
+    model = family_model(family, n_layers=2, seed=6, **kw)
+    tokens, mask, metric = prompts(family)
+    other = _counterfactual(tokens, mask)
+    graph_of = edge_graph(model)
+    r, bias = _residuals(model, tokens, graph_of)
+    r_cf, _ = _residuals(model, other, graph_of)
+    lrp_grad = _gradients(build_graph(model, tokens, metric, attention_mask=mask, rules="attn-lrp"), graph_of.registry)
+    relp_grad = _gradients(build_graph(model, tokens, metric, attention_mask=mask, rules="relp"), graph_of.registry)
+    relevance = edge_scores(model, tokens, metric, method="attn-lrp", attention_mask=mask).scores.sum(1)
+    torch.testing.assert_close(relevance, ((r - bias) * lrp_grad).sum((1, 3)), rtol=1e-9, atol=1e-12)
+    relp = edge_scores(model, tokens, metric, other, method="relp", attention_mask=mask).scores.sum(1)
+    torch.testing.assert_close(relp, ((r_cf - r) * relp_grad).sum((1, 3)), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(relp, ((r_cf - r) * _gradients(build_graph(model, tokens, metric, attention_mask=mask),
+                                                          graph_of.registry)).sum((1, 3)))
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "attn-only"])
+def test_every_path_enters_the_logits_by_one_edge(family):
+    """Each input → metric path reaches the last residual through exactly one edge into ``logits``:
+    over those edges, ``flow`` sums to the Abs path sum from the inputs and ``max`` peaks at Max's."""
+    from gradgraph import backprop, build_graph
+    from gradgraph.semirings import Abs, Max
+
+    model = family_model(family, n_layers=2, seed=8)
+    tokens, mask, metric = prompts(family)
+    graph = build_graph(model, tokens, metric, attention_mask=mask)
+    real = graph.source_mask.reshape(graph.source_mask.shape + (1,))
+    flow = edge_scores(model, tokens, metric, method="flow", attention_mask=mask)
+    into_logits = flow.scores[:, :, -1]
+    total = sum((backprop(graph, Abs, dtype=torch.float64, keep=[s])[s][0] * real).sum((1, 2)) for s in graph.sources)
+    torch.testing.assert_close(into_logits.sum(1), total, rtol=1e-9, atol=0)
+    best = edge_scores(model, tokens, metric, method="max", attention_mask=mask).scores[:, :, -1].amax(1)
+    peak = torch.stack([(backprop(graph, Max, keep=[s])[s][0] * real).flatten(1).amax(1) for s in graph.sources]).amax(0)
+    torch.testing.assert_close(best, peak, rtol=1e-12, atol=0)
+    assert (flow.scores >= 0).all() and (flow.scores[:, ~flow.graph.adjacency] == 0).all()
