@@ -1,0 +1,119 @@
+"""Circuits: sets of edges of ``gradgraph.edges.edge_graph``, chosen by their scores.
+
+``top_edges`` keeps the ``n`` best-scored edges (by |score|, or by the signed score: MIB scores CPR
+with signed and CMD with absolute selection), ``above`` those past a threshold; both then prune
+dead nodes, as MIB does: an edge stays only while its upstream node is reached (``embed``, or a
+component with an edge into one of its inputs) and its downstream node goes on (``logits``, or a
+component with an edge out of its output), repeated until nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradgraph.edges import LOGITS, EdgeGraph, EdgeScores
+from gradgraph.errors import GradGraphError
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """The edges ``[upstream, downstream]`` (bool) of ``graph`` in the circuit."""
+
+    graph: EdgeGraph
+    edges: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.edges.sum())
+
+    @property
+    def share(self) -> float:
+        """Its edges as a fraction of the model's."""
+        return len(self) / len(self.graph)
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"{self.graph.upstream[u]}->{self.graph.downstream[d]}" for u, d in self.edges.nonzero().tolist()]
+
+    @staticmethod
+    def of(graph: EdgeGraph, labels) -> "Circuit":
+        """The circuit of the edges named by ``labels`` (``"L0H3->L1H2.q"``, ...)."""
+        edges = torch.zeros_like(graph.adjacency)
+        for label in labels:
+            edges[graph.index(label)] = True
+        return Circuit(graph, edges)
+
+    @staticmethod
+    def full(graph: EdgeGraph) -> "Circuit":
+        return Circuit(graph, graph.adjacency.clone())
+
+    @staticmethod
+    def empty(graph: EdgeGraph) -> "Circuit":
+        return Circuit(graph, torch.zeros_like(graph.adjacency))
+
+
+def _ranked(scores: EdgeScores | torch.Tensor, absolute: bool) -> tuple[EdgeGraph, torch.Tensor]:
+    if not isinstance(scores, EdgeScores):
+        raise GradGraphError(f"expected EdgeScores from gradgraph.edge_methods.edge_scores, got {type(scores).__name__}")
+    total = scores.scores.sum(0).double()  # [U, D] over prompts
+    key = total.abs() if absolute else total
+    return scores.graph, key.masked_fill(~scores.graph.adjacency, -torch.inf)
+
+
+def top_edges(scores: EdgeScores, n: int, *, absolute: bool = True, prune: bool = True) -> Circuit:
+    """The ``n`` edges of the highest score summed over prompts (|score| with ``absolute``; ties
+    broken by the edge order), dead nodes then pruned (so a circuit may hold fewer than ``n``)."""
+    graph, key = _ranked(scores, absolute)
+    if not isinstance(n, int) or not 0 <= n <= len(graph):
+        raise GradGraphError(f"n must be an integer in [0, {len(graph)}] (the model's edges), got {n!r}")
+    edges = torch.zeros(key.numel(), dtype=torch.bool)
+    edges[torch.sort(key.flatten(), descending=True, stable=True).indices[:n]] = True
+    edges = edges.view_as(key) & graph.adjacency
+    return Circuit(graph, _pruned(graph, edges) if prune else edges)
+
+
+def above(scores: EdgeScores, threshold: float, *, absolute: bool = True, prune: bool = True) -> Circuit:
+    """The edges whose score summed over prompts (|score| with ``absolute``) exceeds ``threshold``."""
+    graph, key = _ranked(scores, absolute)
+    edges = (key > threshold) & graph.adjacency
+    return Circuit(graph, _pruned(graph, edges) if prune else edges)
+
+
+def prune(circuit: Circuit) -> Circuit:
+    """``circuit`` without the edges of dead nodes (see the module)."""
+    return Circuit(circuit.graph, _pruned(circuit.graph, circuit.edges))
+
+
+def _owners(graph: EdgeGraph) -> torch.Tensor:
+    """``[downstream, upstream]`` bool: the component each downstream input belongs to (a key or value
+    input of grouped heads: each head of its group)."""
+    reg, up = graph.registry, {label: i for i, label in enumerate(graph.upstream)}
+    owners = torch.zeros(len(graph.downstream), len(graph.upstream), dtype=torch.bool)
+    for d, label in enumerate(graph.downstream):
+        if label == LOGITS:
+            continue
+        c = reg.parse(label)
+        if c.kind == "mlp":
+            owners[d, up[label]] = True
+        else:
+            heads = [c.head] if c.kind == "q" or reg.n_key_value_heads == reg.n_heads else list(reg.group(c.head))
+            for h in heads:
+                owners[d, up[f"L{c.layer}H{h}"]] = True
+    return owners
+
+
+def _pruned(graph: EdgeGraph, edges: torch.Tensor) -> torch.Tensor:
+    owners = _owners(graph)  # [D, U]
+    is_logits = torch.tensor([label == LOGITS for label in graph.downstream])
+    is_embed = torch.tensor([label == "embed" for label in graph.upstream])
+    while True:
+        reached = is_embed | (owners & edges.any(0)[:, None]).any(0)  # upstream u: embed, or an edge into its inputs
+        goes_on = is_logits | (owners & edges.any(1)[None, :]).any(1)  # downstream d: logits, or its owner has an edge out
+        kept = edges & reached[:, None] & goes_on[None, :]
+        if torch.equal(kept, edges):
+            return kept
+        edges = kept
+
+
+__all__ = ["Circuit", "above", "prune", "top_edges"]

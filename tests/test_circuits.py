@@ -1,0 +1,132 @@
+"""Circuits and their faithfulness: the full circuit is the model and the empty one its run on the
+counterfactuals (to float64 rounding), ablating every edge into a node is patching that node's
+input, selection keeps what scores highest and prunes dead nodes, and the areas follow MIB's rule."""
+
+import pytest
+import torch
+
+from gradgraph import GradGraphError
+from gradgraph.arch import names
+from gradgraph.circuit_faithfulness import SIZES, circuit_metric, faithfulness_curve
+from gradgraph.circuits import Circuit, above, prune, top_edges
+from gradgraph.edge_methods import edge_scores
+from gradgraph.edges import edge_graph
+from gradgraph.metrics import prepare
+
+from conftest import no_hooks_left
+from test_edges import _counterfactual
+from test_families import family_model, prompts
+
+
+def _setup(family="llama", **kw):
+    model = family_model(family, n_layers=2, seed=11, **kw)
+    tokens, mask, metric = prompts(family)
+    return model, tokens, mask, metric, _counterfactual(tokens, mask)
+
+
+def _metric(model, tokens, mask, metric, hooks=()):
+    with torch.no_grad():
+        return prepare(metric, model)(model.run_with_hooks(tokens, fwd_hooks=list(hooks)), mask)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "attn-only"])
+def test_the_full_circuit_is_the_model_and_the_empty_one_its_counterfactual_run(family):
+    kw = dict(n_key_value_heads=2) if family == "llama" else {}
+    model, tokens, mask, metric, other = _setup(family, **kw)
+    graph = edge_graph(model)
+    full = circuit_metric(model, tokens, other, metric, Circuit.full(graph), attention_mask=mask)
+    empty = circuit_metric(model, tokens, other, metric, Circuit.empty(graph), attention_mask=mask)
+    torch.testing.assert_close(full, _metric(model, tokens, mask, metric), rtol=0, atol=1e-9)
+    torch.testing.assert_close(empty, _metric(model, other, mask, metric), rtol=0, atol=1e-9)
+    assert (full - empty).abs().min() > 1e-4  # the counterfactual changes the metric
+    assert no_hooks_left(model)
+
+
+def test_ablating_every_edge_into_a_node_is_patching_its_input():
+    model, tokens, mask, metric, other = _setup(n_key_value_heads=2)
+    graph = edge_graph(model)
+    from gradgraph.arch import hooks
+
+    hook = names.name("k_input", 1)
+    with hooks.recording(model, names={hook}) as store:
+        model(other)
+    cf = store[hook][0]
+    for d_label, head in (("L1H2-3.k", 1), ("MLP0", None), ("logits", None)):
+        d = graph.downstream.index(d_label)
+        circuit = Circuit(graph, graph.adjacency.clone())
+        circuit.edges[:, d] = False
+        got = circuit_metric(model, tokens, other, metric, circuit, attention_mask=mask)
+        if d_label == "L1H2-3.k":
+            def patch(x, hook=None):
+                x = x.clone()
+                x[:, :, head] = cf[:, :, head]
+                return x
+            expected = _metric(model, tokens, mask, metric, [(hook, patch)])
+        else:
+            site = names.name("mlp_in", 0) if d_label == "MLP0" else names.name("resid_post", 1)
+            with hooks.recording(model, names={site}) as cf_store:
+                model(other)
+            expected = _metric(model, tokens, mask, metric, [(site, lambda x, hook=None, v=cf_store[site][0]: v)])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+    assert no_hooks_left(model)
+
+
+def test_selection_keeps_the_best_edges_and_prunes_dead_nodes():
+    model, tokens, mask, metric, other = _setup()
+    graph = edge_graph(model)
+    # an edge out of a head nothing feeds is dead; with an edge into its query it lives
+    assert len(prune(Circuit.of(graph, ["L1H0->logits"]))) == 0
+    assert prune(Circuit.of(graph, ["L1H0->logits", "embed->L1H0.q"])).labels == ["embed->L1H0.q", "L1H0->logits"]
+    # an edge into an MLP whose output goes nowhere is dead
+    assert len(prune(Circuit.of(graph, ["embed->MLP0"]))) == 0
+    scores = edge_scores(model, tokens, metric, other, method="eap", attention_mask=mask)
+    total = scores.scores.sum(0)
+    best = top_edges(scores, 5, prune=False)
+    assert len(best) == 5 and total[best.edges].abs().min() >= total[graph.adjacency & ~best.edges].abs().max()
+    signed = top_edges(scores, 5, absolute=False, prune=False)
+    assert total[signed.edges].min() >= total[graph.adjacency & ~signed.edges].max()
+    assert len(top_edges(scores, 5)) <= 5 and torch.equal(top_edges(scores, len(graph)).edges, graph.adjacency)
+    cut = float(total.abs()[best.edges].min())
+    assert torch.equal(above(scores, cut - 1e-12, prune=False).edges, best.edges)
+    with pytest.raises(GradGraphError, match="n must be"):
+        top_edges(scores, len(graph) + 1)
+    with pytest.raises(GradGraphError, match="not an edge label"):
+        Circuit.of(graph, ["L9H0->logits"])
+
+
+def test_the_sweep_ends_at_one_and_its_areas_are_trapezoids():
+    model, tokens, mask, metric, other = _setup()
+    scores = edge_scores(model, tokens, metric, other, method="eap", attention_mask=mask)
+    curve = faithfulness_curve(model, tokens, other, metric, scores, sizes=(0.1, 0.3, 1.0), attention_mask=mask)
+    f = curve.faithfulness()
+    assert f[-1] == pytest.approx(1.0, abs=1e-9) and curve.edges[-1] == len(scores.graph)
+    areas = curve.areas("fixed")
+    x = torch.tensor([0.1, 0.3, 1.0], dtype=f.dtype)
+    assert areas["CPR"] == pytest.approx(float(((f[1:] + f[:-1]) / 2 * x.diff()).sum()))
+    assert areas["CMD"] == pytest.approx(float((((1 - f[1:]).abs() + (1 - f[:-1]).abs()) / 2 * x.diff()).sum()))
+    own = curve.areas("own")
+    assert own != areas or curve.shares == (0.1, 0.3, 1.0)
+    lo, hi = curve.intervals("fixed", resamples=50)["CPR"]
+    assert lo <= hi
+    with pytest.raises(GradGraphError, match="sizes"):
+        faithfulness_curve(model, tokens, other, metric, scores, sizes=(0.0, 0.5))
+    with pytest.raises(GradGraphError, match="sizes"):
+        faithfulness_curve(model, tokens, other, metric, scores, sizes=(0.5, 1.5))
+    with pytest.raises(GradGraphError, match="convention"):
+        curve.areas("paper")
+    assert len(SIZES) == 10
+    assert no_hooks_left(model)
+
+
+def test_mean_ablation_and_bad_inputs():
+    model, tokens, mask, metric, other = _setup()
+    graph = edge_graph(model)
+    mean_empty = circuit_metric(model, tokens, other, metric, Circuit.empty(graph), attention_mask=mask, ablation="mean")
+    assert not torch.allclose(mean_empty, circuit_metric(model, tokens, other, metric, Circuit.empty(graph), attention_mask=mask))
+    with pytest.raises(GradGraphError, match="ablation"):
+        circuit_metric(model, tokens, other, metric, Circuit.empty(graph), ablation="zero")
+    with pytest.raises(GradGraphError, match="align"):
+        circuit_metric(model, tokens, other[:, :4], metric, Circuit.empty(graph))
+    with pytest.raises(GradGraphError, match="Circuit"):
+        circuit_metric(model, tokens, other, metric, ["L0H0->logits"])
+    assert no_hooks_left(model)
