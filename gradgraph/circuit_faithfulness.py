@@ -41,33 +41,52 @@ def circuit_metric(model: Model, tokens, counterfactual, metric, circuit: Circui
     """The metric per prompt ``[batch]`` with every edge outside ``circuit`` ablated (see the module);
     ``ablation="mean"`` gives those edges the mean over the prompts of the counterfactuals' upstream
     outputs at each position."""
-    if ablation not in ABLATIONS:
-        raise GradGraphError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if not isinstance(circuit, Circuit):
         raise GradGraphError(f"expected a gradgraph.circuits.Circuit, got {type(circuit).__name__}")
-    graph = circuit.graph
-    reg = graph.registry
+    clean, mask, other = _ablated(model, tokens, counterfactual, attention_mask, ablation, circuit.graph.registry)
+    return _run(model, clean, mask, metric, circuit, other)
+
+
+def _ablated(model: Model, tokens, counterfactual, attention_mask, ablation: str, reg):
+    """The prompts' tokens and mask, and the upstream outputs ``[b, p, U, d]`` ablated edges carry."""
+    if ablation not in ABLATIONS:
+        raise GradGraphError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     clean, mask = _tokens(model, tokens, attention_mask)
     corrupt, _ = _tokens(model, counterfactual, attention_mask)
     if corrupt.shape != clean.shape:
         raise GradGraphError(f"counterfactual prompts must align with the prompts token by token: shapes "
                              f"{tuple(corrupt.shape)} and {tuple(clean.shape)}")
-    other = _outputs(model, _recorded(model, corrupt, reg), reg)  # [b, p, U, d]
+    with torch.no_grad():
+        other = _outputs(model, _recorded(model, corrupt, reg), reg)
     if ablation == "mean":
-        other = other.mean(0, keepdim=True).expand_as(other)
+        other = other.mean(0, keepdim=True).expand_as(other).contiguous()
+    return clean, mask, other
+
+
+def _run(model: Model, clean: torch.Tensor, mask, metric, circuit: Circuit, other: torch.Tensor) -> torch.Tensor:
+    """The hooked run: upstream outputs recorded live as their hook points fire (``other − live``
+    kept per upstream node), each downstream input shifted by the ablated edges into it, which come
+    from the upstream nodes written before it (a prefix of them, in residual order)."""
+    graph = circuit.graph
+    reg = graph.registry
     outside = (graph.adjacency & ~circuit.edges).to(other.dtype)  # [U, D]
-    live = torch.zeros_like(other)
+    diff = torch.zeros_like(other)  # other − live, where written
     slots = _slots(graph)
     hooks = []
 
     def writes(at: slice, fn):
         def hook(x, hook=None):
-            live[:, :, at] = fn(x)
+            diff[:, :, at] = other[:, :, at] - fn(x)
         return hook
 
     def reads(ds: list[int], head_dim: bool):
+        cols = outside[:, ds]
+        before = int(cols.any(1).nonzero().max()) + 1 if cols.any() else 0  # the last upstream node ablated here
+
         def hook(x, hook=None):
-            shift = torch.einsum("bpud,un->bpnd", other - live, outside[:, ds])  # [b, p, len(ds), d]
+            if not before:
+                return x
+            shift = torch.einsum("bpud,un->bpnd", diff[:, :, :before], cols[:before])  # [b, p, len(ds), d]
             return x + (shift if head_dim else shift[:, :, 0])
         return hook
 
@@ -158,8 +177,8 @@ def faithfulness_curve(model: Model, tokens, counterfactual, metric, scores: Edg
     if not sizes or any(not (0 < s <= 1) or math.isnan(s) for s in sizes) or list(sizes) != sorted(sizes):
         raise GradGraphError(f"sizes must be increasing shares of the edges in (0, 1] (MIB's: {SIZES}), got {sizes}")
     graph = scores.graph
-    run = lambda c: circuit_metric(model, tokens, counterfactual, metric, c, attention_mask=attention_mask,  # noqa: E731
-                                   ablation=ablation)
+    clean, mask, other = _ablated(model, tokens, counterfactual, attention_mask, ablation, graph.registry)
+    run = lambda c: _run(model, clean, mask, metric, c, other)  # noqa: E731
     circuits = [top_edges(scores, int(s * len(graph)), absolute=absolute) for s in sizes]
     metrics = torch.stack([run(c) for c in circuits])
     return Curve(sizes, tuple(len(c) for c in circuits), tuple(c.share for c in circuits), metrics,

@@ -130,3 +130,34 @@ def test_mean_ablation_and_bad_inputs():
     with pytest.raises(GradGraphError, match="Circuit"):
         circuit_metric(model, tokens, other, metric, ["L0H0->logits"])
     assert no_hooks_left(model)
+
+
+def test_ioi_items_align_with_their_counterfactuals(smol_tokenizer):
+    from gradgraph.data.ioi import TEMPLATES, ioi_items
+
+    items = ioi_items(smol_tokenizer, 40, seed=3)
+    assert {i.order for i in items} == {"ABBA", "BABA"} and {i.template for i in items} == set(range(len(TEMPLATES)))
+    for item in items:
+        a, b = (smol_tokenizer.encode(t, add_special_tokens=False) for t in (item.prompt, item.counterfactual))
+        assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 3  # the three names, and nothing else
+        assert item.io != item.s and item.io in item.prompt and item.prompt.count(item.s) == 2
+        assert item.io not in item.counterfactual and item.s not in item.counterfactual
+    assert ioi_items(smol_tokenizer, 40, seed=3) == items
+    with pytest.raises(GradGraphError, match="tokenizer"):
+        ioi_items(None, 4)
+    with pytest.raises(GradGraphError, match="positive"):
+        ioi_items(smol_tokenizer, 0)
+
+
+@pytest.mark.real
+def test_the_embedded_model_does_ioi(smol_model):
+    from gradgraph.data.ioi import ioi_items
+    from gradgraph.metrics import logit_diff
+    from gradgraph.prompts import to_tokens
+
+    items = ioi_items(smol_model.tokenizer, 32)
+    tokens, mask = to_tokens(smol_model, [i.prompt for i in items])
+    other, _ = to_tokens(smol_model, [i.counterfactual for i in items])
+    metric = logit_diff([i.io for i in items], [i.s for i in items])
+    clean, corrupt = _metric(smol_model, tokens, mask, metric), _metric(smol_model, other, mask, metric)
+    assert (clean > 0).float().mean() >= 0.95 and corrupt.mean().abs() < 0.25 * clean.mean()
