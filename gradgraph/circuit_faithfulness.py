@@ -43,11 +43,11 @@ def circuit_metric(model: Model, tokens, counterfactual, metric, circuit: Circui
     outputs at each position."""
     if not isinstance(circuit, Circuit):
         raise GradGraphError(f"expected a gradgraph.circuits.Circuit, got {type(circuit).__name__}")
-    clean, mask, other = _ablated(model, tokens, counterfactual, attention_mask, ablation, circuit.graph.registry)
+    clean, mask, other = _ablated(model, tokens, counterfactual, metric, attention_mask, ablation, circuit.graph.registry)
     return _run(model, clean, mask, metric, circuit, other)
 
 
-def _ablated(model: Model, tokens, counterfactual, attention_mask, ablation: str, reg):
+def _ablated(model: Model, tokens, counterfactual, metric, attention_mask, ablation: str, reg):
     """The prompts' tokens and mask, and the upstream outputs ``[b, p, U, d]`` ablated edges carry."""
     if ablation not in ABLATIONS:
         raise GradGraphError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
@@ -57,7 +57,7 @@ def _ablated(model: Model, tokens, counterfactual, attention_mask, ablation: str
         raise GradGraphError(f"counterfactual prompts must align with the prompts token by token: shapes "
                              f"{tuple(corrupt.shape)} and {tuple(clean.shape)}")
     with torch.no_grad():
-        other = _outputs(model, _recorded(model, corrupt, reg), reg)
+        other = _outputs(model, _recorded(model, corrupt, metric, mask), reg)
     if ablation == "mean":
         other = other.mean(0, keepdim=True).expand_as(other).contiguous()
     return clean, mask, other
@@ -177,7 +177,7 @@ def faithfulness_curve(model: Model, tokens, counterfactual, metric, scores: Edg
     if not sizes or any(not (0 < s <= 1) or math.isnan(s) for s in sizes) or list(sizes) != sorted(sizes):
         raise GradGraphError(f"sizes must be increasing shares of the edges in (0, 1] (MIB's: {SIZES}), got {sizes}")
     graph = scores.graph
-    clean, mask, other = _ablated(model, tokens, counterfactual, attention_mask, ablation, graph.registry)
+    clean, mask, other = _ablated(model, tokens, counterfactual, metric, attention_mask, ablation, graph.registry)
     run = lambda c: _run(model, clean, mask, metric, c, other)  # noqa: E731
     circuits = [top_edges(scores, int(s * len(graph)), absolute=absolute) for s in sizes]
     metrics = torch.stack([run(c) for c in circuits])

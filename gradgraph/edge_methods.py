@@ -2,8 +2,10 @@
 downstream]`` (zero off the edges), with ``a_u`` an upstream node's output and ``r_d`` the residual
 at a downstream node's input, ``x`` the prompt and ``x′`` its counterfactual:
 
-- ``eap``: ``Σ_{position, dim} (a_u(x′) − a_u(x)) · ∂m/∂r_d(x)``, the first-order change of the
-  metric when the edge alone carries its counterfactual value (Syed et al. 2023);
+- ``eap``: ``Σ_{position, dim} (a_u(x) − a_u(x′)) · ∂m/∂r_d(x)``, to first order what the metric
+  loses when the edge alone carries its counterfactual value (Syed et al. 2023; EAP-IG's code and
+  MIB take the gradient of a loss, −m, of ``a_u(x′) − a_u(x)``: the same sign, positive where the
+  edge carries the behaviour);
 - ``eap-ig``: the same with the gradient's mean over ``steps`` points on the line between the
   counterfactual's input embeddings and the clean ones, ``e′ + (k / steps)(e − e′)``, k = 1..steps
   (Hanna et al. 2024's EAP-IG-inputs; one point is EAP);
@@ -19,13 +21,15 @@ at a downstream node's input, ``x`` the prompt and ``x′`` its counterfactual:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from gradgraph.arch import hooks, names
+from gradgraph.arch import inference, names
 from gradgraph.arch.lens import Model
 from gradgraph.arch.spec import check_supported
 from gradgraph.backprop import backprop, forward
-from gradgraph.build import build_graph
+from gradgraph.build import build_graph, record
 from gradgraph.edges import EdgeGraph, EdgeScores, edge_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.labels import Registry
@@ -65,8 +69,8 @@ def edge_scores(model: Model, tokens, metric, counterfactual=None, *, method: st
         raise GradGraphError(f"steps must be a positive integer, got {steps!r}")
     reg = graph_of.registry
     graph = build_graph(model, clean, metric, attention_mask=mask, rules=_RULES[method])
-    other = _recorded(model, corrupt, reg)
-    delta = _outputs(model, other, reg) - _outputs(model, graph.activations, reg)  # [b, p, U, d]
+    other = _recorded(model, corrupt, metric, mask, embeddings=method == "eap-ig" and steps > 1)
+    delta = _outputs(model, graph.activations, reg, minus=other)  # [b, p, U, d]: a(x) − a(x′)
     if method != "eap-ig" or steps == 1:
         return _scored(graph_of, delta, _gradients(graph, reg), method if method != "eap-ig" else "eap-ig (1)")
     e, e_cf = graph.activations[names.name("embed")], other[names.name("embed")]
@@ -83,7 +87,10 @@ def eap(model: Model, tokens, counterfactual, metric, *, attention_mask: torch.T
 
 
 def _scored(graph_of: EdgeGraph, outputs: torch.Tensor, grads: torch.Tensor, method: str) -> EdgeScores:
-    scores = torch.einsum("bpud,bpnd->bun", outputs.to(grads.dtype), grads)
+    """``Σ_{p, d} outputs[b, p, u, d] · grads[b, p, n, d]`` on the edges: per prompt, one product per
+    position over d, summed (faster than one product over (p, d), which needs both laid out again)."""
+    outputs = outputs.to(grads.dtype)
+    scores = torch.stack([torch.bmm(o, g.transpose(1, 2)).sum(0) for o, g in zip(outputs, grads)])
     return EdgeScores(graph_of, scores * graph_of.adjacency.to(scores), method)
 
 
@@ -114,25 +121,36 @@ def _W_O(model: Model, layer: int, dtype: torch.dtype) -> torch.Tensor:
     return check_supported(model).blocks[layer].attn.W_O.detach().to(dtype)  # [H, e, d]
 
 
-def _outputs(model: Model, acts, reg: Registry) -> torch.Tensor:
-    """Every upstream node's output ``[batch, pos, upstream, d_model]`` from recorded activations."""
-    outs = [acts[names.name("resid_pre", 0)]]
+def _outputs(model: Model, acts, reg: Registry, minus=None) -> torch.Tensor:
+    """Every upstream node's output ``[batch, pos, upstream, d_model]`` from recorded activations
+    (with ``minus``, another run's: the difference, each head's formed from the difference of z)."""
+    def at(name: str) -> torch.Tensor:
+        return acts[name] if minus is None else acts[name] - minus[name]
+
+    outs = [at(names.name("resid_pre", 0))]
     for layer in range(reg.n_layers):
-        z = acts[names.name("z", layer)]  # [b, p, H, e]
+        z = at(names.name("z", layer))  # [b, p, H, e]
         outs += list(torch.einsum("bphe,hed->hbpd", z, _W_O(model, layer, z.dtype)))
         if reg.mlps:
-            outs.append(acts[names.name("mlp_out", layer)])
+            outs.append(at(names.name("mlp_out", layer)))
     return torch.stack(outs, 2)
 
 
-def _recorded(model: Model, tokens: torch.Tensor, reg: Registry) -> dict[str, torch.Tensor]:
-    """The activations ``_outputs`` reads (and the token embeddings) of a run on ``tokens``."""
-    wanted = {names.name("resid_pre", 0), names.name("embed")}
-    wanted |= {names.name("z", layer) for layer in range(reg.n_layers)}
-    wanted |= {names.name("mlp_out", layer) for layer in range(reg.n_layers)} if reg.mlps else set()
-    with hooks.recording(model, names=wanted) as store:
-        hooks.final_residual(model, tokens)
-    return {name: tensors[0].detach() for name, tensors in store.items()}
+def _recorded(model: Model, tokens: torch.Tensor, metric, mask, *, embeddings: bool = False) -> Mapping[str, torch.Tensor]:
+    """The activations ``_outputs`` reads of a run on ``tokens``: the model wing's forward with a trace
+    (from the weights where it covers the model), or, for the token embeddings too, the graph
+    builder's recording."""
+    if embeddings:
+        return record(model, tokens, metric, attention_mask=mask).activations
+    trace: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        inference.run(model, tokens, trace=trace)
+    out = {names.name("resid_pre", 0): trace["resid_pre"][0]}
+    for layer in range(len(trace["z"])):
+        out[names.name("z", layer)] = trace["z"][layer]
+        if "mlp_out" in trace and len(trace["mlp_out"]) > layer:
+            out[names.name("mlp_out", layer)] = trace["mlp_out"][layer]
+    return out
 
 
 def _path_scores(model: Model, tokens: torch.Tensor, mask, metric, graph_of: EdgeGraph, sr: Semiring) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """EAP's edge graph and edge scores: the graph follows each family's layout, and EAP's score of every
-edge is the derivative of the metric when that edge alone carries its counterfactual (patching the
-edge, to first order), computed here by autograd through TransformerLens' own forward."""
+edge is minus the derivative of the metric when that edge alone moves to its counterfactual
+(what patching the edge costs, to first order), computed here by autograd through TransformerLens'
+own forward."""
 
 import pytest
 import torch
@@ -67,8 +68,8 @@ def test_eap_is_the_first_order_effect_of_patching_each_edge(family):
     graph_of = scores.graph
     graph = build_graph(model, tokens, metric, attention_mask=mask)
     reg = graph_of.registry
-    delta = _outputs(model, _recorded(model, other, reg), reg) - _outputs(model, graph.activations, reg)
-    expected = _patched_derivatives(model, tokens, mask, metric, delta, graph_of)
+    delta = _outputs(model, _recorded(model, other, metric, mask), reg) - _outputs(model, graph.activations, reg)
+    expected = -_patched_derivatives(model, tokens, mask, metric, delta, graph_of)
     assert expected.abs().max() > 1e-3 and (expected[:, ~graph_of.adjacency] == 0).all()
     torch.testing.assert_close(scores.scores, expected, rtol=1e-9, atol=1e-12)
     assert no_hooks_left(model)
@@ -107,9 +108,9 @@ def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean():
 
     graph = build_graph(model, tokens, metric, attention_mask=mask)
     reg = one.graph.registry
-    cf = _recorded(model, other, reg)
+    cf = _recorded(model, other, metric, mask, embeddings=True)
     e, e_cf = graph.activations[names.name("embed")], cf[names.name("embed")]
-    delta = _outputs(model, cf, reg) - _outputs(model, graph.activations, reg)
+    delta = _outputs(model, graph.activations, reg) - _outputs(model, cf, reg)
     per_point = []
     for k in (1, 2, 3):
         point = build_graph(model, tokens, metric, attention_mask=mask, embed=e_cf + k / 3 * (e - e_cf))
@@ -172,7 +173,7 @@ def _residuals(model, tokens, graph_of):
 def test_relevance_and_relp_split_each_input_over_its_edges(family):
     """Summed over the edges into a downstream node: AttnLRP's scores are the relevance of its input
     (``r_d · ∂̃m/∂r_d``, less the attention biases, which no edge carries), RelP's the first-order
-    effect of its input's counterfactual change (``(r_d(x′) − r_d(x)) · ∂̃m/∂r_d``)."""
+    effect of its input's counterfactual change (``(r_d(x) − r_d(x′)) · ∂̃m/∂r_d``)."""
     from gradgraph.build import build_graph
     from gradgraph.edge_methods import _gradients
 
@@ -188,8 +189,8 @@ def test_relevance_and_relp_split_each_input_over_its_edges(family):
     relevance = edge_scores(model, tokens, metric, method="attn-lrp", attention_mask=mask).scores.sum(1)
     torch.testing.assert_close(relevance, ((r - bias) * lrp_grad).sum((1, 3)), rtol=1e-9, atol=1e-12)
     relp = edge_scores(model, tokens, metric, other, method="relp", attention_mask=mask).scores.sum(1)
-    torch.testing.assert_close(relp, ((r_cf - r) * relp_grad).sum((1, 3)), rtol=1e-9, atol=1e-12)
-    assert not torch.allclose(relp, ((r_cf - r) * _gradients(build_graph(model, tokens, metric, attention_mask=mask),
+    torch.testing.assert_close(relp, ((r - r_cf) * relp_grad).sum((1, 3)), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(relp, ((r - r_cf) * _gradients(build_graph(model, tokens, metric, attention_mask=mask),
                                                           graph_of.registry)).sum((1, 3)))
     assert no_hooks_left(model)
 
