@@ -64,29 +64,38 @@ def _ablated(model: Model, tokens, counterfactual, metric, attention_mask, ablat
 
 
 def _run(model: Model, clean: torch.Tensor, mask, metric, circuit: Circuit, other: torch.Tensor) -> torch.Tensor:
-    """The hooked run: upstream outputs recorded live as their hook points fire (``other − live``
-    kept per upstream node), each downstream input shifted by the ablated edges into it, which come
-    from the upstream nodes written before it (a prefix of them, in residual order)."""
+    """The hooked run: upstream outputs recorded live as their hook points fire (``other − live`` per
+    upstream node, and its running sum over the nodes so far, in residual order), each downstream
+    input shifted by the ablated edges into it: their sum directly, or, where the circuit keeps
+    fewer edges into it than it ablates, the whole input's change less the kept ones."""
     graph = circuit.graph
     reg = graph.registry
-    outside = (graph.adjacency & ~circuit.edges).to(other.dtype)  # [U, D]
+    kept = (graph.adjacency & circuit.edges).to(other.dtype)  # [U, D]
+    ablated = (graph.adjacency & ~circuit.edges).to(other.dtype)
     diff = torch.zeros_like(other)  # other − live, where written
+    running = {0: torch.zeros_like(other[:, :, 0])}  # Σ of diff over the first k upstream nodes
     slots = _slots(graph)
     hooks = []
 
     def writes(at: slice, fn):
         def hook(x, hook=None):
             diff[:, :, at] = other[:, :, at] - fn(x)
+            running[at.stop] = running[at.start] + diff[:, :, at].sum(2)
         return hook
 
     def reads(ds: list[int], head_dim: bool):
-        cols = outside[:, ds]
-        before = int(cols.any(1).nonzero().max()) + 1 if cols.any() else 0  # the last upstream node ablated here
+        k = int(graph.adjacency[:, ds[0]].sum())  # the upstream nodes written before these inputs
+        out_rows, in_rows = (m[:k, ds].any(1).nonzero().squeeze(1) for m in (ablated, kept))
+        by_kept = len(in_rows) < len(out_rows)
+        rows = in_rows if by_kept else out_rows
+        weights = (kept if by_kept else ablated)[rows][:, ds]  # [rows, len(ds)]
 
         def hook(x, hook=None):
-            if not before:
+            shift = torch.einsum("bpud,un->bpnd", diff[:, :, rows], weights) if len(rows) else 0.0
+            if by_kept:
+                shift = running[k][:, :, None] - shift
+            if not torch.is_tensor(shift):
                 return x
-            shift = torch.einsum("bpud,un->bpnd", diff[:, :, :before], cols[:before])  # [b, p, len(ds), d]
             return x + (shift if head_dim else shift[:, :, 0])
         return hook
 
