@@ -37,6 +37,7 @@ class EdgeGraph:
     downstream: tuple[str, ...]
     adjacency: torch.Tensor  # [upstream, downstream] bool
     registry: Registry
+    d_model: int
 
     @property
     def edges(self) -> list[str]:
@@ -83,7 +84,8 @@ def edge_graph(model: Model) -> EdgeGraph:
     down.append((LOGITS, float(reg.n_layers)))
     written = torch.tensor([t for _, t in up])
     read = torch.tensor([t for _, t in down])
-    return EdgeGraph(tuple(u for u, _ in up), tuple(d for d, _ in down), written[:, None] < read[None, :], reg)
+    return EdgeGraph(tuple(u for u, _ in up), tuple(d for d, _ in down), written[:, None] < read[None, :], reg,
+                     spec.cfg.d_model)
 
 
 @dataclass(frozen=True)

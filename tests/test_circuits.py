@@ -209,3 +209,23 @@ def test_a_mixed_circuit_equals_ablating_its_edges_one_sum_at_a_time():
         got = circuit_metric(model, tokens, other, metric, circuit, attention_mask=mask)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
     assert no_hooks_left(model)
+
+
+def test_the_circuit_in_eap_igs_graph_json():
+    import json
+
+    from gradgraph.circuit_export import eap_ig_graph
+
+    model, tokens, mask, metric, other = _setup(n_key_value_heads=2)
+    scores = edge_scores(model, tokens, metric, other, method="eap", attention_mask=mask)
+    circuit = Circuit.of(scores.graph, ["embed->L0H1.q", "embed->L0H0-1.k", "L0H1->logits"])
+    data = json.loads(json.dumps(eap_ig_graph(scores, circuit)))
+    assert set(data) == {"cfg", "nodes", "edges"} and data["cfg"]["n_layers"] == 2 and data["cfg"]["d_model"] == 32
+    # every edge once per query head it reaches: q per head, k and v for both heads of a group
+    # each layer's 4 key/value inputs (2 groups × k, v) read 1 + 5 · layer upstream nodes, and each edge into
+    # one is written twice
+    assert len(data["edges"]) == len(scores.graph) + sum(4 * (1 + 5 * layer) for layer in range(2))
+    inside = sorted(name for name, e in data["edges"].items() if e["in_graph"])
+    assert inside == ["a0.h1->logits", "input->a0.h0<k>", "input->a0.h1<k>", "input->a0.h1<q>"]
+    assert data["edges"]["input->a0.h1<q>"]["score"] == pytest.approx(float(scores.of("embed->L0H1.q").sum()))
+    assert [n for n, v in data["nodes"].items() if v["in_graph"]] == ["input", "a0.h0", "a0.h1", "logits"]
