@@ -5,6 +5,11 @@ with signed and CMD with absolute selection), ``above`` those past a threshold; 
 dead nodes, as MIB does: an edge stays only while its upstream node is reached (``embed``, or a
 component with an edge into one of its inputs) and its downstream node goes on (``logits``, or a
 component with an edge out of its output), repeated until nothing changes.
+
+``top_path_circuit`` is the semiring's own selection: the union of the edges that the ``k`` best
+input → metric paths of the gradient graph (``KMax`` by Π|w|, ``gradgraph.paths.top_paths``) go
+along, each path leaving a component's output and entering the next component's input through the
+residual stream; such a circuit needs no pruning (every path runs from an input to the metric).
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gradgraph.arch import names
 from gradgraph.edges import LOGITS, EdgeGraph, EdgeScores
 from gradgraph.errors import GradGraphError
+from gradgraph.graph import GradGraph
+from gradgraph.labels import Component
+from gradgraph.paths import GradientPath, top_paths
 
 
 @dataclass(frozen=True)
@@ -116,4 +125,38 @@ def _pruned(graph: EdgeGraph, edges: torch.Tensor) -> torch.Tensor:
         edges = kept
 
 
-__all__ = ["Circuit", "above", "prune", "top_edges"]
+def path_edges(path: GradientPath, graph: EdgeGraph) -> list[str]:
+    """The edges one gradient-graph path goes along, in order (``"embed->L0H3.v"``, ...)."""
+    reg = graph.registry
+    writer, out = "embed", []
+    for name, index in path.nodes:
+        parsed = names.parse(name)
+        if parsed is None:
+            continue
+        kind, layer, _ = parsed
+        if kind in ("q_input", "k_input", "v_input"):
+            reader = reg.label(Component(kind[0], layer, index[2]))
+        elif kind == "mlp_in":
+            reader = reg.label(Component("mlp", layer))
+        elif kind == "resid_post" and layer == reg.n_layers - 1:
+            reader = LOGITS
+        else:
+            if kind == "z":
+                writer = reg.label(Component("head", layer, index[2]))
+            elif kind == "mlp_out":
+                writer = reg.label(Component("mlp", layer))
+            continue
+        out.append(f"{writer}->{reader}")
+    return out
+
+
+def top_path_circuit(model_graph: GradGraph, graph: EdgeGraph, k: int, *, sources=None) -> Circuit:
+    """The edges of the ``k`` best paths of each prompt (see the module); ``sources`` as for
+    ``top_paths`` (the input positions the paths start at)."""
+    if not isinstance(k, int) or k < 1:
+        raise GradGraphError(f"k must be a positive number of paths, got {k!r}")
+    paths = top_paths(model_graph, k, sources=sources)
+    return Circuit.of(graph, {edge for per_item in paths for path in per_item for edge in path_edges(path, graph)})
+
+
+__all__ = ["Circuit", "above", "path_edges", "prune", "top_edges", "top_path_circuit"]

@@ -229,3 +229,32 @@ def test_the_circuit_in_eap_igs_graph_json():
     assert inside == ["a0.h1->logits", "input->a0.h0<k>", "input->a0.h1<k>", "input->a0.h1<q>"]
     assert data["edges"]["input->a0.h1<q>"]["score"] == pytest.approx(float(scores.of("embed->L0H1.q").sum()))
     assert [n for n, v in data["nodes"].items() if v["in_graph"]] == ["input", "a0.h0", "a0.h1", "logits"]
+
+
+def test_a_top_path_circuit_follows_the_best_paths():
+    """Each of the best paths leaves embed and reaches the logits, entering each component it leaves
+    next; its edges' best path (the ``max`` score) is the path itself."""
+    from gradgraph.build import build_graph
+    from gradgraph.circuits import path_edges, top_path_circuit
+    from gradgraph.paths import top_paths
+
+    model, tokens, mask, metric, _ = _setup(n_key_value_heads=2)
+    graph = build_graph(model, tokens, metric, attention_mask=mask)
+    edges = edge_graph(model)
+    circuit = top_path_circuit(graph, edges, 3)
+    assert 0 < len(circuit) and torch.equal(prune(circuit).edges, circuit.edges)
+    best = edge_scores(model, tokens, metric, method="max", attention_mask=mask).scores
+    reg = edges.registry
+    for item, paths in enumerate(top_paths(graph, 1)):
+        chain = path_edges(paths[0], edges)
+        assert chain[0].startswith("embed->") and chain[-1].endswith("->logits")
+        for before, after in zip(chain, chain[1:]):
+            entered, left = before.split("->")[1], after.split("->")[0]
+            c = reg.parse(entered)
+            assert left == (entered if c.kind == "mlp" else f"L{c.layer}H{left.split('H')[1]}")
+            assert c.kind == "mlp" or c.kind == "q" and left == f"L{c.layer}H{c.head}" or int(left.split("H")[1]) in reg.group(c.head)
+        for edge in chain:
+            assert float(best[item][edges.index(edge)]) == pytest.approx(paths[0].magnitude, rel=1e-9)
+        assert all(circuit.edges[edges.index(e)] for e in chain)
+    with pytest.raises(GradGraphError, match="k must be"):
+        top_path_circuit(graph, edges, 0)
