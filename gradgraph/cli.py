@@ -109,6 +109,19 @@ def cmd_heads(args: argparse.Namespace) -> None:
         figures=args.figures))
 
 
+def cmd_circuit(args: argparse.Namespace) -> None:
+    from gradgraph.studies import circuit
+
+    if args.redraw:
+        circuit.redraw(args.redraw, args.figures)
+        return
+    methods = tuple(n for n in args.methods.replace(",", " ").split() if n)
+    circuit.main(circuit.Config(
+        task=args.task, items=args.items, prompts=args.prompts, counterfactuals=args.counterfactuals, good=args.good,
+        bad=args.bad, methods=methods, steps=args.steps, size=args.size, resamples=args.resamples, model=args.model,
+        seed=args.seed, out=args.out, figures=args.figures))
+
+
 def cmd_synthetic(args: argparse.Namespace) -> None:
     from gradgraph.studies import synthetic
 
@@ -205,7 +218,7 @@ def _fraction(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     from gradgraph.component_methods import METHODS
-    from gradgraph.studies import attr_eval, head_ranking, head_types, lrp_eval, sva, synthetic
+    from gradgraph.studies import attr_eval, circuit, head_ranking, head_types, lrp_eval, sva, synthetic
 
     top = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -262,6 +275,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
     _redraw_option(p)
     p.set_defaults(func=cmd_heads)
+
+    d = _defaults(circuit.Config)
+    p = sub.add_parser("circuit", help="edge scores by every method, circuits, their faithfulness (MIB's CPR, CMD)")
+    p.add_argument("--task", choices=circuit.TASKS, default=d["task"],
+                   help="ioi (generated items, ABC counterfactuals) or prompts (your own, with --prompts, "
+                        "--counterfactuals, --good, --bad)")
+    p.add_argument("--items", type=_positive, default=d["items"], help="IOI items the model gets right")
+    p.add_argument("--prompts", help="--task prompts: text file, one prompt per line")
+    p.add_argument("--counterfactuals", help="--task prompts: aligned counterfactual prompts, one per line")
+    p.add_argument("--good", help="--task prompts: the expected next token (one token)")
+    p.add_argument("--bad", help="--task prompts: the contrasting token (one token)")
+    p.add_argument("--methods", default=",".join(d["methods"]), help=f"comma-separated, from {','.join(circuit.ALL)}")
+    p.add_argument("--steps", type=_positive, default=d["steps"], help="EAP-IG's points")
+    p.add_argument("--size", type=float, default=d["size"], help="share of the edges in each exported circuit")
+    p.add_argument("--resamples", type=_positive, default=d["resamples"], help="bootstrap resamples of the prompts")
+    p.add_argument("--model", default=d["model"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--out", default=d["out"])
+    p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
+    _redraw_option(p)
+    p.set_defaults(func=cmd_circuit)
 
     d = _defaults(synthetic.Config)
     p = sub.add_parser("synthetic", help="Du et al.'s synthetic validation on small trained models (CPU minutes)")

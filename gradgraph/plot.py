@@ -389,3 +389,21 @@ def metric_bars(rows: list[dict], metrics, path: str | Path, *, title: str) -> P
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
+
+
+def faithfulness_curves(curves: dict[str, tuple], path: str | Path, *, title: str) -> Path:
+    """``f(C)`` against the circuit's share of the edges (log scale), one line per method, with the
+    full model (f = 1) and the empty circuit (f = 0) marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for method, (sizes, f) in curves.items():
+        style = dict(color="grey", ls="--") if method == "random" else dict(ls="-")
+        ax.plot([100 * s for s in sizes], f, marker="o", ms=3, lw=1.2, label=method, **style)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.0, color="black", lw=0.8, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("edges in the circuit (% of the model's)")
+    ax.set_ylabel("faithfulness f(C)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, ncol=2)
+    return _save(fig, path)
