@@ -6,10 +6,10 @@ own forward."""
 import pytest
 import torch
 
-from gradgraph import GradGraphError, tiny_model
+from gradgraph import GradGraphError
 from gradgraph.arch import names
 from gradgraph.arch.models import FAMILIES
-from gradgraph.edge_methods import METHODS, _outputs, _recorded, eap, edge_scores
+from gradgraph.edge_methods import _outputs, _recorded, eap, edge_scores
 from gradgraph.edges import LOGITS, edge_graph
 from gradgraph.metrics import prepare
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from gradgraph import plot
 from gradgraph.arch.models import load_model
 from gradgraph.circuit_export import eap_ig_graph
-from gradgraph.circuit_faithfulness import CONVENTIONS, SIZES, faithfulness_curve
+from gradgraph.circuit_faithfulness import CONVENTIONS, faithfulness_curve
 from gradgraph.circuits import top_edges
 from gradgraph.data.ioi import ioi_items
 from gradgraph.edge_methods import METHODS, NEEDS_COUNTERFACTUAL, edge_scores
