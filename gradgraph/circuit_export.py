@@ -33,8 +33,7 @@ def _targets(label: str, reg) -> list[str]:
     c = reg.parse(label)
     if c.kind == "mlp":
         return [f"m{c.layer}"]
-    heads = [c.head] if c.kind == "q" or reg.n_key_value_heads == reg.n_heads else list(reg.group(c.head))
-    return [f"a{c.layer}.h{h}<{c.kind}>" for h in heads]
+    return [f"a{c.layer}.h{h}<{c.kind}>" for h in ([c.head] if c.kind == "q" else reg.group(c.head))]
 
 
 def eap_ig_graph(scores: EdgeScores, circuit: Circuit) -> dict:

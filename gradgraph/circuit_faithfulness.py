@@ -25,10 +25,9 @@ import torch
 from gradgraph.arch import names
 from gradgraph.arch.lens import Model
 from gradgraph.circuits import Circuit, top_edges
-from gradgraph.edge_methods import _W_O, _outputs, _recorded, _tokens
+from gradgraph.edge_methods import _W_O, _downstream_nodes, _outputs, _recorded, _tokens
 from gradgraph.edges import EdgeScores
 from gradgraph.errors import GradGraphError
-from gradgraph.labels import Component
 from gradgraph.metrics import prepare
 
 SIZES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -91,11 +90,11 @@ def _run(model: Model, clean: torch.Tensor, mask, metric, circuit: Circuit, othe
         weights = (kept if by_kept else ablated)[rows][:, ds]  # [rows, len(ds)]
 
         def hook(x, hook=None):
-            shift = torch.einsum("bpud,un->bpnd", diff[:, :, rows], weights) if len(rows) else 0.0
+            if not by_kept and not len(rows):  # nothing ablated into these inputs
+                return x
+            shift = torch.einsum("bpud,un->bpnd", diff[:, :, rows], weights)  # [b, p, len(ds), d]
             if by_kept:
                 shift = running[k][:, :, None] - shift
-            if not torch.is_tensor(shift):
-                return x
             return x + (shift if head_dim else shift[:, :, 0])
         return hook
 
@@ -105,31 +104,30 @@ def _run(model: Model, clean: torch.Tensor, mask, metric, circuit: Circuit, othe
         hooks.append((names.name("z", layer), writes(slots[("head", layer)], lambda z, W=W_O: torch.einsum("bphe,hed->bphd", z, W))))
         if reg.mlps:
             hooks.append((names.name("mlp_out", layer), writes(slots[("mlp", layer)], lambda x: x[:, :, None])))
-        for kind in ("q", "k", "v"):
-            hooks.append((names.name(f"{kind}_input", layer), reads(slots[(kind, layer)], True)))
-        if reg.mlps:
-            hooks.append((names.name("mlp_in", layer), reads(slots[("mlp_in", layer)], False)))
-    hooks.append((names.name("resid_post", reg.n_layers - 1), reads(slots["logits"], False)))
+    for hook, (ds, head_dim) in _inputs(reg).items():
+        hooks.append((hook, reads(ds, head_dim)))
     with torch.no_grad():
         logits = model.run_with_hooks(clean, fwd_hooks=hooks)
         return prepare(metric, model)(logits, mask).detach()
 
 
 def _slots(graph) -> dict:
-    """Where each hook point's upstream outputs sit (a slice of upstream indices) and which
-    downstream indices each input hook holds."""
+    """Where each layer's head and MLP outputs sit among the upstream nodes (slices of indices)."""
     reg, out = graph.registry, {}
     up = {label: i for i, label in enumerate(graph.upstream)}
-    down = {label: i for i, label in enumerate(graph.downstream)}
     for layer in range(reg.n_layers):
         first = up[f"L{layer}H0"]
         out[("head", layer)] = slice(first, first + reg.n_heads)
         if reg.mlps:
             out[("mlp", layer)] = slice(up[f"MLP{layer}"], up[f"MLP{layer}"] + 1)
-            out[("mlp_in", layer)] = [down[f"MLP{layer}"]]
-        for kind in ("q", "k", "v"):
-            out[(kind, layer)] = [down[reg.label(Component(kind, layer, h))] for h in range(reg.copies(kind))]
-    out["logits"] = [down["logits"]]
+    return out
+
+
+def _inputs(reg) -> dict[str, tuple[list[int], bool]]:
+    """Per input hook point, the downstream indices it holds and whether it has a head axis."""
+    out: dict[str, tuple[list[int], bool]] = {}
+    for d, (hook, head) in enumerate(_downstream_nodes(reg)):
+        out.setdefault(hook, ([], head is not None))[0].append(d)
     return out
 
 

@@ -62,7 +62,7 @@ class Circuit:
         return Circuit(graph, torch.zeros_like(graph.adjacency))
 
 
-def _ranked(scores: EdgeScores | torch.Tensor, absolute: bool) -> tuple[EdgeGraph, torch.Tensor]:
+def _ranked(scores: EdgeScores, absolute: bool) -> tuple[EdgeGraph, torch.Tensor]:
     if not isinstance(scores, EdgeScores):
         raise GradGraphError(f"expected EdgeScores from gradgraph.edge_methods.edge_scores, got {type(scores).__name__}")
     total = scores.scores.sum(0).double()  # [U, D] over prompts
@@ -106,8 +106,7 @@ def _owners(graph: EdgeGraph) -> torch.Tensor:
         if c.kind == "mlp":
             owners[d, up[label]] = True
         else:
-            heads = [c.head] if c.kind == "q" or reg.n_key_value_heads == reg.n_heads else list(reg.group(c.head))
-            for h in heads:
+            for h in [c.head] if c.kind == "q" else reg.group(c.head):
                 owners[d, up[f"L{c.layer}H{h}"]] = True
     return owners
 

@@ -25,7 +25,7 @@ from gradgraph.circuit_faithfulness import CONVENTIONS, faithfulness_curve
 from gradgraph.circuits import top_edges
 from gradgraph.data.ioi import ioi_items
 from gradgraph.edge_methods import METHODS, NEEDS_COUNTERFACTUAL, edge_scores
-from gradgraph.edges import EdgeScores
+from gradgraph.edges import EdgeScores, edge_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import logit_diff, prepare
 from gradgraph.prompts import read_prompts, single_token_id, to_tokens
@@ -56,7 +56,8 @@ class Config:
 
 
 def _task(model, config: Config):
-    """``(tokens, mask, counterfactual tokens, metric, description)``."""
+    """``(tokens, mask, counterfactual tokens, good ids, bad ids, description)``: the metric is
+    ``logit(good) − logit(bad)`` at each prompt's last token."""
     if config.task == "ioi":
         drawn = ioi_items(model.tokenizer, 2 * config.items, seed=config.seed)
         tokens, mask = to_tokens(model, [i.prompt for i in drawn])
@@ -69,8 +70,7 @@ def _task(model, config: Config):
                                  "measure a circuit on")
         tokens, mask = to_tokens(model, [i.prompt for i in items])
         other, _ = to_tokens(model, [i.counterfactual for i in items])
-        metric = logit_diff(ids([i.io for i in items]), ids([i.s for i in items]))
-        return tokens, mask, other, metric, f"IOI, {len(items)} items (the model is right on {float(right.float().mean()):.1%} drawn)"
+        return tokens, mask, other, ids([i.io for i in items]), ids([i.s for i in items]), f"IOI, {len(items)} items (the model is right on {float(right.float().mean()):.1%} drawn)"
     prompts, counterfactuals = read_prompts(config.prompts), read_prompts(config.counterfactuals)
     if len(prompts) != len(counterfactuals):
         raise GradGraphError(f"{len(counterfactuals)} counterfactual prompts for {len(prompts)} prompts; give one each")
@@ -79,8 +79,8 @@ def _task(model, config: Config):
     if other.shape != tokens.shape or not torch.equal(mask, other_mask):
         raise GradGraphError("each counterfactual must tokenize to as many tokens as its prompt (the edges are "
                              "patched position by position)")
-    good, bad = single_token_id(model.tokenizer, config.good), single_token_id(model.tokenizer, config.bad)
-    return tokens, mask, other, logit_diff(good, bad), f"{len(prompts)} prompts ({config.good!r} vs {config.bad!r})"
+    good, bad = (torch.full((len(prompts),), single_token_id(model.tokenizer, w)) for w in (config.good, config.bad))
+    return tokens, mask, other, good, bad, f"{len(prompts)} prompts ({config.good!r} vs {config.bad!r})"
 
 
 def run(config: Config) -> dict:
@@ -96,15 +96,16 @@ def run(config: Config) -> dict:
         raise GradGraphError(f"gradgraph circuit --task prompts needs {', '.join(missing)}")
     model = load_model(config.model)
     model.requires_grad_(False)
-    tokens, mask, other, metric, task = _task(model, config)
+    tokens, mask, other, good, bad, task = _task(model, config)
+    metric = logit_diff(good, bad)
     scores, signed, absolute, seconds = {}, {}, {}, {}
     for method in tqdm(config.methods, desc="circuit", unit="method"):
         start = time.perf_counter()
-        if method == "random":
-            base = edge_scores(model, tokens, metric, other, method="eap", attention_mask=mask)
-            gen = torch.Generator().manual_seed(config.seed)
-            noise = torch.rand(base.scores.shape[1:], generator=gen, dtype=base.scores.dtype)
-            scored = EdgeScores(base.graph, (noise * base.graph.adjacency)[None], "random")
+        if method == "random":  # uniform scores on the model's edges: the floor
+            graph = edge_graph(model)
+            noise = torch.rand(graph.adjacency.shape, generator=torch.Generator().manual_seed(config.seed),
+                               dtype=torch.float64)
+            scored = EdgeScores(graph, (noise * graph.adjacency)[None], "random")
         else:
             scored = edge_scores(model, tokens, metric, other if method in NEEDS_COUNTERFACTUAL else None,
                                  method=method, steps=config.steps, attention_mask=mask)
