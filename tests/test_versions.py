@@ -197,3 +197,67 @@ def test_tiny_models_are_the_installed_versions_kind():
     model = tiny_model("gpt2")
     assert isinstance(model, lens.MODEL_TYPES)
     assert lens.is_bridge(model) == (lens.MAJOR >= 4)
+
+
+def _tl4_node(label: str, position: int, n_layers: int, reader: bool):
+    """TransformerLens 4.3's attribution-patching node for one of gradgraph's edge-graph labels."""
+    import re
+
+    from transformer_lens.tools.analysis.attribution_patching import Node
+
+    if label == "embed":
+        return Node("embed", position)
+    if label == "logits":
+        return Node("logits", position, n_layers - 1)
+    if label.startswith("MLP"):
+        return Node("mlp_in" if reader else "mlp_out", position, int(label[3:]))
+    layer, head, kind = re.fullmatch(r"L(\d+)H(\d+)(?:\.([qkv]))?", label).groups()
+    return Node(f"{kind}_input" if reader else "attn_head_out", position, int(layer), int(head))
+
+
+@bridge_only
+def test_eap_and_faithfulness_equal_transformer_lens_4s_own_tool():
+    """TransformerLens 4.3's ``attribution_patch`` (edge granularity) and ``faithfulness`` on a bridged
+    GPT-2: its edges are per position, with the gradient on the corrupt run and the difference clean −
+    corrupt, so its score summed over positions is minus gradgraph's EAP with the two runs swapped; its
+    recovered fraction is gradgraph's f(C) of the same circuit on every position."""
+    from transformer_lens.tools.analysis import attribution_patching as tl
+
+    from gradgraph.circuit_faithfulness import circuit_metric
+    from gradgraph.circuits import Circuit, top_edges
+    from gradgraph.edge_methods import edge_scores
+    from gradgraph.edges import edge_graph
+
+    model = family_model("gpt2", n_layers=2, seed=5)
+    generator = torch.Generator().manual_seed(7)
+    clean = torch.randint(1, 50, (2, 6), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 1:4] = torch.randint(1, 50, (2, 3), generator=generator)
+    good, bad = 7, 9
+    metric = logit_diff(good, bad)
+    graph = edge_graph(model)
+    n_layers = model.cfg.n_layers
+    for i in range(2):
+        pair = dict(clean=clean[i:i + 1], corrupt=corrupt[i:i + 1],
+                    metric_fn=lambda logits: logits[0, -1, good] - logits[0, -1, bad])
+        theirs = tl.attribution_patch(model, config=tl.EdgeAttributionConfig(granularity="edge"), **pair)
+        ours = edge_scores(model, corrupt[i:i + 1], metric, clean[i:i + 1], method="eap").scores[0]
+        assert len(theirs.edge_scores) == len(graph) * clean.shape[1]
+        compared = 0
+        for u, d in graph.adjacency.nonzero().tolist():
+            per_position = [theirs.edge_scores[(_tl4_node(graph.upstream[u], p, n_layers, False),
+                                                _tl4_node(graph.downstream[d], p, n_layers, True))]
+                            for p in range(clean.shape[1])]
+            assert abs(-sum(per_position) - float(ours[u, d])) <= 1e-12
+            compared += 1
+        assert compared == len(graph)
+        scored = edge_scores(model, clean[i:i + 1], metric, corrupt[i:i + 1], method="eap")
+        for n in (3, 12, 40):
+            circuit = top_edges(scored, n)
+            kept = [(_tl4_node(graph.upstream[u], p, n_layers, False), _tl4_node(graph.downstream[d], p, n_layers, True))
+                    for u, d in circuit.edges.nonzero().tolist() for p in range(clean.shape[1])]
+            recovered = tl.faithfulness(model, circuit=kept, **pair).recovered
+            m = lambda c: float(circuit_metric(model, clean[i:i + 1], corrupt[i:i + 1], metric, c)[0])  # noqa: E731
+            f = (m(circuit) - m(Circuit.empty(graph))) / (m(Circuit.full(graph)) - m(Circuit.empty(graph)))
+            assert abs(f - recovered) < 1e-9, (n, f, recovered)
+    assert no_hooks_left(model)
