@@ -57,4 +57,44 @@ def circuit_tracer_graph(graph: dict, *, slug: str, model: str, registry: Regist
     return dict(metadata=metadata, qParams=q_params, nodes=list(nodes.values()), links=links)
 
 
-__all__ = ["circuit_tracer_graph"]
+def circuit_tracer_circuit(layout, *, slug: str, model: str, tokens: list[str], prompt: str, good: str,
+                           bad: str) -> dict:
+    """circuit-tracer's JSON of a circuit (``gradgraph.circuits.layout``): its edges are summed over
+    positions, so every component is one node at the last position and the input embeddings one node
+    (``E_0_0``); an edge into a head's query, key or value input is a link into the head (the three
+    summed), weighted by its score summed over prompts; a node's ``influence`` is its share of the
+    circuit's |score| leaving it."""
+    last = len(tokens) - 1
+    graph = dict(tokens=tokens, n_tokens=len(tokens), good=good, bad=bad)
+    weights: dict[tuple[str, str], float] = {}
+    for e in layout.edges:
+        weights[(e.upstream, e.component)] = weights.get((e.upstream, e.component), 0.0) + e.score
+    out: dict[str, float] = {}
+    for (up, _), w in weights.items():
+        out[up] = out.get(up, 0.0) + abs(w)
+    total = sum(out.values()) or 1.0
+    nodes = {}
+    for label in layout.places:
+        influence = out.get(label, 0.0) / total
+        if label == "embed":
+            nodes[label] = dict(node_id="E_0_0", feature=0, layer="E", ctx_idx=0, feature_type="embedding",
+                                token_prob=0.0, is_target_logit=False, run_idx=0, reverse_ctx_idx=0,
+                                jsNodeId="E_0-0", clerp="input embeddings (every position)", influence=influence,
+                                activation=None)
+        elif label == "logits":
+            nodes[label] = _node(names.METRIC, graph, layout.registry, influence)
+        else:
+            c = layout.registry.parse(label)
+            feature = 999 if c.kind == "mlp" else c.head
+            nodes[label] = dict(node_id=f"{c.layer}_{feature}_{last}", feature=feature, layer=str(c.layer), ctx_idx=last,
+                                feature_type="cross layer transcoder", token_prob=0.0, is_target_logit=False,
+                                run_idx=0, reverse_ctx_idx=0, jsNodeId=f"{c.layer}_{feature}-0",
+                                clerp=f"{label} (every position)", influence=influence, activation=None)
+    links = [dict(source=nodes[u]["node_id"], target=nodes[d]["node_id"], weight=w) for (u, d), w in weights.items()]
+    metadata = dict(slug=slug, scan=f"gradgraph-{model}", transcoder_list=[], prompt_tokens=tokens, prompt=prompt,
+                    node_threshold=None, schema_version=1)
+    q_params = dict(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
+    return dict(metadata=metadata, qParams=q_params, nodes=list(nodes.values()), links=links)
+
+
+__all__ = ["circuit_tracer_circuit", "circuit_tracer_graph"]

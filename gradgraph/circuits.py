@@ -15,6 +15,7 @@ residual stream; such a circuit needs no pruning (every path runs from an input 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,7 +23,7 @@ from gradgraph.arch import names
 from gradgraph.edges import LOGITS, EdgeGraph, EdgeScores
 from gradgraph.errors import GradGraphError
 from gradgraph.graph import GradGraph
-from gradgraph.labels import Component
+from gradgraph.labels import Component, Registry
 from gradgraph.paths import GradientPath, top_paths
 
 
@@ -124,6 +125,60 @@ def _pruned(graph: EdgeGraph, edges: torch.Tensor) -> torch.Tensor:
         edges = kept
 
 
+class Line(NamedTuple):
+    """One drawn line of a circuit: its edge ``upstream->input`` into ``component`` (the head or MLP
+    the input belongs to, or ``logits``), which input ``kind`` it enters, and its ``score``."""
+
+    upstream: str
+    input: str
+    component: str
+    kind: str  # "q", "k", "v", "mlp" or "logits"
+    score: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A circuit laid out for drawing, layers left to right: ``places`` of its nodes ``{label: (x, y)}``
+    (``embed`` at x = 0, layer l's heads at 2l + 1 one above the other, its MLP at 2l + 2 below them,
+    ``logits`` last) and its ``edges`` ``(upstream, component, input, score)``: the component whose input the
+    edge enters (``input``: ``"q"``, ``"k"``, ``"v"``, ``"mlp"`` or ``"logits"``; a grouped key or
+    value input's edge drawn to each head of its group that the circuit keeps)."""
+
+    places: dict[str, tuple[float, float]]
+    edges: list[Line]
+    registry: Registry
+
+    @property
+    def n_layers(self) -> int:
+        return self.registry.n_layers
+
+
+def layout(circuit: Circuit, scores: EdgeScores) -> Layout:
+    """Where ``circuit``'s nodes and edges are drawn, each edge with its score summed over prompts."""
+    graph, reg = circuit.graph, circuit.graph.registry
+    owners, total = _owners(graph), scores.scores.sum(0)
+    alive = circuit.edges.any(1)  # upstream nodes with an edge out
+    edges = []
+    for u, d in circuit.edges.nonzero().tolist():
+        down = graph.downstream[d]
+        if down == LOGITS:
+            targets, kind = [LOGITS], "logits"
+        else:
+            heads = owners[d].nonzero().flatten()
+            kept = [h for h in heads.tolist() if alive[h]] or heads.tolist()
+            targets, kind = [graph.upstream[h] for h in kept], reg.parse(down).kind
+        edges += [Line(graph.upstream[u], down, t, kind, float(total[u, d])) for t in targets]
+    places: dict[str, tuple[float, float]] = {}
+    for label in {e.upstream for e in edges} | {e.component for e in edges}:
+        if label in ("embed", LOGITS):
+            places[label] = (0.0 if label == "embed" else 2.0 * reg.n_layers + 1, 0.0)
+        else:
+            c = reg.parse(label)
+            places[label] = ((2.0 * c.layer + 2, -(reg.n_heads + 1) / 2) if c.kind == "mlp" else
+                             (2.0 * c.layer + 1, c.head - (reg.n_heads - 1) / 2))
+    return Layout(places, edges, reg)
+
+
 def path_edges(path: GradientPath, graph: EdgeGraph) -> list[str]:
     """The edges one gradient-graph path goes along, in order (``"embed->L0H3.v"``, ...)."""
     reg = graph.registry
@@ -158,4 +213,4 @@ def top_path_circuit(model_graph: GradGraph, graph: EdgeGraph, k: int, *, source
     return Circuit.of(graph, {edge for per_item in paths for path in per_item for edge in path_edges(path, graph)})
 
 
-__all__ = ["Circuit", "above", "path_edges", "prune", "top_edges", "top_path_circuit"]
+__all__ = ["Circuit", "Layout", "Line", "above", "layout", "path_edges", "prune", "top_edges", "top_path_circuit"]

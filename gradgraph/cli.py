@@ -279,9 +279,10 @@ def parser() -> argparse.ArgumentParser:
     d = _defaults(circuit.Config)
     p = sub.add_parser("circuit", help="edge scores by every method, circuits, their faithfulness (MIB's CPR, CMD)")
     p.add_argument("--task", choices=circuit.TASKS, default=d["task"],
-                   help="ioi (generated items, ABC counterfactuals) or prompts (your own, with --prompts, "
-                        "--counterfactuals, --good, --bad)")
-    p.add_argument("--items", type=_positive, default=d["items"], help="IOI items the model gets right")
+                   help="ioi (ABC counterfactuals), sva (the subject's other number), copying (the copied word "
+                        "changed), each generated, or prompts (your own, with --prompts, --counterfactuals, "
+                        "--good, --bad)")
+    p.add_argument("--items", type=_positive, default=d["items"], help="items of a generated task the model gets right")
     p.add_argument("--prompts", help="--task prompts: text file, one prompt per line")
     p.add_argument("--counterfactuals", help="--task prompts: aligned counterfactual prompts, one per line")
     p.add_argument("--good", help="--task prompts: the expected next token (one token)")

@@ -407,3 +407,37 @@ def faithfulness_curves(curves: dict[str, tuple], path: str | Path, *, title: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False, ncol=2)
     return _save(fig, path)
+
+
+INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange", "mlp": "tab:purple", "logits": "black"}
+
+
+def circuit_drawing(layout, path: str | Path, *, title: str, most: int = 150) -> Path:
+    """A circuit (``gradgraph.circuits.Layout``), layers left to right: heads stacked in their layer's
+    column, each MLP right of them and below; an edge's colour is the input it enters (q, k, v, MLP,
+    logits), its width |score|, dashed when the score is negative; the ``most`` strongest lines drawn
+    (a grouped key or value input's edge is a line to each head it serves)."""
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.45 * (2 * layout.n_layers + 2))), 6.0))
+    edges = sorted(layout.edges, key=lambda e: abs(e.score))[-most:]
+    top = max((abs(e.score) for e in edges), default=0.0) or 1.0
+    shown = {e.upstream for e in edges} | {e.component for e in edges}
+    for e in edges:
+        (x0, y0), (x1, y1) = layout.places[e.upstream], layout.places[e.component]
+        ax.plot([x0, x1], [y0, y1], color=INPUT_COLOURS[e.kind], lw=0.3 + 3.2 * abs(e.score) / top,
+                ls="-" if e.score >= 0 else "--", alpha=0.25 + 0.7 * abs(e.score) / top, zorder=1)
+    for label in shown:
+        x, y = layout.places[label]
+        ax.scatter([x], [y], s=30, color="white", edgecolor="black", zorder=2)
+        ax.annotate(label, (x, y), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=5, zorder=3)
+    ax.set_xticks([0] + [2 * layer + 1.5 for layer in range(layout.n_layers)] + [2 * layout.n_layers + 1],
+                  ["embed"] + [f"L{layer}" for layer in range(layout.n_layers)] + ["logits"], fontsize=6)
+    ax.set_yticks([])
+    for kind, colour in INPUT_COLOURS.items():
+        ax.plot([], [], color=colour, label=f"into {kind}" if kind != "logits" else "into the logits")
+    ax.legend(fontsize=7, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=5)
+    drawn = f"the {len(edges)} strongest of its {len(layout.edges)} lines" if len(edges) < len(layout.edges) else \
+        f"{len(edges)} lines"
+    ax.set_title(f"{title}\n{drawn}; width |score|, dashed < 0", fontsize=9, pad=18)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    return _save(fig, path)

@@ -332,4 +332,92 @@ def heads_page(summary: dict, heat: dict, tokens: list[dict], figures: dict[str,
 """
 
 
-__all__ = ["heads_page", "sva_page"]
+def _curves(curves: dict[str, dict[str, tuple]], div_id: str) -> str:
+    """f(C) against each circuit's own share of the edges (log x), a line per method; a dropdown
+    chooses the signed (CPR's) or the absolute (CMD's) selection."""
+    fig, selections = go.Figure(), ("absolute", "signed")
+    for selection in selections:
+        for method, by in curves.items():
+            shares, f = by[selection]
+            fig.add_trace(go.Scatter(x=[100 * x for x in shares], y=f, mode="lines+markers", name=method,
+                                     visible=selection == "absolute",
+                                     line=dict(dash="dash" if method == "random" else "solid"),
+                                     hovertemplate=method + ": %{x:.3g} % of the edges, f = %{y:.3f}<extra></extra>"))
+    n = len(curves)
+    buttons = [dict(label=f"{s} selection ({'CMD' if s == 'absolute' else 'CPR'})", method="update",
+                    args=[{"visible": [j // n == i for j in range(2 * n)]}]) for i, s in enumerate(selections)]
+    fig.update_layout(updatemenus=[dict(buttons=buttons, x=0, y=1.15, xanchor="left")], height=460,
+                      xaxis=dict(type="log", title="edges in the circuit (% of the model's, its own share)"),
+                      yaxis_title="faithfulness f(C)", margin=dict(t=60))
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)
+
+
+def _circuits(layouts: dict, div_id: str) -> str:
+    """Each method's circuit, layers left to right (a dropdown per method); hovering an edge shows its
+    label and score, its colour the input it enters."""
+    colours = {"q": "#1f77b4", "k": "#2ca02c", "v": "#ff7f0e", "mlp": "#9467bd", "logits": "#222222"}
+    fig, spans = go.Figure(), []
+    for layout in layouts.values():
+        first = len(fig.data)
+        top = max((abs(e.score) for e in layout.edges), default=0.0) or 1.0
+        for e in layout.edges:
+            (x0, y0), (x1, y1) = layout.places[e.upstream], layout.places[e.component]
+            fig.add_trace(go.Scatter(x=[x0, (x0 + x1) / 2, x1], y=[y0, (y0 + y1) / 2, y1], mode="lines",
+                                     line=dict(color=colours[e.kind], width=0.5 + 4 * abs(e.score) / top,
+                                               dash="solid" if e.score >= 0 else "dash"),
+                                     hovertemplate=f"{e.upstream} → {e.input}: {e.score:.3g}<extra></extra>",
+                                     showlegend=False, visible=not spans))
+        labels = list(layout.places)
+        fig.add_trace(go.Scatter(x=[layout.places[k][0] for k in labels], y=[layout.places[k][1] for k in labels],
+                                 mode="markers+text", text=labels, textposition="top center", showlegend=False,
+                                 marker=dict(size=9, color="white", line=dict(color="black", width=1)),
+                                 hovertemplate="%{text}<extra></extra>", visible=not spans))
+        spans.append((first, len(fig.data)))
+    buttons = [dict(label=method, method="update",
+                    args=[{"visible": [a <= j < b for j in range(len(fig.data))]}])
+               for method, (a, b) in zip(layouts, spans)]
+    fig.update_layout(updatemenus=[dict(buttons=buttons, x=0, y=1.12, xanchor="left")], height=560,
+                      xaxis=dict(title="embed · layers · logits", zeroline=False), yaxis=dict(visible=False),
+                      margin=dict(t=60))
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)
+
+
+def circuit_page(summary: dict, curves: dict, layouts: dict, figures: dict[str, str]) -> str:
+    """``gradgraph circuit``'s page: CPR/CMD per method under both x-axis conventions, the curves, each
+    method's circuit drawn, the figures and the files."""
+    table = _table(summary["rows"], [("method", "method"), ("x_axis", "x-axis"),
+                                     (lambda r: f"{r['CPR']:.3f} [{r['CPR_low']:.3f}, {r['CPR_high']:.3f}]", "CPR ↑"),
+                                     (lambda r: f"{r['CMD']:.3f} [{r['CMD_low']:.3f}, {r['CMD_high']:.3f}]", "CMD ↓"),
+                                     ("seconds", "seconds")])
+    gallery = "".join(f"<figure><a href='{html.escape(link)}'><img src='{html.escape(link)}' alt='{html.escape(name)}'>"
+                      f"</a><figcaption>{html.escape(name)}</figcaption></figure>" for name, link in figures.items())
+    files = ", ".join(f"<a href='circuits/{m}.json'>{m}</a>" for m in layouts)
+    title = f"Circuits of {summary['task']} in {summary['model']}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>gradgraph: {html.escape(title)}</title>
+<style>{_STYLE}</style>
+<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<div class="headline"><div>edges in the model<b>{summary['edges']}</b></div>
+<div>methods<b>{len(layouts)}</b><small>{html.escape(', '.join(layouts))}</small></div>
+<div>metric<b>logit(good) − logit(bad)</b></div></div>
+<h2>Faithfulness: CPR and CMD</h2>
+<p>MIB's areas (Mueller et al. 2025) under f(C) = (m(C) − m(∅)) / (m(N) − m(∅)) over its ten circuit sizes,
+edges outside the circuit given their counterfactual values. CPR (higher is better) from circuits chosen by the
+signed score, CMD (lower is better) by |score|. x-axis <b>fixed</b>: the sizes asked for (the public
+leaderboard's convention); <b>own</b>: each pruned circuit's own share of the edges (the paper's). 95 %
+bootstrap intervals over prompts. Tables: <a href="cpr_cmd.csv">cpr_cmd.csv</a>, <a href="curves.csv">curves.csv</a>.</p>
+{table}
+{_curves(curves, "gg-curves")}
+<h2>The circuits</h2>
+<p>Each method's circuit of {summary['size']:.1%} of the edges (pruned), in EAP-IG's graph JSON ({files}) and
+circuit-tracer's (<code>circuit_tracer/</code>); the edges ranked in <code>edges/</code>.</p>
+{_circuits(layouts, "gg-circuits")}
+<h2>Figures</h2>
+{gallery}
+</body></html>
+"""
+
+
+__all__ = ["circuit_page", "heads_page", "sva_page"]

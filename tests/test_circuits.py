@@ -258,3 +258,66 @@ def test_a_top_path_circuit_follows_the_best_paths():
         assert all(circuit.edges[edges.index(e)] for e in chain)
     with pytest.raises(GradGraphError, match="k must be"):
         top_path_circuit(graph, edges, 0)
+
+
+def test_the_circuit_drawn_and_in_circuit_tracers_json(tmp_path):
+    from gradgraph import plot
+    from gradgraph.circuit_tracer import circuit_tracer_circuit
+    from gradgraph.circuits import layout
+
+    model, tokens, mask, metric, other = _setup(n_key_value_heads=2)
+    scores = edge_scores(model, tokens, metric, other, attention_mask=mask)
+    circuit = top_edges(scores, 30)
+    drawn = layout(circuit, scores)
+    reg, total = circuit.graph.registry, scores.scores.sum(0)
+    for label in circuit.labels:  # every edge drawn, into its own component (a grouped input: heads of its group)
+        up, down = label.split("->")
+        lines = [e for e in drawn.edges if (e.upstream, e.input) == (up, down)]
+        u, d = circuit.graph.index(label)
+        assert lines and all(abs(e.score - float(total[u, d])) < 1e-12 for e in lines)
+        owners = {e.component for e in lines}
+        if down.endswith((".k", ".v")):
+            group = {f"L{reg.parse(down).layer}H{h}" for h in reg.group(reg.parse(down).head)}
+            assert owners <= group and len(lines) == len(owners)
+        else:
+            assert owners == {down.split(".")[0]}
+    assert {(e.upstream, e.input) for e in drawn.edges} == {tuple(label.split("->")) for label in circuit.labels}
+    assert all(drawn.places[e.upstream][0] < drawn.places[e.component][0] for e in drawn.edges)  # left to right
+    graph = circuit_tracer_circuit(drawn, slug="t", model="tiny", tokens=list("abcdefg"), prompt="abcdefg", good="x", bad="y")
+    ids = [n["node_id"] for n in graph["nodes"]]
+    assert len(ids) == len(set(ids)) == len(drawn.places)
+    assert all(link["source"] in ids and link["target"] in ids for link in graph["links"])
+    assert abs(sum(link["weight"] for link in graph["links"]) - sum(e.score for e in drawn.edges)) < 1e-9
+    assert abs(sum(n["influence"] for n in graph["nodes"]) - 1) < 1e-9
+    assert plot.circuit_drawing(drawn, tmp_path / "c.png", title="t").stat().st_size > 10_000
+
+
+def test_copying_items_align_with_their_counterfactuals(smol_tokenizer):
+    from gradgraph.data.copying import copying_items
+
+    items = copying_items(smol_tokenizer, 30, seed=2)
+    for item in items:
+        a, b = (smol_tokenizer.encode(t, add_special_tokens=False) for t in (item.prompt, item.counterfactual))
+        words = item.prompt.split()
+        assert len(a) == len(b) == item.length + item.copied and sum(x != y for x, y in zip(a, b)) == 1
+        assert words[: item.copied] == words[item.length:] and " " + words[item.copied] == item.good
+        assert item.bad.strip() not in words and item.bad.strip() in item.counterfactual.split()
+    assert copying_items(smol_tokenizer, 30, seed=2) == items and {i.copied for i in items} == {1, 2, 3, 4}
+    for bad in (dict(n=0), dict(length=2)):
+        with pytest.raises(GradGraphError):
+            copying_items(smol_tokenizer, **{"n": 3, **bad})
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("task", ["sva", "copying"])
+def test_the_embedded_model_does_sva_and_copying(smol_model, task):
+    """The items ``gradgraph circuit`` keeps are those the model gets right, and their counterfactuals
+    turn the metric round on average."""
+    from gradgraph.metrics import logit_diff
+    from gradgraph.studies.circuit import Config, _task
+
+    tokens, mask, other, good, bad, description = _task(smol_model, Config(task=task, items=24))
+    clean, corrupt = (_metric(smol_model, t, mask, logit_diff(good, bad)) for t in (tokens, other))
+    assert len(clean) == 24 and (clean > 0).all() and corrupt.mean() < 0.5 * clean.mean(), (clean.mean(), corrupt.mean())
+    right = float(description.split("right on ")[1].split("%")[0])
+    assert right >= (65 if task == "sva" else 60), description

@@ -3,14 +3,16 @@ faithfulness sweep of its circuits over MIB's sizes, CPR and CMD under both x-ax
 with bootstrap intervals over prompts, random circuits as the floor, and each method's circuit at
 one size in EAP-IG's graph JSON.
 
-Config → run → write. The task is IOI (``gradgraph.data.ioi``: the items the model gets right,
-ABC counterfactuals) or the user's own prompts with aligned counterfactuals and a (good, bad) token
-pair. CPR comes from the signed selection and CMD from the absolute one, as MIB scores them.
+Config → run → write. The task is IOI (``gradgraph.data.ioi``: ABC counterfactuals), subject–verb
+agreement (``gradgraph.data.sva``: the subject's other number), copying (``gradgraph.data.copying``:
+the copied word changed in the first copy) — each the items the model gets right — or the user's own
+prompts with aligned counterfactuals and a (good, bad) token pair. CPR comes from the signed selection and CMD from the absolute one, as MIB scores them.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,29 +20,34 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradgraph import plot
+from gradgraph import plot, report
 from gradgraph.arch.models import load_model
 from gradgraph.circuit_export import eap_ig_graph
 from gradgraph.circuit_faithfulness import CONVENTIONS, faithfulness_curve
-from gradgraph.circuits import top_edges
+from gradgraph.circuit_tracer import circuit_tracer_circuit
+from gradgraph.circuits import layout, top_edges
+from gradgraph.data.copying import copying_items
 from gradgraph.data.ioi import ioi_items
+from gradgraph.data.sva import sva_items
 from gradgraph.edge_methods import METHODS, NEEDS_COUNTERFACTUAL, edge_scores
 from gradgraph.edges import EdgeScores, edge_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.metrics import logit_diff, prepare
 from gradgraph.prompts import read_prompts, single_token_id, to_tokens
-from gradgraph.studies.output import staged_run, write_csv
+from gradgraph.studies.output import relative_link, staged_run, write_csv
 from gradgraph.studies.saved import load
 
 COMMAND = "gradgraph circuit"
-TASKS = ("ioi", "prompts")
+# the generated tasks, by the name the tables give them
+GENERATED = {"ioi": "IOI", "sva": "subject-verb agreement", "copying": "copying"}
+TASKS = (*GENERATED, "prompts")
 ALL = METHODS + ("random",)
 
 
 @dataclass
 class Config:
     task: str = "ioi"
-    items: int = 32  # IOI items the model gets right
+    items: int = 32  # items of a generated task the model gets right
     prompts: str | None = None  # --task prompts: a text file, one prompt per line
     counterfactuals: str | None = None  # aligned counterfactual prompts, one per line
     good: str | None = None  # the expected next token
@@ -55,32 +62,48 @@ class Config:
     figures: str | None = None  # default: OUT/figures
 
 
+def _drawn(model, task: str, n: int, seed: int) -> list[tuple[str, str, str, str]]:
+    """``n`` items of a task as ``(prompt, counterfactual, good, bad)``."""
+    if task == "ioi":
+        return [(i.prompt, i.counterfactual, i.io, i.s) for i in ioi_items(model.tokenizer, n, seed=seed)]
+    if task == "copying":
+        return [(i.prompt, i.counterfactual, i.good, i.bad) for i in copying_items(model.tokenizer, n, seed=seed)]
+    # SVA: the items whose subject's other number keeps the prompt's tokens aligned, both numbers alike
+    items = [i for i in sva_items(model.tokenizer, seed=seed) if i.counterfactual]
+    random.Random(seed).shuffle(items)
+    return [(i.prefix, i.counterfactual, i.good, i.bad) for i in items[:n]]
+
+
 def _task(model, config: Config):
     """``(tokens, mask, counterfactual tokens, good ids, bad ids, description)``: the metric is
-    ``logit(good) − logit(bad)`` at each prompt's last token."""
-    if config.task == "ioi":
-        drawn = ioi_items(model.tokenizer, 2 * config.items, seed=config.seed)
-        tokens, mask = to_tokens(model, [i.prompt for i in drawn])
-        ids = lambda words: torch.tensor([single_token_id(model.tokenizer, w) for w in words])  # noqa: E731
+    ``logit(good) − logit(bad)`` at each prompt's last token; a task's items are those the model gets
+    right (the metric positive), as the circuit literature keeps them."""
+    ids = lambda words: torch.tensor([single_token_id(model.tokenizer, w) for w in words])  # noqa: E731
+    if config.task in GENERATED:
+        drawn = _drawn(model, config.task, 2 * config.items, config.seed)
+        tokens, mask = to_tokens(model, [d[0] for d in drawn])
         with torch.no_grad():
-            right = prepare(logit_diff(ids([i.io for i in drawn]), ids([i.s for i in drawn])), model)(model(tokens), mask) > 0
-        items = [i for i, ok in zip(drawn, right.tolist()) if ok][: config.items]
+            right = prepare(logit_diff(ids([d[2] for d in drawn]), ids([d[3] for d in drawn])), model)(
+                model(tokens), mask) > 0
+        items = [d for d, ok in zip(drawn, right.tolist()) if ok][: config.items]
         if len(items) < 2:
-            raise GradGraphError(f"{config.model} gets {len(items)} of {len(drawn)} IOI items right: too few to "
-                                 "measure a circuit on")
-        tokens, mask = to_tokens(model, [i.prompt for i in items])
-        other, _ = to_tokens(model, [i.counterfactual for i in items])
-        return tokens, mask, other, ids([i.io for i in items]), ids([i.s for i in items]), f"IOI, {len(items)} items (the model is right on {float(right.float().mean()):.1%} drawn)"
-    prompts, counterfactuals = read_prompts(config.prompts), read_prompts(config.counterfactuals)
-    if len(prompts) != len(counterfactuals):
-        raise GradGraphError(f"{len(counterfactuals)} counterfactual prompts for {len(prompts)} prompts; give one each")
+            raise GradGraphError(f"{config.model} gets {len(items)} of {len(drawn)} {config.task} items right: too "
+                                 "few to measure a circuit on")
+        description = (f"{GENERATED[config.task]}, {len(items)} items (the model is right on "
+                       f"{float(right.float().mean()):.1%} of {len(drawn)} drawn)")
+        prompts, counterfactuals, good, bad = (list(column) for column in zip(*items))
+    else:
+        prompts, counterfactuals = read_prompts(config.prompts), read_prompts(config.counterfactuals)
+        if len(prompts) != len(counterfactuals):
+            raise GradGraphError(f"{len(counterfactuals)} counterfactual prompts for {len(prompts)} prompts; give one each")
+        good, bad = [config.good] * len(prompts), [config.bad] * len(prompts)
+        description = f"{len(prompts)} prompts ({config.good!r} vs {config.bad!r})"
     tokens, mask = to_tokens(model, prompts)
     other, other_mask = to_tokens(model, counterfactuals)
     if other.shape != tokens.shape or not torch.equal(mask, other_mask):
         raise GradGraphError("each counterfactual must tokenize to as many tokens as its prompt (the edges are "
                              "patched position by position)")
-    good, bad = (torch.full((len(prompts),), single_token_id(model.tokenizer, w)) for w in (config.good, config.bad))
-    return tokens, mask, other, good, bad, f"{len(prompts)} prompts ({config.good!r} vs {config.bad!r})"
+    return tokens, mask, other, ids(good), ids(bad), description
 
 
 def run(config: Config) -> dict:
@@ -113,8 +136,16 @@ def run(config: Config) -> dict:
         signed[method] = faithfulness_curve(model, tokens, other, metric, scored, absolute=False, attention_mask=mask)
         absolute[method] = faithfulness_curve(model, tokens, other, metric, scored, absolute=True, attention_mask=mask)
         seconds[method] = time.perf_counter() - start
+    first = tokens[0, : int(mask[0].sum())].tolist()
+    prompt = dict(tokens=[model.tokenizer.decode([t]) for t in first] if model.tokenizer else [str(t) for t in first],
+                  prompt=model.tokenizer.decode(first) if model.tokenizer else "", good=_word(model, good[0]),
+                  bad=_word(model, bad[0]))
     return dict(config=config, task=task, model=config.model, scores=scores, signed=signed, absolute=absolute,
-                seconds=seconds)
+                seconds=seconds, prompt=prompt)
+
+
+def _word(model, token: torch.Tensor) -> str:
+    return model.tokenizer.decode([int(token)]) if model.tokenizer else str(int(token))
 
 
 def _rows(result: dict) -> list[dict]:
@@ -155,16 +186,33 @@ def write(result: dict) -> list[dict]:
         out.save(result)
         out.make("cpr_cmd.csv", lambda: write_csv(out.path("cpr_cmd.csv"), rows))
         out.make("curves.csv", lambda: write_csv(out.path("curves.csv"), _curves(result)))
-        out.make("circuit_faithfulness.png", lambda: plot.faithfulness_curves(
+        made = [out.make("circuit_faithfulness.png", lambda: plot.faithfulness_curves(
             {m: (c.sizes, c.faithfulness().tolist()) for m, c in result["absolute"].items()},
-            out.figure("circuit_faithfulness.png"), title=f"Faithfulness of each method's circuits ({result['task']})"))
+            out.figure("circuit_faithfulness.png"), title=f"Faithfulness of each method's circuits ({result['task']})"))]
+        layouts = {}
         for method, scored in result["scores"].items():
-            circuit = top_edges(scored, int(config.size * len(scored.graph)))
+            circuit = top_edges(scored, max(1, int(config.size * len(scored.graph))))
+            layouts[method] = drawn = layout(circuit, scored)
             out.make(f"circuit_{method}.json", lambda circuit=circuit, scored=scored: out.path(
                 f"circuits/{method}.json").write_text(json.dumps(eap_ig_graph(scored, circuit))))
+            out.make(f"circuit_tracer_{method}.json", lambda drawn=drawn, method=method: out.path(
+                f"circuit_tracer/{method}.json").write_text(json.dumps(circuit_tracer_circuit(
+                    drawn, slug=f"circuit-{method}", model=result["model"], **result["prompt"]))))
+            made.append(out.make(f"circuit_{method}.png", lambda drawn=drawn, method=method, n=len(circuit): (
+                plot.circuit_drawing(drawn, out.figure(f"circuit_{method}.png"),
+                                     title=f"{method}'s circuit on {GENERATED.get(config.task, 'your prompts')}: {n} of "
+                                           f"{len(scored.graph)} edges"))))
             out.make(f"edges_{method}.csv", lambda scored=scored: write_csv(out.path(f"edges/{method}.csv"), [
                 dict(edge=e, score=s) for e, s in sorted(scored.table().items(), key=lambda kv: -abs(kv[1]))]))
-    print(f"wrote {config.out}/cpr_cmd.csv, {config.out}/curves.csv, {config.out}/circuits/")
+        curves = {m: {sel: (c.shares, c.faithfulness().tolist()) for sel, c in (("signed", result["signed"][m]),
+                                                                                 ("absolute", result["absolute"][m]))}
+                  for m in result["scores"]}
+        summary = dict(task=result["task"], model=result["model"], rows=rows, size=config.size,
+                       edges=len(next(iter(result["scores"].values())).graph))
+        links = {Path(f).name: relative_link(out.final(f), Path(config.out)) for f in made if f is not None}
+        out.make("report.html", lambda: out.path("report.html").write_text(
+            report.circuit_page(summary, curves, layouts, links)))
+    print(f"wrote {config.out}/cpr_cmd.csv, {config.out}/curves.csv, {config.out}/circuits/, {config.out}/report.html")
     return rows
 
 
