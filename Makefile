@@ -13,8 +13,12 @@ LXT := lxt==2.1
 TL39 := transformer-lens==3.9.0
 TL4 := transformer-lens==4.3.0
 TL4_PATH := .venv-tl4
+# tracr (compiled ground-truth circuits) and its JAX in an environment of their own, for the tests and
+# `gradgraph compiled` only: gradgraph/tracr_export.py runs there and writes weights the main venv reads
+TRACR := tracr-pypi==1.0.0 jax==0.10.2 jaxlib==0.10.2 dm-haiku==0.0.17
+TRACR_VENV := .venv-tracr
 
-.PHONY: setup demo test browser tl4 clean
+.PHONY: setup demo test browser tl4 tracr clean
 
 setup: $(STAMP)
 
@@ -35,15 +39,22 @@ demo: setup
 # The import contracts (pyproject.toml: no upward import, no cycle), the main suite on TransformerLens
 # 3.9 (with the cross-version comparison), then the exactness and embedded-model tests again on
 # TransformerLens 4 (tests/test_versions.py, about 15 s)
-test: setup browser tl4
+test: setup browser tl4 tracr
 	$(VENV)/bin/lint-imports
-	HF_HUB_OFFLINE=1 GRADGRAPH_TL4_PATH=$(TL4_PATH) $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 GRADGRAPH_TL4_PATH=$(TL4_PATH) GRADGRAPH_TRACR_PYTHON=$(TRACR_VENV)/bin/python $(PY) -m pytest -q tests
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(TL4_PATH) $(PY) -m pytest -q tests/test_versions.py
 
 tl4: $(TL4_PATH)/.installed
 
 $(TL4_PATH)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(TL4_PATH) $(TL4)
+	touch $@
+
+tracr: $(TRACR_VENV)/.installed
+
+$(TRACR_VENV)/.installed:
+	test -x $(TRACR_VENV)/bin/python || $(PYTHON) -m venv $(TRACR_VENV)
+	$(TRACR_VENV)/bin/python -m pip install -q $(TRACR)
 	touch $@
 
 # The report's test opens it in Debian's headless Chromium with its driver: installed when absent
@@ -54,4 +65,4 @@ browser:
 	  echo "could not install chromium and chromium-driver: the report's browser test will be skipped"
 
 clean:
-	rm -rf $(VENV) $(TL4_PATH) results
+	rm -rf $(VENV) $(TL4_PATH) $(TRACR_VENV) results

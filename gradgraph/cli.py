@@ -122,6 +122,15 @@ def cmd_circuit(args: argparse.Namespace) -> None:
         seed=args.seed, out=args.out, figures=args.figures))
 
 
+def cmd_compiled(args: argparse.Namespace) -> None:
+    from gradgraph.studies import compiled
+
+    programs = tuple(n for n in args.programs.replace(",", " ").split() if n)
+    compiled.main(compiled.Config(tracr=args.tracr, programs=programs, items=args.items, steps=args.steps,
+                                  distractor_heads=args.distractor_heads, distractor_neurons=args.distractor_neurons,
+                                  seed=args.seed, out=args.out))
+
+
 def cmd_synthetic(args: argparse.Namespace) -> None:
     from gradgraph.studies import synthetic
 
@@ -218,7 +227,7 @@ def _fraction(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     from gradgraph.component_methods import METHODS
-    from gradgraph.studies import attr_eval, circuit, head_ranking, head_types, lrp_eval, sva, synthetic
+    from gradgraph.studies import attr_eval, circuit, compiled, head_ranking, head_types, lrp_eval, sva, synthetic
 
     top = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs of TransformerLens models.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -297,6 +306,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
     _redraw_option(p)
     p.set_defaults(func=cmd_circuit)
+
+    d = _defaults(compiled.Config)
+    p = sub.add_parser("compiled", help="every method's node, edge and token AUROC against tracr-compiled circuits")
+    p.add_argument("--tracr", default=None, help="folder of the compiled programs (tracr_export.py's output; default "
+                                                 "the cache's, compiled there with .venv-tracr when absent)")
+    p.add_argument("--programs", default=",".join(d["programs"]), help="comma-separated, from "
+                                                                         f"{','.join(d['programs'])}")
+    p.add_argument("--items", type=_positive, default=d["items"], help="inputs, each with a counterfactual")
+    p.add_argument("--steps", type=_positive, default=d["steps"], help="EAP-IG's points")
+    p.add_argument("--distractor-heads", type=int, default=d["distractor_heads"], help="extra heads per layer")
+    p.add_argument("--distractor-neurons", type=int, default=d["distractor_neurons"], help="extra MLP neurons per layer")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--out", default=d["out"])
+    p.set_defaults(func=cmd_compiled)
 
     d = _defaults(synthetic.Config)
     p = sub.add_parser("synthetic", help="Du et al.'s synthetic validation on small trained models (CPU minutes)")

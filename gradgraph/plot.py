@@ -441,3 +441,30 @@ def circuit_drawing(layout, path: str | Path, *, title: str, most: int = 150) ->
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     return _save(fig, path)
+
+
+def auroc_table(rows: list[dict], path: str | Path, *, title: str) -> Path:
+    """AUROC of each method (rows) on each program (columns), one panel per level (edges, nodes,
+    tokens), the value written in each cell; blank where undefined."""
+    import numpy as np
+
+    levels = [lv for lv in ("edges", "nodes", "tokens") if any(r["level"] == lv for r in rows)]
+    programs = list(dict.fromkeys(r["program"] for r in rows))
+    heights = [len({r["method"] for r in rows if r["level"] == lv}) for lv in levels]
+    fig, axes = plt.subplots(len(levels), 1, figsize=(1.3 * len(programs) + 3.2, 0.28 * sum(heights) + 1.3 * len(levels)),
+                             gridspec_kw=dict(height_ratios=heights), squeeze=False)
+    for ax, level in zip(axes[:, 0], levels):
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["level"] == level))
+        data = np.full((len(methods), len(programs)), np.nan)
+        for r in rows:
+            if r["level"] == level:
+                data[methods.index(r["method"]), programs.index(r["program"])] = r["auroc"]
+        ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        for (i, j), value in np.ndenumerate(data):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        ax.set_xticks(range(len(programs)), programs if level == levels[-1] else [], fontsize=7)
+        ax.set_title(level, fontsize=9, loc="left")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path, tight_box=True)
