@@ -2,11 +2,12 @@
 backward on the same weights, and IOI's faithfulness sweep with CPR and CMD per method.
 
     .venv/bin/python benchmarks/bench_circuits.py [--speed-prompts 8] [--items 100] [--steps 5]
-        [--methods eap eap-ig relp attn-lrp flow max random] [--resamples 1000] [--skip-speed]
+        [--methods eap eap-ig relp attn-lrp flow max random] [--resamples 1000] [--tasks ioi sva copying]
+        [--skip-speed] [--skip-sweep]
 
 Speed: each edge method on ``--speed-prompts`` IOI prompts against HF's forward + backward on them
 (``bench_peers``' job; medians of 3 after a warm-up, one process). Sweep: ``gradgraph circuit``'s
-run (``gradgraph.studies.circuit``) on ``--items`` IOI prompts the model gets right: MIB's ten
+run (``gradgraph.studies.circuit``) on ``--items`` prompts of each task the model gets right: MIB's ten
 sizes, CPR from the signed selection and CMD from the absolute one, on the fixed x-axis (MIB's
 leaderboard) and the circuits' own edge shares (its paper), 95 % bootstrap intervals over prompts;
 ``random``: uniform random scores, the floor.
@@ -59,12 +60,13 @@ def speed(n: int, methods, steps: int) -> None:
         print(f"| {method}{f' ({steps})' if method == 'eap-ig' else ''} | {t:.3f} | {t / hf:.2f}x |", flush=True)
 
 
-def sweep(items: int, methods, steps: int, resamples: int) -> None:
+def sweep(task: str, items: int, methods, steps: int, resamples: int) -> None:
     from gradgraph.studies import circuit
 
-    result = circuit.run(circuit.Config(items=items, methods=tuple(methods), steps=steps, resamples=resamples))
+    result = circuit.run(circuit.Config(task=task, items=items, methods=tuple(methods), steps=steps,
+                                        resamples=resamples))
     rows = {(r["method"], r["x_axis"]): r for r in circuit._rows(result)}
-    print(f"\nIOI sweep: {result['task']}, MIB's sizes")
+    print(f"\nsweep: {result['task']}, MIB's sizes")
     print("| method | CPR fixed x | CMD fixed x | CPR own x | CMD own x | f at 0.1 %, 1 %, 10 % | sweep s |")
     print("|---|---|---|---|---|---|---|")
     for method, curve in result["absolute"].items():
@@ -84,12 +86,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=list(ALL))
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--tasks", nargs="+", default=["ioi"], help="the sweeps' tasks: ioi, sva, copying")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if not args.skip_speed:
         speed(args.speed_prompts, args.methods, args.steps)
-    sweep(args.items, args.methods, args.steps, args.resamples)
+    for task in [] if args.skip_sweep else args.tasks:
+        sweep(task, args.items, args.methods, args.steps, args.resamples)
 
 
 if __name__ == "__main__":

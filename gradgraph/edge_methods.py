@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
+from gradgraph import fused
 from gradgraph.arch import inference, names
 from gradgraph.arch.lens import Model
 from gradgraph.arch.spec import check_supported
@@ -33,6 +34,7 @@ from gradgraph.build import build_graph, record
 from gradgraph.edges import EdgeGraph, EdgeScores, edge_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.labels import Registry
+from gradgraph.metrics import tiled
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max, Real, Semiring
 
@@ -40,6 +42,7 @@ METHODS = ("eap", "eap-ig", "relp", "attn-lrp", "flow", "max")
 NEEDS_COUNTERFACTUAL = ("eap", "eap-ig", "relp")
 _RULES = {"eap": "gradient", "eap-ig": "gradient", "relp": "relp", "attn-lrp": "attn-lrp"}
 _PATHS: dict[str, Semiring] = {"flow": Abs, "max": Max}
+_ROWS = 48  # EAP-IG's points of a batch share a graph up to this many rows
 
 
 def edge_scores(model: Model, tokens, metric, counterfactual=None, *, method: str = "eap", steps: int = 5,
@@ -55,10 +58,10 @@ def edge_scores(model: Model, tokens, metric, counterfactual=None, *, method: st
     clean, mask = _tokens(model, tokens, attention_mask)
     if method in _PATHS:
         return EdgeScores(graph_of, _path_scores(model, clean, mask, metric, graph_of, _PATHS[method]), method)
+    reg = graph_of.registry
     if method == "attn-lrp":
-        graph = build_graph(model, clean, metric, attention_mask=mask, rules="attn-lrp")
-        outputs = _outputs(model, graph.activations, graph_of.registry)
-        return _scored(graph_of, outputs, _gradients(graph, graph_of.registry), method)
+        acts, grads = _pass(model, clean, mask, metric, "attn-lrp", reg)
+        return _scored(graph_of, _outputs(model, acts, reg), grads, method)
     if counterfactual is None:
         raise GradGraphError(f"{method} scores an edge by its counterfactual value: pass counterfactual prompts")
     corrupt, _ = _tokens(model, counterfactual, attention_mask)
@@ -67,16 +70,49 @@ def edge_scores(model: Model, tokens, metric, counterfactual=None, *, method: st
                              f"{tuple(corrupt.shape)} and {tuple(clean.shape)}")
     if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
         raise GradGraphError(f"steps must be a positive integer, got {steps!r}")
-    reg = graph_of.registry
-    graph = build_graph(model, clean, metric, attention_mask=mask, rules=_RULES[method])
-    other = _recorded(model, corrupt, metric, mask, embeddings=method == "eap-ig" and steps > 1)
-    delta = _outputs(model, graph.activations, reg, minus=other)  # [b, p, U, d]: a(x) − a(x′)
-    if method != "eap-ig" or steps == 1:
-        return _scored(graph_of, delta, _gradients(graph, reg), method if method != "eap-ig" else "eap-ig (1)")
-    e, e_cf = graph.activations[names.name("embed")], other[names.name("embed")]
-    grads = sum(_gradients(build_graph(model, clean, metric, attention_mask=mask, embed=e_cf + (k / steps) * (e - e_cf)),
-                           reg) for k in range(1, steps + 1)) / steps
+    acts, grads = _pass(model, clean, mask, metric, _RULES[method], reg)
+    integrated = method == "eap-ig" and steps > 1
+    other = _recorded(model, corrupt, metric, mask, embeddings=integrated and not fused.covers(model, "gradient"))
+    delta = _outputs(model, acts, reg, minus=other)  # [b, p, U, d]: a(x) − a(x′)
+    if not integrated:
+        return _scored(graph_of, delta, grads, method if method != "eap-ig" else "eap-ig (1)")
+    embed = names.name("embed")
+    e, e_cf = (acts[embed], other[embed]) if embed in other else (_token_embeddings(model, clean),
+                                                                  _token_embeddings(model, corrupt))
+    grads = _integrated(model, clean, mask, metric, e, e_cf, steps, reg, grads)
     return _scored(graph_of, delta, grads, f"eap-ig ({steps})")
+
+
+def _pass(model: Model, tokens, mask, metric, rules: str, reg: Registry, embed=None):
+    """``(activations, the (modified) gradient at every downstream input by node name)`` of one run:
+    the fused autograd pass where it covers the model and rule set, else the graph."""
+    if fused.covers(model, rules):
+        values = fused.reader_values(model, tokens, metric, rules=rules, attention_mask=mask, embed=embed)
+        return values.activations, values.grads
+    graph = build_graph(model, tokens, metric, attention_mask=mask, rules=rules, embed=embed)
+    return graph.activations, _reader_grads(graph, reg)
+
+
+def _token_embeddings(model: Model, tokens: torch.Tensor) -> torch.Tensor:
+    """The token embeddings the fused pass starts from (``embed=`` replaces them): ``W_E[tokens]``."""
+    return model.W_E.detach()[tokens]
+
+
+def _integrated(model: Model, clean, mask, metric, e, e_cf, steps: int, reg: Registry, at_clean) -> dict:
+    """The mean gradient at every downstream input over EAP-IG's points (by node, as ``_pass``);
+    the last point is the clean run (``at_clean``, its gradient), the others stacked as rows of one pass
+    (``_ROWS`` rows at most: larger matrices, fewer passes)."""
+    B = len(clean)
+    per = max(1, _ROWS // B)  # points per pass
+    total = {n: g.clone() for n, g in at_clean.items()}
+    for first in range(1, steps, per):
+        ks = range(first, min(steps - 1, first + per - 1) + 1)
+        embed = torch.cat([e_cf + (k / steps) * (e - e_cf) for k in ks])
+        _, grads = _pass(model, clean.repeat(len(ks), 1), None if mask is None else mask.repeat(len(ks), 1),
+                         tiled(metric, model, len(ks), B), "gradient", reg, embed=embed)
+        for n, g in grads.items():
+            total[n] += g.unflatten(0, (len(ks), B)).sum(0)
+    return {n: g / steps for n, g in total.items()}
 
 
 def eap(model: Model, tokens, counterfactual, metric, *, attention_mask: torch.Tensor | None = None,
@@ -86,12 +122,39 @@ def eap(model: Model, tokens, counterfactual, metric, *, attention_mask: torch.T
     return edge_scores(model, tokens, metric, counterfactual, method=method, steps=steps, attention_mask=attention_mask)
 
 
-def _scored(graph_of: EdgeGraph, outputs: torch.Tensor, grads: torch.Tensor, method: str) -> EdgeScores:
-    """``Σ_{p, d} outputs[b, p, u, d] · grads[b, p, n, d]`` on the edges: per prompt, one product per
-    position over d, summed (faster than one product over (p, d), which needs both laid out again)."""
-    outputs = outputs.to(grads.dtype)
-    scores = torch.stack([torch.bmm(o, g.transpose(1, 2)).sum(0) for o, g in zip(outputs, grads)])
+def _scored(graph_of: EdgeGraph, outputs: torch.Tensor, grads: Mapping[str, torch.Tensor], method: str,
+            chunks: int = 4) -> EdgeScores:
+    """``Σ_{p, d} outputs[b, p, u, d] · g_n[b, p, d]`` on the edges, ``grads`` by downstream node name
+    (``_downstream_nodes``). The downstream nodes go in ``chunks`` runs of layers, each one product
+    per (prompt, position) over d with the upstream nodes written before the run's last read only
+    (the others are no edges: about half the work of the whole product), summed over positions."""
+    B, U = outputs.shape[0], outputs.shape[2]
+    dtype = next(iter(grads.values())).dtype
+    outputs = outputs.to(dtype)
+    scores = torch.zeros(B, U, len(graph_of.downstream), dtype=dtype, device=outputs.device)
+    groups = _node_groups(graph_of.registry)
+    size = -(-len(groups) // chunks)
+    first = 0
+    for start in range(0, len(groups), size):
+        run = groups[start:start + size]
+        g = torch.cat([grads[name] if grads[name].ndim == 4 else grads[name][:, :, None] for name, _ in run], 2)
+        count = g.shape[2]  # [b, p, N, d]
+        before = int(graph_of.adjacency[:, first + count - 1].sum())  # upstream nodes are in write order
+        for b in range(B):
+            scores[b, :before, first:first + count] = torch.bmm(outputs[b, :, :before], g[b].transpose(1, 2)).sum(0)
+        first += count
     return EdgeScores(graph_of, scores * graph_of.adjacency.to(scores), method)
+
+
+def _node_groups(reg: Registry) -> list[tuple[str, int]]:
+    """``_downstream_nodes`` as runs: each graph node and how many downstream nodes it holds."""
+    groups: list[tuple[str, int]] = []
+    for name, _ in _downstream_nodes(reg):
+        if groups and groups[-1][0] == name:
+            groups[-1] = (name, groups[-1][1] + 1)
+        else:
+            groups.append((name, 1))
+    return groups
 
 
 def _downstream_nodes(reg: Registry) -> list[tuple[str, int | None]]:
@@ -111,10 +174,16 @@ def _at_downstream(values: dict[str, torch.Tensor], reg: Registry) -> torch.Tens
     return torch.stack([values[n] if h is None else values[n][:, :, :, h] for n, h in _downstream_nodes(reg)], 3)
 
 
+def _reader_grads(graph, reg: Registry) -> dict[str, torch.Tensor]:
+    """The metric's (modified) gradient at every downstream input's graph node ``[batch, pos, (J,) d]``."""
+    wanted = sorted({n for n, _ in _downstream_nodes(reg)})
+    values = backprop(graph, Real, keep=wanted)
+    return {n: values[n][0] for n in wanted}
+
+
 def _gradients(graph, reg: Registry) -> torch.Tensor:
-    """The metric's (modified) gradient at every downstream input ``[batch, pos, downstream, d_model]``."""
-    values = backprop(graph, Real, keep=sorted({n for n, _ in _downstream_nodes(reg)}))
-    return _at_downstream(values, reg)[0]
+    """The same laid out per downstream node ``[batch, pos, downstream, d_model]``."""
+    return _at_downstream({n: g[None] for n, g in _reader_grads(graph, reg).items()}, reg)[0]
 
 
 def _W_O(model: Model, layer: int, dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from gradgraph.arch import names
-from gradgraph.arch.inference import Backward, differentiable
+from gradgraph.arch.inference import Backward, differentiable, reader_gradients
 from gradgraph.arch.spec import check_supported
 from gradgraph.build.record import check_embed, check_metric_value, tokens_and_mask
 from gradgraph.errors import GradGraphError
@@ -98,4 +98,44 @@ def input_values(model, tokens, metric, *, rules: RuleSet | str, attention_mask:
     return InputValues(token_ids, mask, grads, {n: x.detach() for n, x in inputs.items()}, value.detach(), sums)
 
 
-__all__ = ["InputValues", "backward_of", "covers", "input_values"]
+@dataclass(frozen=True, eq=False)
+class ReaderValues:
+    """One fused pass: the (modified) gradient at every head's q/k/v input, MLP input and the last
+    residual (``grads`` by node name, as the graph names them) and the activations the edge methods
+    read (``activations``: ``hook_resid_pre`` of layer 0, each layer's ``z`` and ``mlp_out``)."""
+
+    grads: dict[str, torch.Tensor]
+    activations: dict[str, torch.Tensor]
+
+
+def reader_values(model, tokens, metric, *, rules: RuleSet | str, attention_mask: torch.Tensor | None = None,
+                  embed: torch.Tensor | None = None) -> ReaderValues:
+    """What ``backprop(build_graph(...), Real, keep=...)`` leaves at every component's input under
+    ``rules`` (``covers`` must hold), from one autograd pass and a pass through each norm per layer
+    (``inference.reader_gradients``)."""
+    if not covers(model, rules):
+        raise GradGraphError(f"no fused pass for {rule_set(rules).name} on this model; build_graph covers it")
+    made = check_supported(model)
+    metric = prepare(metric, model)
+    token_ids, mask = tokens_and_mask(model, tokens, attention_mask)
+    embed = None if embed is None else check_embed(model, embed, token_ids)
+    backward = backward_of(rules)
+    reads: dict = {}
+    with torch.enable_grad():
+        at = metric.positions(mask) if isinstance(metric, AtPosition) else None
+        logits, inputs = differentiable(made, token_ids, backward, embed=embed, positions=at, reads=reads)
+        value = check_metric_value(metric(logits, mask) if at is None else metric.of(logits), token_ids.shape[0])
+        del logits
+        wanted = [k for k in reads if k[0] in ("qkv", "normed", "final")]
+        grads = dict(zip(wanted, torch.autograd.grad(value.sum(), [reads[k] for k in wanted], allow_unused=True)))
+    grads = {k: torch.zeros_like(reads[k]) if g is None else g for k, g in grads.items()}
+    out = reader_gradients(made, reads, grads, backward)
+    out[names.name("resid_post", made.n_layers - 1)] = grads[("final",)]
+    acts = {names.name("resid_pre", 0): sum(x.detach() for x in inputs.values())}
+    for layer in range(made.n_layers):
+        acts[names.name("z", layer)] = reads[("z", layer)]
+        acts[names.name("mlp_out", layer)] = reads[("mlp_out", layer)]
+    return ReaderValues(out, acts)
+
+
+__all__ = ["InputValues", "ReaderValues", "backward_of", "covers", "input_values", "reader_values"]

@@ -43,6 +43,22 @@ def prepare(metric, model) -> Metric:
     return metric
 
 
+def tiled(metric, model, copies: int, batch: int) -> Metric:
+    """``metric`` (prepared for ``model``) on ``copies`` stacked copies of a batch of ``batch``
+    prompts ``[copies · batch, ...]``: each block of rows read as the batch (its ids, its positions);
+    an ``AtPosition`` metric stays one, so that a recording computes the logits where it reads only."""
+    metric = prepare(metric, model)
+    if isinstance(metric, AtPosition):
+        pos = metric.pos.repeat(copies) if isinstance(metric.pos, torch.Tensor) and metric.pos.ndim else metric.pos
+        return AtPosition(pos, lambda at: torch.cat([metric.of(block) for block in at.split(batch)]))
+
+    def each(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        masks = [None] * copies if attention_mask is None else attention_mask.split(batch)
+        return torch.cat([metric(block, m) for block, m in zip(logits.split(batch), masks)])
+
+    return each
+
+
 def _positional_arity(fn) -> int | None:
     """How many positional arguments ``fn`` accepts (2 for "two or more"; None if unknown)."""
     try:

@@ -93,7 +93,7 @@ def test_the_graph_follows_each_layout():
     assert attn_only.index("L0H1->L1H3.v") == (2, attn_only.downstream.index("L1H3.v"))
 
 
-def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean():
+def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean(monkeypatch):
     model = family_model("llama", n_layers=2, n_key_value_heads=2, seed=2)
     tokens, mask, metric = prompts("llama")
     other = _counterfactual(tokens, mask)
@@ -116,6 +116,11 @@ def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean():
         point = build_graph(model, tokens, metric, attention_mask=mask, embed=e_cf + k / 3 * (e - e_cf))
         per_point.append(torch.einsum("bpud,bpnd->bun", delta, _gradients(point, reg)) * one.graph.adjacency)
     torch.testing.assert_close(three.scores, sum(per_point) / 3, rtol=1e-9, atol=1e-12)
+    import gradgraph.edge_methods
+
+    monkeypatch.setattr(gradgraph.edge_methods, "_ROWS", 4)  # one point per graph: the same mean
+    torch.testing.assert_close(eap(model, tokens, other, metric, attention_mask=mask, steps=3).scores, three.scores,
+                               rtol=1e-12, atol=1e-14)
     assert three.table()["embed->logits"] == pytest.approx(float(three.of("embed->logits").sum()))
 
 
@@ -214,3 +219,28 @@ def test_every_path_enters_the_logits_by_one_edge(family):
     peak = torch.stack([(backprop(graph, Max, keep=[s])[s][0] * real).flatten(1).amax(1) for s in graph.sources]).amax(0)
     torch.testing.assert_close(best, peak, rtol=1e-12, atol=0)
     assert (flow.scores >= 0).all() and (flow.scores[:, ~flow.graph.adjacency] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_fused_pass_gives_the_graphs_gradient_at_every_downstream_input(family):
+    """``fused.reader_values`` (one autograd pass, then each norm's product for every head at once)
+    equals the graph's Real values at every head's q/k/v input, every MLP input and the last residual,
+    under the gradient, RelP and AttnLRP, padding included; and the activations the edges read."""
+    from gradgraph import fused
+    from gradgraph.build import build_graph
+    from gradgraph.edge_methods import _reader_grads
+
+    model = family_model(family, n_layers=2, seed=3, **(dict(n_key_value_heads=2) if family == "llama" else {}))
+    tokens, mask, metric = prompts(family)
+    reg = edge_graph(model).registry
+    for rules in ("gradient", "relp", "attn-lrp"):
+        assert fused.covers(model, rules)
+        graph = build_graph(model, tokens, metric, attention_mask=mask, rules=rules)
+        values = fused.reader_values(model, tokens, metric, rules=rules, attention_mask=mask)
+        expected = _reader_grads(graph, reg)
+        assert set(values.grads) == set(expected) and len(expected) == 4 * 2 + 1
+        for name, g in expected.items():
+            torch.testing.assert_close(values.grads[name], g, rtol=0, atol=1e-12)
+        for name, a in values.activations.items():
+            torch.testing.assert_close(a, graph.activations[name], rtol=0, atol=1e-12)
+    assert no_hooks_left(model)

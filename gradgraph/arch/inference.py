@@ -349,7 +349,8 @@ class _IdentityRule(torch.autograd.Function):
         return g * torch.where(x == 0, 0.0, ctx.fn(x) / x), None
 
 
-def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor, backward: Backward) -> torch.Tensor:
+def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor, backward: Backward,
+                    reads: dict | None = None) -> torch.Tensor:
     """The attention sublayer of ``differentiable`` (causal, no cached positions), its softmax and
     products in torch's fused attention: constant factors on q·k and pattern · v scale what q, k
     and v receive (q: pattern factor × q factor), so that no pattern is ever stored."""
@@ -358,6 +359,8 @@ def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor,
     H, e = cfg.n_heads, cfg.d_head
     G = cfg.n_key_value_heads or H
     qkv = _qkv(layer, _apply_norm(layer.ln1, x, backward.scale_held), H + 2 * G, e)
+    if reads is not None:
+        reads[("qkv", index)] = qkv
     q, k, v = qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:]
     if layer.rotary is not None:
         tables = layer.rotary if s <= len(layer.rotary[0]) else lens.rotary_tables(made.model, index, s)
@@ -371,12 +374,14 @@ def _attention_sdpa(made: ModelSpec, layer: _Layer, index: int, x: torch.Tensor,
         k, v = (t[:, :, None].expand(n, G, H // G, s, e).reshape(n, H, s, e) for t in (k, v))
     z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                          scale=1.0 / layer.attn_scale)  # [n, H, s, e]
+    if reads is not None:
+        reads[("z", index)] = z.detach().transpose(1, 2)  # [n, s, H, e]
     return torch.addmm(layer.b_O, z.transpose(1, 2).reshape(n * s, H * e), layer.W_O).view(n, s, -1)
 
 
 def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Backward = Backward(), *,
-                   embed: torch.Tensor | None = None, watch=None, positions: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   embed: torch.Tensor | None = None, watch=None, positions: torch.Tensor | None = None,
+                   reads: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The forward from the weights with autograd on, for a model ``from_weights`` covers:
     ``(logits [n, s, d_vocab], inputs)``, ``inputs`` the input embeddings by node name (leaves that
     require grad: ``hook_embed``, ``hook_pos_embed``), so that the metric's backward leaves at each
@@ -386,7 +391,11 @@ def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Bac
     ``embed`` ``[n, s, d]`` replaces the token embeddings. ``watch(name, tensor)`` sees each residual
     cut (``hook_resid_pre``, ``hook_resid_mid``, the last ``hook_resid_post``) as it is computed.
     ``positions`` ``[n]``: the logits of row i at ``positions[i]`` only, ``[n, d_vocab]`` (a metric of
-    one position per row: the unembedding of the other positions is neither computed nor differentiated)."""
+    one position per row: the unembedding of the other positions is neither computed nor differentiated).
+    ``reads`` (a dict, filled): per layer its residual in (``("x", l)``), every head's q, k and v before
+    rotary (``("qkv", l)`` ``[n, s, H + 2G, e]``, in the autograd graph), the heads' outputs
+    (``("z", l)``), the MLP's normed input (``("normed", l)``, in the graph), its residual in and out
+    (``("mid", l)``, ``("mlp_out", l)``), and the last residual (``("final",)``, in the graph)."""
     made = as_spec(model)
     if not made.from_weights or made.layout != "decoder":
         raise GradGraphError("the differentiable forward from the weights covers the GPT-2 / Llama layout; this "
@@ -404,15 +413,70 @@ def differentiable(model: Model | ModelSpec, tokens: torch.Tensor, backward: Bac
     see = watch or (lambda name, tensor: None)
     for index, layer in enumerate(w.layers):
         see(names.name("resid_pre", index), x)
-        mid = x + _attention_sdpa(made, layer, index, x, backward)
+        mid = x + _attention_sdpa(made, layer, index, x, backward, reads)
         see(names.name("resid_mid", index), mid)
-        x = mid + _mlp(cfg, layer, _apply_norm(layer.ln2, mid, backward.scale_held), backward)
+        normed = _apply_norm(layer.ln2, mid, backward.scale_held)
+        out = _mlp(cfg, layer, normed, backward)
+        if reads is not None:
+            reads.update({("x", index): x.detach(), ("normed", index): normed, ("mid", index): mid.detach(),
+                          ("mlp_out", index): out.detach()})
+        x = mid + out
     see(names.name("resid_post", len(w.layers) - 1), x)
+    if reads is not None:
+        reads[("final",)] = x
     if positions is not None:
         x = x[torch.arange(len(x), device=x.device), positions]  # [n, d]
     model = made.model
     return torch.addmm(model.b_U.detach(), _apply_norm(w.ln_final, x, backward.scale_held).flatten(0, -2),
                        model.W_U.detach()).unflatten(0, x.shape[:-1]), inputs
+
+
+def _norm_vjp(norm: _Norm, x: torch.Tensor, g_out: torch.Tensor, W: torch.Tensor | None = None,
+              held: bool = False) -> torch.Tensor:
+    """The norm's vector-Jacobian product at ``x`` ``[n, s, d]`` for J output gradients at once:
+    ``g_out`` ``[n, s, J, d]``, or, with ``W`` ``[d, J, e]``, ``g_out`` ``[n, s, J, e]`` at ``normed @ W``.
+    With xc = x centred (LayerNorm) or x, r = (mean xc² + ε)^(−½) and a = w ⊙ (W g) the gradient at
+    the unit-scale output: ``r (a − mean a) − (r³ / d)(xc · a) xc`` (no mean term without centring,
+    no last term with the scale held). With W, r and the mean go into the product and the dot
+    products through W (``[n, s, J, e]``): the one ``[n, s, J, d]`` tensor is formed once, updated in
+    place once."""
+    d = x.shape[-1]
+    centre = norm.kind in ("LN", "LNPre")
+    xc = x - x.mean(-1, keepdim=True) if centre else x
+    r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + norm.eps)[..., None]  # [n, s, 1, 1]
+    if W is None:
+        a = g_out * norm.w if norm.w is not None else g_out
+        dot = None if held else torch.einsum("nsd,nsjd->nsj", xc, a)[..., None]
+        out = (a - a.mean(-1, keepdim=True) if centre else a) * r
+    else:  # r and the centring (W's columns less their mean over d) go into the product
+        Ww = W * norm.w[:, None, None] if norm.w is not None else W  # [d, J, e]
+        dot = None if held else (torch.einsum("nsd,dje->nsje", xc, Ww) * g_out).sum(-1)[..., None]
+        out = torch.einsum("nsje,dje->nsjd", g_out * r, Ww - Ww.mean(0) if centre else Ww)
+    if dot is not None:
+        out.addcmul_(dot * r.pow(3) / d, xc[:, :, None], value=-1.0)
+    return out
+
+
+def reader_gradients(made: ModelSpec, reads: dict, grads: dict, backward: Backward = Backward()) -> dict[str, torch.Tensor]:
+    """What the metric's gradient (under ``backward``) is at every head's query, key and value input
+    (its own copy of the residual, before ``ln1``: ``[n, s, H | G, d]``) and every MLP's input (before
+    ``ln2``), from ``differentiable``'s ``reads`` and the gradients ``grads`` at its ``qkv`` and
+    ``normed`` tensors: ``g_j = J_ln1(x)ᵀ (W_qkv[j] g_qkv[j])`` for each head slot j, all slots at once
+    (``_norm_vjp``; the norm's scale held where ``backward`` holds it). By node name."""
+    w, cfg = _weights(made.model), made.cfg
+    H, e = cfg.n_heads, cfg.d_head
+    G = cfg.n_key_value_heads or H
+    out = {}
+    for index, layer in enumerate(w.layers):
+        x = reads[("x", index)]
+        W = layer.W_qkv.view(x.shape[-1], H + 2 * G, e)
+        g = _norm_vjp(layer.ln1, x, grads[("qkv", index)], W, backward.scale_held)  # [n, s, J, d]
+        out[names.name("q_input", index)] = g[:, :, :H]
+        out[names.name("k_input", index)] = g[:, :, H:H + G]
+        out[names.name("v_input", index)] = g[:, :, H + G:]
+        out[names.name("mlp_in", index)] = _norm_vjp(layer.ln2, reads[("mid", index)], grads[("normed", index)][:, :, None],
+                                                     held=backward.scale_held)[:, :, 0]
+    return out
 
 
 TRACED = ("resid_pre", "attn_out", "resid_mid", "mlp_out")
