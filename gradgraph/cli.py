@@ -118,8 +118,8 @@ def cmd_circuit(args: argparse.Namespace) -> None:
     methods = tuple(n for n in args.methods.replace(",", " ").split() if n)
     circuit.main(circuit.Config(
         task=args.task, items=args.items, prompts=args.prompts, counterfactuals=args.counterfactuals, good=args.good,
-        bad=args.bad, methods=methods, steps=args.steps, size=args.size, resamples=args.resamples, model=args.model,
-        seed=args.seed, out=args.out, figures=args.figures))
+        bad=args.bad, methods=methods, steps=args.steps, size=args.size, resamples=args.resamples,
+        batch_size=args.batch_size, model=args.model, seed=args.seed, out=args.out, figures=args.figures))
 
 
 def cmd_compiled(args: argparse.Namespace) -> None:
@@ -300,6 +300,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=d["steps"], help="EAP-IG's points")
     p.add_argument("--size", type=float, default=d["size"], help="share of the edges in each exported circuit")
     p.add_argument("--resamples", type=_positive, default=d["resamples"], help="bootstrap resamples of the prompts")
+    p.add_argument("--batch-size", type=_positive, default=d["batch_size"], help="prompts scored at a time")
     p.add_argument("--model", default=d["model"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--out", default=d["out"])

@@ -34,7 +34,7 @@ from gradgraph.build import build_graph, record
 from gradgraph.edges import EdgeGraph, EdgeScores, edge_graph
 from gradgraph.errors import GradGraphError
 from gradgraph.labels import Registry
-from gradgraph.metrics import tiled
+from gradgraph.metrics import rows, tiled
 from gradgraph.prompts import to_tokens
 from gradgraph.semirings import Abs, Max, Real, Semiring
 
@@ -46,16 +46,28 @@ _ROWS = 48  # EAP-IG's points of a batch share a graph up to this many rows
 
 
 def edge_scores(model: Model, tokens, metric, counterfactual=None, *, method: str = "eap", steps: int = 5,
-                attention_mask: torch.Tensor | None = None) -> EdgeScores:
+                attention_mask: torch.Tensor | None = None, batch_size: int | None = None) -> EdgeScores:
     """Every edge's score by ``method`` (``METHODS``); ``steps``: EAP-IG's points.
 
     ``tokens`` and ``counterfactual``: prompts of equal shape (token ids, or texts that tokenize to the
     same lengths; ``eap``, ``eap-ig`` and ``relp`` need one); ``metric`` as for ``build_graph``. One
-    recording of the prompts per point and one of the counterfactual."""
+    pass of the prompts per point and one of the counterfactual; ``batch_size`` prompts at a time
+    (``metrics.rows`` reads each batch's rows of the metric)."""
     if method not in METHODS:
         raise GradGraphError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise GradGraphError(f"batch_size must be a positive integer, got {batch_size!r}")
     graph_of = edge_graph(model)
     clean, mask = _tokens(model, tokens, attention_mask)
+    if batch_size is not None and len(clean) > batch_size:
+        other = None if counterfactual is None else _tokens(model, counterfactual, attention_mask)[0]
+        parts = []
+        for start in range(0, len(clean), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(clean)))
+            parts.append(edge_scores(model, clean[index], rows(metric, model, index, len(clean)),
+                                     None if other is None else other[index], method=method, steps=steps,
+                                     attention_mask=None if mask is None else mask[index]))
+        return EdgeScores(graph_of, torch.cat([p.scores for p in parts]), parts[0].method)
     if method in _PATHS:
         return EdgeScores(graph_of, _path_scores(model, clean, mask, metric, graph_of, _PATHS[method]), method)
     reg = graph_of.registry

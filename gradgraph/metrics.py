@@ -43,6 +43,28 @@ def prepare(metric, model) -> Metric:
     return metric
 
 
+def rows(metric, model, index: torch.Tensor, batch: int) -> Metric:
+    """``metric`` (prepared for ``model``) on rows ``index`` of a batch of ``batch`` prompts, each row
+    read as that prompt (its ids, its position): the rows' logits are placed among zero rows of the
+    whole batch and the metric's values at ``index`` taken (a metric reads each row by itself)."""
+    metric = prepare(metric, model)
+    index = torch.as_tensor(index, dtype=torch.long)
+
+    def placed(values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        full = values.new_full((batch, *values.shape[1:]), fill)
+        return full.index_copy(0, index.to(values.device), values)
+
+    if isinstance(metric, AtPosition):
+        pos = metric.pos[index] if isinstance(metric.pos, torch.Tensor) and metric.pos.ndim else metric.pos
+        return AtPosition(pos, lambda at: metric.of(placed(at))[index.to(at.device)])
+
+    def each(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = None if attention_mask is None else placed(attention_mask, 1)
+        return metric(placed(logits), mask)[index.to(logits.device)]
+
+    return each
+
+
 def tiled(metric, model, copies: int, batch: int) -> Metric:
     """``metric`` (prepared for ``model``) on ``copies`` stacked copies of a batch of ``batch``
     prompts ``[copies · batch, ...]``: each block of rows read as the batch (its ids, its positions);

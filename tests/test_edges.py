@@ -244,3 +244,15 @@ def test_the_fused_pass_gives_the_graphs_gradient_at_every_downstream_input(fami
         for name, a in values.activations.items():
             torch.testing.assert_close(a, graph.activations[name], rtol=0, atol=1e-12)
     assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("method", ["eap", "flow"])
+def test_scores_in_batches_are_the_scores_of_the_whole(method):
+    model = family_model("llama", n_layers=2, n_key_value_heads=2, seed=4)
+    tokens, mask, metric = prompts("llama")
+    other = _counterfactual(tokens, mask)
+    whole = edge_scores(model, tokens, metric, other, method=method, attention_mask=mask)
+    parts = edge_scores(model, tokens, metric, other, method=method, attention_mask=mask, batch_size=2)
+    torch.testing.assert_close(parts.scores, whole.scores, rtol=1e-10, atol=1e-12)
+    with pytest.raises(GradGraphError, match="batch_size"):
+        edge_scores(model, tokens, metric, other, method=method, attention_mask=mask, batch_size=0)

@@ -56,6 +56,7 @@ class Config:
     steps: int = 5  # EAP-IG's points
     size: float = 0.01  # the share of edges of each method's exported circuit
     resamples: int = 1000
+    batch_size: int = 16  # prompts scored at a time (the path methods' graphs grow with the batch)
     model: str = "smollm2-135m"
     seed: int = 0
     out: str = "results/circuit"
@@ -131,7 +132,7 @@ def run(config: Config) -> dict:
             scored = EdgeScores(graph, (noise * graph.adjacency)[None], "random")
         else:
             scored = edge_scores(model, tokens, metric, other if method in NEEDS_COUNTERFACTUAL else None,
-                                 method=method, steps=config.steps, attention_mask=mask)
+                                 method=method, steps=config.steps, attention_mask=mask, batch_size=config.batch_size)
         scores[method] = scored
         signed[method] = faithfulness_curve(model, tokens, other, metric, scored, absolute=False, attention_mask=mask)
         absolute[method] = faithfulness_curve(model, tokens, other, metric, scored, absolute=True, attention_mask=mask)
