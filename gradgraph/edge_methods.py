@@ -42,7 +42,7 @@ METHODS = ("eap", "eap-ig", "relp", "attn-lrp", "flow", "max")
 NEEDS_COUNTERFACTUAL = ("eap", "eap-ig", "relp")
 _RULES = {"eap": "gradient", "eap-ig": "gradient", "relp": "relp", "attn-lrp": "attn-lrp"}
 _PATHS: dict[str, Semiring] = {"flow": Abs, "max": Max}
-_ROWS = 48  # EAP-IG's points of a batch share a graph up to this many rows
+_ROWS = 48  # EAP-IG's points of a batch share a pass up to this many rows
 
 
 def edge_scores(model: Model, tokens, metric, counterfactual=None, *, method: str = "eap", steps: int = 5,

@@ -93,9 +93,10 @@ def test_the_graph_follows_each_layout():
     assert attn_only.index("L0H1->L1H3.v") == (2, attn_only.downstream.index("L1H3.v"))
 
 
-def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean(monkeypatch):
-    model = family_model("llama", n_layers=2, n_key_value_heads=2, seed=2)
-    tokens, mask, metric = prompts("llama")
+@pytest.mark.parametrize("family", ["llama", "pythia"])  # the fused pass, the graph
+def test_eap_ig_of_one_point_is_eap_and_of_more_is_their_mean(monkeypatch, family):
+    model = family_model(family, n_layers=2, seed=2, **(dict(n_key_value_heads=2) if family == "llama" else {}))
+    tokens, mask, metric = prompts(family)
     other = _counterfactual(tokens, mask)
     one = eap(model, tokens, other, metric, attention_mask=mask)
     assert one.method == "eap"
