@@ -73,8 +73,8 @@ def load_compiled(folder: str | Path, name: str, *, distractor_heads: int = 2, d
     cfg = HookedTransformerConfig(n_layers=L, d_model=width, d_head=dh, n_heads=heads, d_mlp=neurons,
                                   d_vocab=w["W_E"].shape[0], d_vocab_out=w["W_U"].shape[1], n_ctx=meta["n_ctx"],
                                   act_fn="relu", normalization_type=None, attention_dir="causal",
-                                  positional_embedding_type="standard", default_prepend_bos=False, seed=seed,
-                                  dtype=torch.float64)
+                                  positional_embedding_type="standard", default_prepend_bos=False,
+                                  dtype=torch.float64)  # every weight is set below (no seed: TL's would reseed torch)
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731

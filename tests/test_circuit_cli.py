@@ -33,3 +33,12 @@ def test_the_circuit_command_writes_its_tables_and_circuits(tmp_path, capsys):
     errors = capsys.readouterr().err
     assert "needs --prompts" in errors and "unknown methods" in errors and "--size" in errors
     assert not (tmp_path / "other").exists()
+
+
+def test_counterfactuals_the_tokenizer_splits_otherwise_are_refused(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("When Mary and John went to the store, John gave a drink to\n")
+    (tmp_path / "c.txt").write_text("When Bartholomew and Alice went to the store, Carol gave a drink to\n")
+    assert main(["circuit", "--model", "tiny-smollm2", "--task", "prompts", "--prompts", str(tmp_path / "p.txt"),
+                 "--counterfactuals", str(tmp_path / "c.txt"), "--good", " Mary", "--bad", " John",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "as many tokens as its prompt" in capsys.readouterr().err and not (tmp_path / "out").exists()
